@@ -1,0 +1,137 @@
+"""The commands people type. `check` and `--help` import no torch, Optuna or MLflow.
+
+    python run_study.py experiments/NAME.yaml [--n-trials N] [--timeout S] [--set key=value ...]
+    python run_study.py check experiments/NAME.yaml [--set key=value ...]
+    python run_study.py ui [--host 127.0.0.1] [--port 5000]
+
+Every command takes --results DIR, --storage URL and --tracking-uri URI.
+Exit codes: 0 done, 2 bad input, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from harness.spec import SpecError, describe_space, load_spec
+
+COMMANDS = ("check", "ui")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", type=Path, default=Path("results"),
+                   help="folder of every default store (default: results/)")
+    p.add_argument("--storage", help="Optuna storage: a *.journal file or an RDB URL "
+                   "(default: RESULTS/optuna.journal)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///RESULTS/mlflow.db)")
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", help="experiment file (YAML), e.g. experiments/quickstart.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the file (repeatable); pins a searched key")
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_study.py",
+        description="Run (or resume, or extend) the Optuna study an experiment file describes.",
+        epilog="Other commands: run_study.py check FILE | run_study.py ui. See README.md.",
+    )
+    _spec_args(p)
+    p.add_argument("--n-trials", type=int, help="the study's total budget of finished trials "
+                   "(default: search.n_trials); a larger value extends a finished study")
+    p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    p.add_argument("--study-name", help="Optuna study name (default: the file's name)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
+    _common(p)
+    return p
+
+
+def _check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_study.py check",
+                                description="Validate an experiment file; print the resolved spec "
+                                "and search space. Reads no data or weights; creates nothing.")
+    _spec_args(p)
+    _common(p)
+    return p
+
+
+def _ui_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_study.py ui",
+                                description="Start the MLflow UI on the study stores.")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=5000)
+    _common(p)
+    return p
+
+
+def cmd_check(args) -> int:
+    import yaml
+
+    spec = load_spec(args.experiment, args.overrides)
+    print(f"{args.experiment}: valid")
+    tree = spec.model_dump(by_alias=True, exclude_none=True)
+    space = tree["search"].pop("space")
+    print(yaml.safe_dump(tree, sort_keys=False, default_flow_style=None).rstrip())
+    print(f"search space ({len(space)} keys):")
+    print("\n".join(describe_space(spec)))
+    return 0
+
+
+def cmd_run(args) -> int:
+    if args.n_trials is not None and args.n_trials < 1:
+        raise SpecError(f"--n-trials {args.n_trials}: must be at least 1")
+    if args.timeout is not None and args.timeout <= 0:
+        raise SpecError(f"--timeout {args.timeout}: must be positive")
+    spec = load_spec(args.experiment, args.overrides)  # fails before anything is created
+    from harness import report
+    from harness.study import StudyOptions, run_study
+
+    opts = StudyOptions(results=args.results, storage=args.storage, tracking_uri=args.tracking_uri,
+                        study_name=args.study_name, n_trials=args.n_trials, timeout=args.timeout,
+                        quiet=args.quiet)
+    summary = run_study(spec, opts)
+    print(report.render(summary))
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from harness import tracking
+
+    uri = args.tracking_uri or tracking.default_tracking_uri(args.results)
+    cmd = tracking.ui_command(uri, args.results, args.host, args.port)
+    print(f"MLflow UI on {uri}: http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    os.execv(cmd[0], cmd)
+    return 1  # not reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in COMMANDS else "run"
+    parser, handler = {
+        "run": (_run_parser, cmd_run),
+        "check": (_check_parser, cmd_check),
+        "ui": (_ui_parser, cmd_ui),
+    }[command]
+    args = parser().parse_args(argv[1:] if command != "run" else argv)
+    try:
+        return handler(args)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        from harness.data import DataError
+
+        if isinstance(err, DataError):
+            print(f"error: {args.experiment}: {err}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1

@@ -1,0 +1,294 @@
+"""Optuna, and only here: storages, samplers, pruners, the conditional search space, the trial
+objective, and the study loop with its total budget of finished trials.
+
+One trial: sample (or take the baseline recipe) -> TrialConfig -> child MLflow run -> `fit`
+with callbacks (metrics to MLflow, values to the pruner, progress) -> Optuna value and state.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from harness import report, tracking
+from harness.data import TaskData, load_target
+from harness.finetune import fit, seed_everything
+from harness.models import build_model
+from harness.source import SourceModel, get_source_model, source_key
+from harness.spec import (
+    BASELINE,
+    ExperimentSpec,
+    SpecError,
+    TrialConfig,
+    active,
+    baseline_config,
+    fixed_values,
+    flatten,
+    spec_hash,
+    trial_config,
+)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    results: Path
+    storage: str | None = None  # default: RESULTS/optuna.journal
+    tracking_uri: str | None = None  # default: sqlite:///RESULTS/mlflow.db
+    study_name: str | None = None  # default: the experiment's name
+    n_trials: int | None = None  # default: the file's search.n_trials (a total, not a count per run)
+    timeout: float | None = None
+    quiet: bool = False
+
+    def storage_url(self) -> str:
+        return self.storage or str(self.results / "optuna.journal")
+
+    def tracking(self) -> str:
+        return self.tracking_uri or tracking.default_tracking_uri(self.results)
+
+
+# --- Storages, samplers, pruners. ---
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """`*.journal`: an Optuna journal file (safe for several local processes); `x://`: an RDB URL."""
+    if "://" in url:
+        return optuna.storages.RDBStorage(url)
+    if url.endswith(".journal"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(url))
+    raise SpecError(f"--storage {url}: give a file ending in .journal or a URL such as postgresql://...")
+
+
+def make_sampler(spec: ExperimentSpec) -> optuna.samplers.BaseSampler:
+    seed = spec.seed
+    return {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=5),
+    }[spec.search.sampler]()
+
+
+def make_pruner(spec: ExperimentSpec) -> optuna.pruners.BasePruner:
+    s = spec.search
+    if s.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=s.pruner_warmup_epochs)
+    if s.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.train.epochs)
+    return optuna.pruners.NopPruner()
+
+
+def suggest(trial: optuna.Trial, spec: ExperimentSpec) -> dict[str, Any]:
+    """Sample the space in file order; a conditional key is sampled only when its `when` holds."""
+    known = fixed_values(spec)
+    sampled: dict[str, Any] = {}
+    for key, p in spec.search.space.items():
+        if not active(p, known):
+            continue
+        if p.kind == "categorical":
+            value = trial.suggest_categorical(key, p.categorical)
+        elif p.kind == "int":
+            step = int(p.step) if p.step else 1
+            value = trial.suggest_int(key, p.int_[0], p.int_[1], step=step, log=p.log)
+        else:
+            value = trial.suggest_float(key, p.float_[0], p.float_[1], step=p.step, log=p.log)
+        sampled[key] = known[key] = value
+    return sampled
+
+
+# --- Core callbacks owned by the study. ---
+class PruneOnEpoch:
+    """Reports the objective metric each epoch; raises TrialPruned when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, metric: str, enabled: bool = True):
+        self.trial, self.metric, self.enabled, self.pruned_at = trial, metric, enabled, None
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.trial.report(metrics[self.metric], epoch)
+        if self.enabled and self.trial.should_prune():
+            self.pruned_at = epoch
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+
+@dataclass
+class _Context:
+    spec: ExperimentSpec
+    opts: StudyOptions
+    study_name: str
+    client: Any
+    exp_id: str
+    parent_run_id: str
+    progress: report.Progress
+    data: dict[tuple, TaskData] = field(default_factory=dict)
+    sources: dict[str, tuple[SourceModel, str]] = field(default_factory=dict)
+
+    def data_for(self, config: TrialConfig) -> TaskData:
+        key = (config.data.model_dump_json(), config.seed)
+        if key not in self.data:
+            self.data[key] = load_target(config.data, config.seed)
+        return self.data[key]
+
+    def source_for(self, config: TrialConfig) -> tuple[SourceModel, str] | None:
+        """The pretrained source model and its registry URI (trained once, then cached)."""
+        if config.model.pretrained != "source":
+            return None
+        key = source_key(config)
+        if key not in self.sources:
+            self.progress.note(f"source model {key}: looking in {self.opts.results / 'sources'}")
+            src = get_source_model(config, self.opts.results / "sources")
+            uri = tracking.register_source_model(
+                self.client, self.exp_id, src.key, src.path, src.settings, src.metrics
+            )
+            how = "trained now" if src.trained_now else "from the cache"
+            self.progress.note(f"source model {key} ({how}): source val_acc "
+                               f"{src.metrics['val_acc']:.4f}, registered as {uri}")
+            self.sources[key] = (src, uri)
+        return self.sources[key]
+
+
+def _objective(ctx: _Context, trial: optuna.Trial) -> float:
+    spec = ctx.spec
+    is_baseline = bool(trial.user_attrs.get("harness.baseline"))
+    values = dict(BASELINE) if is_baseline else suggest(trial, spec)
+    config = baseline_config(spec) if is_baseline else trial_config(spec, values)
+    data = ctx.data_for(config)
+    source = ctx.source_for(config)
+    tags = {"harness.baseline": str(is_baseline).lower(), "harness.data_hash": data.data_hash,
+            "harness.spec_hash": spec_hash(spec), "harness.sampled": ",".join(sorted(values))}
+    if source:
+        tags["harness.source_model"] = source[1]
+    run_id = tracking.start_trial_run(ctx.client, ctx.exp_id, ctx.parent_run_id, ctx.study_name,
+                                      trial.number, flatten(config.model_dump()), tags)
+    trial.set_user_attr("mlflow_run_id", run_id)
+    tracking.log_text(ctx.client, run_id, tracking.yaml_text(config.model_dump()), "config.yaml")
+    pruner = PruneOnEpoch(trial, spec.objective.metric, enabled=not is_baseline)
+    state, end_tags = "FAIL", {}
+    try:
+        seed_everything(config.seed)
+        model = build_model(config.model, data.num_classes, config.reg.dropout,
+                            pretrained=source[0].path if source else None)
+        callbacks = [tracking.EpochLogger(ctx.client, run_id), pruner,
+                     ctx.progress.epoch_line(trial.number, config.train.epochs)]
+        result = fit(config, model, data, callbacks)
+        end_tags.update(tracking.provenance_tags(result.device, result.threads))
+        tracking.log_state_dict(ctx.client, run_id, result.best_state, ctx.opts.results / "tmp",
+                                f"trial-{trial.number}-best.pt")
+        for k in ("val_acc", "val_loss", "train_acc", "overfit_gap", "overfit_gap_loss"):
+            trial.set_user_attr(k, result.best[k])
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("seconds", round(result.seconds, 3))
+        end_tags["harness.best_epoch"] = result.best_epoch
+        state = "COMPLETE"
+        return result.best[spec.objective.metric]
+    except optuna.TrialPruned:
+        state = "PRUNED"
+        end_tags["harness.pruned_epoch"] = pruner.pruned_at
+        raise
+    except Exception as err:
+        end_tags["harness.error"] = f"{type(err).__name__}: {err}"
+        tracking.log_text(ctx.client, run_id, traceback.format_exc(), "traceback.txt")
+        raise
+    finally:  # the run ends with the trial's true state, whatever happened
+        tracking.end_trial_run(ctx.client, run_id, state, end_tags)
+
+
+# --- The study. ---
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp_id: str):
+    storage = open_storage(opts.storage_url())
+    sampler, pruner = make_sampler(spec), make_pruner(spec)
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                    pruner=pruner, direction=spec.objective.direction)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        recorded = study.user_attrs.get("harness.spec_hash")
+        if recorded != spec_hash(spec):
+            raise SpecError(
+                f"study {name!r} in {opts.storage_url()} was made from a different experiment spec "
+                f"(spec hash {recorded} vs {spec_hash(spec)}); give --study-name for a new study"
+            ) from None
+        parent = study.user_attrs.get("mlflow_parent_run_id")
+        return study, parent, False
+    study.set_user_attr("harness.spec_hash", spec_hash(spec))
+    study.set_user_attr("harness.experiment", spec.name)
+    if spec.search.baseline:
+        study.enqueue_trial({}, user_attrs={"harness.baseline": True})
+    settings = {"study.name": name, "study.storage": opts.storage_url(),
+                "search.sampler": spec.search.sampler, "search.pruner": spec.search.pruner,
+                "search.space": tracking.yaml_text(spec.model_dump(by_alias=True)["search"]["space"]),
+                "objective": f"{spec.objective.direction} {spec.objective.metric}"}
+    parent = tracking.create_parent_run(client, exp_id, name, settings)
+    study.set_user_attr("mlflow_parent_run_id", parent)
+    return study, parent, True
+
+
+def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
+    """Create or resume the study and run it to its budget of finished trials (or the timeout)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base_data = load_target(spec.data, spec.seed)  # bad data settings fail before any store exists
+    opts.results.mkdir(parents=True, exist_ok=True)
+    name = opts.study_name or spec.name
+    target = opts.n_trials or spec.search.n_trials
+    client = tracking.connect(opts.tracking())
+    exp_id = tracking.experiment_id(client, spec.name, opts.results, opts.tracking())
+    study, parent, created = _open_study(spec, opts, name, client, exp_id)
+    done = finished_count(study)
+    progress = report.Progress(total=target, done=done, quiet=opts.quiet)
+    if done >= target:
+        progress.close()
+        print(f"Study {name!r} is done: {done} finished trials, budget {target}. "
+              f"Give a larger --n-trials to extend it.")
+        return summarize(study, opts, name)
+    if not created:
+        tracking.reopen_run(client, parent)
+        progress.note(f"Resuming study {name!r}: {done} of {target} trials finished.")
+    ctx = _Context(spec, opts, name, client, exp_id, parent, progress)
+    ctx.data[(spec.data.model_dump_json(), spec.seed)] = base_data
+    ctx.source_for(baseline_config(spec))  # pretrain (or load) the source model before trials
+    deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
+    budget = optuna.study.MaxTrialsCallback(target, states=FINISHED)
+    status = "FINISHED"
+    try:
+        while done < target:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            study.optimize(lambda t: _objective(ctx, t), n_trials=target - done, timeout=left,
+                           callbacks=[budget, progress.on_trial_end], catch=(Exception,))
+            now = finished_count(study)
+            if now == done:  # every trial of the round failed: stop instead of looping
+                progress.note("Every trial of this round failed; stopping. See the FAILED runs.")
+                status = "FAILED"
+                break
+            done = now
+    except BaseException:
+        status = "KILLED"
+        raise
+    finally:
+        progress.close()
+        tracking.end_run(client, parent, status)
+    return summarize(study, opts, name)
+
+
+def summarize(study: optuna.Study, opts: StudyOptions, name: str) -> report.Summary:
+    rows = [report.TrialRow(
+        number=t.number,
+        state=t.state.name,
+        value=t.value,
+        baseline=bool(t.user_attrs.get("harness.baseline")),
+        params=dict(t.params),
+        attrs=dict(t.user_attrs),
+    ) for t in study.get_trials(deepcopy=False)]
+    return report.Summary(name, study.direction.name.lower(), rows, opts)

@@ -1,0 +1,221 @@
+"""MLflow, and only here: experiments, the study's parent run, one child run per trial attempt,
+per-epoch metrics, artifacts, final statuses, the model registry, and the UI server command.
+
+Uses MlflowClient with explicit run ids (no fluent active-run stack), so nothing depends on
+process-global state. Run status follows the Optuna trial state:
+COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def default_tracking_uri(results: Path) -> str:
+    return f"sqlite:///{(results / 'mlflow.db').resolve()}"
+
+
+def is_local_store(tracking_uri: str) -> bool:
+    return not tracking_uri.startswith(("http://", "https://", "databricks"))
+
+
+def connect(tracking_uri: str) -> MlflowClient:
+    for name in ("mlflow", "alembic"):  # store migrations and the like are not the user's news
+        logging.getLogger(name).setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri)
+
+
+def experiment_id(client: MlflowClient, name: str, results: Path, tracking_uri: str) -> str:
+    """The MLflow experiment named after the experiment file; artifacts under the results folder."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if is_local_store(tracking_uri):  # else the tracking server decides where artifacts go
+        location = (results / "mlartifacts" / name).resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # another process created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance_tags(device: str, threads: int) -> dict[str, str]:
+    """Where a result came from: code, libraries, device, CPU threads (CPU results depend on it)."""
+    import optuna
+    import torch
+    import torchvision
+
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    tags = {
+        "harness.git_commit": _git("rev-parse", "HEAD"),
+        "harness.git_dirty": str(dirty not in ("", "unknown")).lower(),
+        "harness.version.python": platform.python_version(),
+        "harness.version.torch": torch.__version__,
+        "harness.version.torchvision": torchvision.__version__,
+        "harness.version.optuna": optuna.__version__,
+        "harness.version.mlflow": mlflow.__version__,
+        "harness.device": device,
+        "harness.threads": str(threads),
+        "harness.cpu": platform.processor() or platform.machine(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        tags["harness.device"] = f"{device} ({torch.cuda.get_device_name()})"
+    return tags
+
+
+def _params(flat: dict[str, Any]) -> list[Param]:
+    return [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
+
+
+def log_params(client: MlflowClient, run_id: str, flat: dict[str, Any]) -> None:
+    params = _params(flat)
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+        client.log_batch(run_id, params=params[i : i + 100])
+
+
+def create_parent_run(
+    client: MlflowClient, exp_id: str, study_name: str, settings: dict[str, Any]
+) -> str:
+    run = client.create_run(
+        exp_id, run_name=study_name, tags={"harness.study": study_name, "harness.role": "study"}
+    )
+    log_params(client, run.info.run_id, settings)
+    return run.info.run_id
+
+
+def reopen_run(client: MlflowClient, run_id: str) -> None:
+    client.update_run(run_id, status="RUNNING")
+
+
+def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
+    client.set_terminated(run_id, status=status)
+
+
+def start_trial_run(
+    client: MlflowClient,
+    exp_id: str,
+    parent_run_id: str,
+    study_name: str,
+    trial_number: int,
+    flat_config: dict[str, Any],
+    tags: dict[str, str],
+) -> str:
+    """A child run `trial-N` nested under the study's parent run, with every config value."""
+    run = client.create_run(
+        exp_id,
+        run_name=f"trial-{trial_number}",
+        tags={
+            "mlflow.parentRunId": parent_run_id,
+            "optuna.study": study_name,
+            "optuna.trial_number": str(trial_number),
+            **tags,
+        },
+    )
+    log_params(client, run.info.run_id, flat_config)
+    return run.info.run_id
+
+
+class EpochLogger:
+    """Core callback: the epoch's metrics as one batch, step = epoch."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+
+def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -> None:
+    client.log_text(run_id, text, artifact_file)
+
+
+def log_state_dict(client: MlflowClient, run_id: str, state: dict, scratch: Path, name: str) -> None:
+    """Save a state_dict and log it as an artifact under `checkpoints/`; no copy is left behind."""
+    import torch
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    path = scratch / name
+    try:
+        torch.save(state, path)
+        client.log_artifact(run_id, str(path), "checkpoints")
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def end_trial_run(
+    client: MlflowClient, run_id: str, state: str, tags: dict[str, str] | None = None
+) -> None:
+    """Tag `optuna.state` and end the run with the matching MLflow status."""
+    all_tags = {"optuna.state": state, **(tags or {})}
+    client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in all_tags.items()])
+    client.set_terminated(run_id, status=STATUS[state])
+
+
+def register_source_model(
+    client: MlflowClient, exp_id: str, key: str, path: Path, settings: dict, metrics: dict
+) -> str:
+    """Register the pretrained source model (a state_dict) as `source-KEY`; return its models:/ URI.
+
+    Done once per tracking store: a later call finds the registered version and returns it.
+    """
+    name = f"source-{key}"
+    versions = client.search_model_versions(f"name = '{name}'")
+    if versions:
+        return f"models:/{name}/{max(int(v.version) for v in versions)}"
+    run = client.create_run(
+        exp_id, run_name=f"source-pretrain-{key}", tags={"harness.role": "source_pretrain"}
+    )
+    run_id = run.info.run_id
+    log_params(client, run_id, {f"source.{k}": v for k, v in settings.items()})
+    client.log_batch(run_id, metrics=[Metric(f"source_{k}", float(v), 0, 0) for k, v in metrics.items()])
+    client.log_artifact(run_id, str(path), "source")
+    client.set_terminated(run_id, "FINISHED")
+    try:
+        client.create_registered_model(name, description="Pretrained source model (state_dict)")
+    except mlflow.exceptions.MlflowException:
+        pass  # registered by another process meanwhile
+    source = f"{client.get_run(run_id).info.artifact_uri}/source"
+    version = client.create_model_version(name, source, run_id=run_id, tags={"harness.key": key})
+    return f"models:/{name}/{version.version}"
+
+
+def yaml_text(tree: dict) -> str:
+    import yaml
+
+    buf = io.StringIO()
+    yaml.safe_dump(tree, buf, sort_keys=False)
+    return buf.getvalue()
+
+
+def ui_command(tracking_uri: str, results: Path, host: str, port: int) -> list[str]:
+    """`mlflow server` on the study's store: loopback by default, one worker, middleware on."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri]
+    cmd += ["--host", host, "--port", str(port), "--workers", "1"]
+    if is_local_store(tracking_uri):
+        cmd += ["--default-artifact-root", (results / "mlartifacts").resolve().as_uri()]
+    return cmd
