@@ -22,17 +22,31 @@ COMMANDS = ("check", "ui")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--results", type=Path, default=Path("results"),
-                   help="folder of every default store (default: results/)")
-    p.add_argument("--storage", help="Optuna storage: a *.journal file or an RDB URL "
-                   "(default: RESULTS/optuna.journal)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///RESULTS/mlflow.db)")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=Path("results"),
+        help="folder of every default store (default: results/)",
+    )
+    p.add_argument(
+        "--storage",
+        help="Optuna storage: a *.journal file or an RDB URL (default: RESULTS/optuna.journal)",
+    )
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: sqlite:///RESULTS/mlflow.db)"
+    )
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", help="experiment file (YAML), e.g. experiments/quickstart.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the file (repeatable); pins a searched key")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the file (repeatable); pins a searched key",
+    )
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -42,8 +56,12 @@ def _run_parser() -> argparse.ArgumentParser:
         epilog="Other commands: run_study.py check FILE | run_study.py ui. See README.md.",
     )
     _spec_args(p)
-    p.add_argument("--n-trials", type=int, help="the study's total budget of finished trials "
-                   "(default: search.n_trials); a larger value extends a finished study")
+    p.add_argument(
+        "--n-trials",
+        type=int,
+        help="the study's total budget of finished trials "
+        "(default: search.n_trials); a larger value extends a finished study",
+    )
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     p.add_argument("--study-name", help="Optuna study name (default: the file's name)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
@@ -52,17 +70,20 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 def _check_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run_study.py check",
-                                description="Validate an experiment file; print the resolved spec "
-                                "and search space. Reads no data or weights; creates nothing.")
+    p = argparse.ArgumentParser(
+        prog="run_study.py check",
+        description="Validate an experiment file; print the resolved spec "
+        "and search space. Reads no data or weights; creates nothing.",
+    )
     _spec_args(p)
     _common(p)
     return p
 
 
 def _ui_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run_study.py ui",
-                                description="Start the MLflow UI on the study stores.")
+    p = argparse.ArgumentParser(
+        prog="run_study.py ui", description="Start the MLflow UI on the study stores."
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=5000)
     _common(p)
@@ -91,9 +112,15 @@ def cmd_run(args) -> int:
     from harness import report
     from harness.study import StudyOptions, run_study
 
-    opts = StudyOptions(results=args.results, storage=args.storage, tracking_uri=args.tracking_uri,
-                        study_name=args.study_name, n_trials=args.n_trials, timeout=args.timeout,
-                        quiet=args.quiet)
+    opts = StudyOptions(
+        results=args.results,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        study_name=args.study_name,
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        quiet=args.quiet,
+    )
     summary = run_study(spec, opts)
     print(report.render(summary))
     return 0

@@ -93,7 +93,8 @@ def load_target(spec: DataSpec, seed: int) -> TaskData:
         if len(idx) <= need:
             raise DataError(
                 f"data: class {c} of {spec.dataset} has {len(idx)} images; shots_per_class "
-                f"({spec.shots_per_class}) + val_per_class ({spec.val_per_class}) leaves no test images"
+                f"({spec.shots_per_class}) + val_per_class ({spec.val_per_class}) "
+                "leaves no test images"
             )
         train.append(idx[: spec.shots_per_class])
         val.append(idx[spec.shots_per_class : need])

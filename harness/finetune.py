@@ -62,7 +62,8 @@ def _schedule(config: TrialConfig, optimizer, total_steps: int):
     if config.train.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        optimizer,
+        lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)),
     )
 
 
@@ -168,8 +169,16 @@ def fit(
         )
         tr_loss, tr_correct = evaluate(model, x_clean, y_clean)
         va_loss, va_correct = evaluate(model, data.x_val, data.y_val)
-        sums = torch.stack([run_loss, run_correct.float(), tr_loss, tr_correct.float(), va_loss,
-                            va_correct.float()]).tolist()  # the epoch's one sync with the device
+        sums = torch.stack(
+            [
+                run_loss,
+                run_correct.float(),
+                tr_loss,
+                tr_correct.float(),
+                va_loss,
+                va_correct.float(),
+            ]
+        ).tolist()  # the epoch's one sync with the device
         n_clean, n_val = len(x_clean), len(data.x_val)
         m = {
             "train_loss": sums[2] / n_clean,

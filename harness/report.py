@@ -45,24 +45,32 @@ class Summary:
 
 
 class Progress:
-    """A bar over the study's finished trials (best value beside it) and one per-epoch status."""
+    """The study's progress: finished trials out of the budget, and the best value so far.
+
+    On a terminal: a bar, with the running trial's epoch in its description (one line,
+    updated in place) and a line per finished trial above it. Elsewhere (logs, CI): only
+    the per-trial lines. `quiet`: nothing.
+    """
 
     def __init__(self, total: int, done: int, quiet: bool = False):
-        self.quiet = quiet
-        self.bar = None if quiet else tqdm(total=total, initial=done, unit="trial", file=sys.stdout,
-                                           dynamic_ncols=True, leave=True)
+        self.total, self.done, self.quiet = total, done, quiet
+        self.bar = None
+        if not quiet and sys.stdout.isatty():
+            self.bar = tqdm(total=total, initial=done, unit="trial", dynamic_ncols=True)
 
     def note(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
+        elif not self.quiet:
+            print(text, flush=True)
 
     def epoch_line(self, trial_number: int, epochs: int):
-        progress = self
+        bar = self.bar
 
         class _Line:
             def on_epoch_end(self, epoch: int, m: dict[str, float]) -> None:
-                if progress.bar is not None:
-                    progress.bar.set_description(
+                if bar is not None:
+                    bar.set_description(
                         f"trial {trial_number} epoch {epoch}/{epochs} val_acc {m['val_acc']:.3f} "
                         f"gap {m['overfit_gap']:+.3f}"
                     )
@@ -70,22 +78,26 @@ class Progress:
         return _Line()
 
     def on_trial_end(self, study, trial) -> None:  # an Optuna study callback
-        if self.bar is None:
-            return
-        a = trial.user_attrs
         state = trial.state.name
-        line = f"trial {trial.number} {state}"
+        if state in ("COMPLETE", "PRUNED"):
+            self.done += 1
+            if self.bar is not None:
+                self.bar.update(1)
+        a = trial.user_attrs
+        line = f"[{self.done}/{self.total}] trial {trial.number} {state}"
         if "val_acc" in a:
             line += f" val_acc {a['val_acc']:.4f} overfit_gap {a['overfit_gap']:+.4f}"
+        if a.get("harness.pruned_epoch"):
+            line += f" at epoch {a['harness.pruned_epoch']}"
         if a.get("harness.baseline"):
             line += " (baseline)"
-        self.bar.write(line)
-        if state in ("COMPLETE", "PRUNED"):
-            self.bar.update(1)
         try:
-            self.bar.set_postfix_str(f"best {study.best_value:.4f} (trial {study.best_trial.number})")
+            line += f"  best {study.best_value:.4f} (trial {study.best_trial.number})"
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"best {study.best_value:.4f}")
         except ValueError:  # no complete trial yet
             pass
+        self.note(line)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -101,12 +113,17 @@ def _fmt(value: Any) -> str:
 
 def best_table(summary: Summary, top: int = 5) -> str:
     rows = summary.complete()[:top]
-    head = f"{'trial':>5}  {'val_acc':>7}  {'overfit_gap':>11}  {'epoch':>5}  {'mlflow run':<32}  params"
+    head = (
+        f"{'trial':>5}  {'val_acc':>7}  {'overfit_gap':>11}  {'epoch':>5}  "
+        f"{'mlflow run':<32}  params"
+    )
     lines = [head]
     for t in rows:
         a = t.attrs
-        params = "baseline recipe" if t.baseline else " ".join(
-            f"{k}={_fmt(v)}" for k, v in t.params.items()
+        params = (
+            "baseline recipe"
+            if t.baseline
+            else " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
         )
         lines.append(
             f"{t.number:>5}  {a.get('val_acc', float('nan')):>7.4f}  "
@@ -127,14 +144,19 @@ def ui_hint(opts) -> str:
 
 def render(summary: Summary, top: int = 5) -> str:
     c = summary.counts()
-    head = (f"Study {summary.study_name!r}: {c.get('COMPLETE', 0)} complete, "
-            f"{c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed")
+    head = (
+        f"Study {summary.study_name!r}: {c.get('COMPLETE', 0)} complete, "
+        f"{c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed"
+    )
     out = [head, ""]
     best = summary.complete()
     if not best:
         out.append("No trial completed.")
     else:
-        out += [f"Best trials (by the objective, on the validation split):", best_table(summary, top)]
+        out += [
+            "Best trials (by the objective, on the validation split):",
+            best_table(summary, top),
+        ]
         base = summary.baseline()
         b = best[0]
         if base is None:
@@ -142,13 +164,15 @@ def render(summary: Summary, top: int = 5) -> str:
         else:
             ba, bb = base.attrs, b.attrs
             out.append(
-                f"\nBaseline (trial {base.number}, the founding recipe): val_acc {ba['val_acc']:.4f}, "
+                f"\nBaseline (trial {base.number}, the founding recipe): "
+                f"val_acc {ba['val_acc']:.4f}, "
                 f"overfit_gap {ba['overfit_gap']:+.4f}"
             )
             out.append(
                 f"Gain of the best trial ({b.number}) over the baseline: "
                 f"{bb['val_acc'] - ba['val_acc']:+.4f} val_acc ({bb['val_acc']:.4f} vs "
-                f"{ba['val_acc']:.4f}), overfit_gap {bb['overfit_gap']:+.4f} vs {ba['overfit_gap']:+.4f}"
+                f"{ba['val_acc']:.4f}), overfit_gap {bb['overfit_gap']:+.4f} "
+                f"vs {ba['overfit_gap']:+.4f}"
             )
     out.append(f"\nOpen the MLflow UI on these results: {ui_hint(summary.opts)}")
     return "\n".join(out)

@@ -48,7 +48,10 @@ def source_settings(config: TrialConfig) -> dict:
 
 def source_key(config: TrialConfig) -> str:
     blob = json.dumps(source_settings(config), sort_keys=True)
-    return f"{config.model.arch}-{config.data.dataset}-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return (
+        f"{config.model.arch}-{config.data.dataset}-"
+        + hashlib.sha256(blob.encode()).hexdigest()[:12]
+    )
 
 
 def pretrain_config(config: TrialConfig) -> TrialConfig:
@@ -57,8 +60,14 @@ def pretrain_config(config: TrialConfig) -> TrialConfig:
     return config.model_copy(
         update={
             "train": config.train.model_copy(
-                update={"epochs": m.source_epochs, "lr": m.source_lr, "optimizer": "sgd",
-                        "momentum": 0.9, "batch_size": m.source_batch_size, "schedule": "cosine"}
+                update={
+                    "epochs": m.source_epochs,
+                    "lr": m.source_lr,
+                    "optimizer": "sgd",
+                    "momentum": 0.9,
+                    "batch_size": m.source_batch_size,
+                    "schedule": "cosine",
+                }
             ),
             "strategy": config.strategy.model_copy(update={"kind": "full"}),
             "reg": config.reg.model_copy(update={"weight_decay": 5e-4, "dropout": 0.0}),

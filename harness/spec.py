@@ -146,7 +146,9 @@ class ParamSpec(_Section):
     def _one_kind(self) -> ParamSpec:
         kinds = [k for k in ("float", "int", "categorical") if self.bounds_of(k) is not None]
         if len(kinds) != 1:
-            raise ValueError("give exactly one of float: [lo, hi], int: [lo, hi], categorical: [...]")
+            raise ValueError(
+                "give exactly one of float: [lo, hi], int: [lo, hi], categorical: [...]"
+            )
         if kinds[0] == "categorical":
             if not self.categorical:
                 raise ValueError("categorical: needs at least one choice")
@@ -348,12 +350,16 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         if not sep or not key:
             raise SpecError(f"--set {item}: expected key=value, e.g. train.lr=0.01")
         if key.startswith("search.space"):
-            raise SpecError(f"--set {item}: edit the search space in the file; --set a key to pin it")
+            raise SpecError(
+                f"--set {item}: edit the search space in the file; --set a key to pin it"
+            )
         try:
             value = parse_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
             raise SpecError(f"--set {item}: cannot parse the value: {err}") from None
-        space = tree.get("search", {}).get("space") if isinstance(tree.get("search"), dict) else None
+        space = (
+            tree.get("search", {}).get("space") if isinstance(tree.get("search"), dict) else None
+        )
         if isinstance(space, dict):
             space.pop(key, None)  # pinned: the key leaves the space
         try:
@@ -370,7 +376,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
 
 
 def spec_hash(spec: ExperimentSpec) -> str:
-    """Content hash of the resolved spec, less the trial budget (a larger budget extends a study)."""
+    """Hash of the resolved spec, less the trial budget (a larger budget extends a study)."""
     tree = spec.model_dump(mode="json", by_alias=True)
     tree["search"].pop("n_trials")
     blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from harness import report, tracking
 from harness.data import TaskData, load_target
-from harness.finetune import fit, seed_everything
+from harness.finetune import fit, resolve_device, seed_everything
 from harness.models import build_model
 from harness.source import SourceModel, get_source_model, source_key
 from harness.spec import (
@@ -43,7 +44,9 @@ class StudyOptions:
     storage: str | None = None  # default: RESULTS/optuna.journal
     tracking_uri: str | None = None  # default: sqlite:///RESULTS/mlflow.db
     study_name: str | None = None  # default: the experiment's name
-    n_trials: int | None = None  # default: the file's search.n_trials (a total, not a count per run)
+    n_trials: int | None = (
+        None  # default: the file's search.n_trials (a total, not a count per run)
+    )
     timeout: float | None = None
     quiet: bool = False
 
@@ -56,7 +59,7 @@ class StudyOptions:
 
 # --- Storages, samplers, pruners. ---
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """`*.journal`: an Optuna journal file (safe for several local processes); `x://`: an RDB URL."""
+    """`*.journal`: an Optuna journal file (safe for several local processes); else an RDB URL."""
     if "://" in url:
         return optuna.storages.RDBStorage(url)
     if url.endswith(".journal"):
@@ -64,7 +67,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(url))
-    raise SpecError(f"--storage {url}: give a file ending in .journal or a URL such as postgresql://...")
+    raise SpecError(
+        f"--storage {url}: give a file ending in .journal or a URL such as postgresql://..."
+    )
 
 
 def make_sampler(spec: ExperimentSpec) -> optuna.samplers.BaseSampler:
@@ -80,7 +85,9 @@ def make_sampler(spec: ExperimentSpec) -> optuna.samplers.BaseSampler:
 def make_pruner(spec: ExperimentSpec) -> optuna.pruners.BasePruner:
     s = spec.search
     if s.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=s.pruner_warmup_epochs)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=5, n_warmup_steps=s.pruner_warmup_epochs
+        )
     if s.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.train.epochs)
     return optuna.pruners.NopPruner()
@@ -148,8 +155,10 @@ class _Context:
                 self.client, self.exp_id, src.key, src.path, src.settings, src.metrics
             )
             how = "trained now" if src.trained_now else "from the cache"
-            self.progress.note(f"source model {key} ({how}): source val_acc "
-                               f"{src.metrics['val_acc']:.4f}, registered as {uri}")
+            self.progress.note(
+                f"source model {key} ({how}): source val_acc "
+                f"{src.metrics['val_acc']:.4f}, registered as {uri}"
+            )
             self.sources[key] = (src, uri)
         return self.sources[key]
 
@@ -161,26 +170,46 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     config = baseline_config(spec) if is_baseline else trial_config(spec, values)
     data = ctx.data_for(config)
     source = ctx.source_for(config)
-    tags = {"harness.baseline": str(is_baseline).lower(), "harness.data_hash": data.data_hash,
-            "harness.spec_hash": spec_hash(spec), "harness.sampled": ",".join(sorted(values))}
+    tags = {
+        "harness.baseline": str(is_baseline).lower(),
+        "harness.data_hash": data.data_hash,
+        "harness.spec_hash": spec_hash(spec),
+        "harness.sampled": ",".join(sorted(values)),
+    }
     if source:
         tags["harness.source_model"] = source[1]
-    run_id = tracking.start_trial_run(ctx.client, ctx.exp_id, ctx.parent_run_id, ctx.study_name,
-                                      trial.number, flatten(config.model_dump()), tags)
+    threads = config.train.threads or torch.get_num_threads()
+    tags.update(tracking.provenance_tags(str(resolve_device(config.train.device)), threads))
+    run_id = tracking.start_trial_run(
+        ctx.client,
+        ctx.exp_id,
+        ctx.parent_run_id,
+        ctx.study_name,
+        trial.number,
+        flatten(config.model_dump()),
+        tags,
+    )
     trial.set_user_attr("mlflow_run_id", run_id)
     tracking.log_text(ctx.client, run_id, tracking.yaml_text(config.model_dump()), "config.yaml")
     pruner = PruneOnEpoch(trial, spec.objective.metric, enabled=not is_baseline)
     state, end_tags = "FAIL", {}
     try:
         seed_everything(config.seed)
-        model = build_model(config.model, data.num_classes, config.reg.dropout,
-                            pretrained=source[0].path if source else None)
-        callbacks = [tracking.EpochLogger(ctx.client, run_id), pruner,
-                     ctx.progress.epoch_line(trial.number, config.train.epochs)]
+        model = build_model(
+            config.model,
+            data.num_classes,
+            config.reg.dropout,
+            pretrained=source[0].path if source else None,
+        )
+        callbacks = [
+            tracking.EpochLogger(ctx.client, run_id),
+            pruner,
+            ctx.progress.epoch_line(trial.number, config.train.epochs),
+        ]
         result = fit(config, model, data, callbacks)
-        end_tags.update(tracking.provenance_tags(result.device, result.threads))
-        tracking.log_state_dict(ctx.client, run_id, result.best_state, ctx.opts.results / "tmp",
-                                f"trial-{trial.number}-best.pt")
+        tracking.log_state_dict(
+            ctx.client, run_id, result.best_state, ctx.opts.results, f"trial-{trial.number}-best.pt"
+        )
         for k in ("val_acc", "val_loss", "train_acc", "overfit_gap", "overfit_gap_loss"):
             trial.set_user_attr(k, result.best[k])
         trial.set_user_attr("best_epoch", result.best_epoch)
@@ -191,6 +220,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     except optuna.TrialPruned:
         state = "PRUNED"
         end_tags["harness.pruned_epoch"] = pruner.pruned_at
+        trial.set_user_attr("harness.pruned_epoch", pruner.pruned_at)
         raise
     except Exception as err:
         end_tags["harness.error"] = f"{type(err).__name__}: {err}"
@@ -209,8 +239,13 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
     storage = open_storage(opts.storage_url())
     sampler, pruner = make_sampler(spec), make_pruner(spec)
     try:
-        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
-                                    pruner=pruner, direction=spec.objective.direction)
+        study = optuna.create_study(
+            storage=storage,
+            study_name=name,
+            sampler=sampler,
+            pruner=pruner,
+            direction=spec.objective.direction,
+        )
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
         recorded = study.user_attrs.get("harness.spec_hash")
@@ -225,10 +260,14 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
     study.set_user_attr("harness.experiment", spec.name)
     if spec.search.baseline:
         study.enqueue_trial({}, user_attrs={"harness.baseline": True})
-    settings = {"study.name": name, "study.storage": opts.storage_url(),
-                "search.sampler": spec.search.sampler, "search.pruner": spec.search.pruner,
-                "search.space": tracking.yaml_text(spec.model_dump(by_alias=True)["search"]["space"]),
-                "objective": f"{spec.objective.direction} {spec.objective.metric}"}
+    settings = {
+        "study.name": name,
+        "study.storage": opts.storage_url(),
+        "search.sampler": spec.search.sampler,
+        "search.pruner": spec.search.pruner,
+        "search.space": tracking.yaml_text(spec.model_dump(by_alias=True)["search"]["space"]),
+        "objective": f"{spec.objective.direction} {spec.objective.metric}",
+    }
     parent = tracking.create_parent_run(client, exp_id, name, settings)
     study.set_user_attr("mlflow_parent_run_id", parent)
     return study, parent, True
@@ -248,8 +287,10 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     progress = report.Progress(total=target, done=done, quiet=opts.quiet)
     if done >= target:
         progress.close()
-        print(f"Study {name!r} is done: {done} finished trials, budget {target}. "
-              f"Give a larger --n-trials to extend it.")
+        print(
+            f"Study {name!r} is done: {done} finished trials, budget {target}. "
+            f"Give a larger --n-trials to extend it."
+        )
         return summarize(study, opts, name)
     if not created:
         tracking.reopen_run(client, parent)
@@ -265,8 +306,13 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
-            study.optimize(lambda t: _objective(ctx, t), n_trials=target - done, timeout=left,
-                           callbacks=[budget, progress.on_trial_end], catch=(Exception,))
+            study.optimize(
+                lambda t: _objective(ctx, t),
+                n_trials=target - done,
+                timeout=left,
+                callbacks=[budget, progress.on_trial_end],
+                catch=(Exception,),
+            )
             now = finished_count(study)
             if now == done:  # every trial of the round failed: stop instead of looping
                 progress.note("Every trial of this round failed; stopping. See the FAILED runs.")
@@ -283,12 +329,15 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
 
 
 def summarize(study: optuna.Study, opts: StudyOptions, name: str) -> report.Summary:
-    rows = [report.TrialRow(
-        number=t.number,
-        state=t.state.name,
-        value=t.value,
-        baseline=bool(t.user_attrs.get("harness.baseline")),
-        params=dict(t.params),
-        attrs=dict(t.user_attrs),
-    ) for t in study.get_trials(deepcopy=False)]
+    rows = [
+        report.TrialRow(
+            number=t.number,
+            state=t.state.name,
+            value=t.value,
+            baseline=bool(t.user_attrs.get("harness.baseline")),
+            params=dict(t.params),
+            attrs=dict(t.user_attrs),
+        )
+        for t in study.get_trials(deepcopy=False)
+    ]
     return report.Summary(name, study.direction.name.lower(), rows, opts)

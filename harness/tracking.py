@@ -8,11 +8,14 @@ COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import logging
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,7 @@ def experiment_id(client: MlflowClient, name: str, results: Path, tracking_uri: 
         return client.get_experiment_by_name(name).experiment_id
 
 
+@functools.cache
 def _git(*args: str) -> str:
     try:
         out = subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True, timeout=10)
@@ -154,17 +158,20 @@ def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -
     client.log_text(run_id, text, artifact_file)
 
 
-def log_state_dict(client: MlflowClient, run_id: str, state: dict, scratch: Path, name: str) -> None:
-    """Save a state_dict and log it as an artifact under `checkpoints/`; no copy is left behind."""
+def log_state_dict(
+    client: MlflowClient, run_id: str, state: dict, scratch: Path, name: str
+) -> None:
+    """Save a state_dict and log it as an artifact under `checkpoints/`; no copy is left behind.
+
+    `scratch` is a folder under the results folder: nothing is written outside it.
+    """
     import torch
 
     scratch.mkdir(parents=True, exist_ok=True)
-    path = scratch / name
-    try:
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        path = Path(tmp) / name
         torch.save(state, path)
         client.log_artifact(run_id, str(path), "checkpoints")
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def end_trial_run(
@@ -192,13 +199,13 @@ def register_source_model(
     )
     run_id = run.info.run_id
     log_params(client, run_id, {f"source.{k}": v for k, v in settings.items()})
-    client.log_batch(run_id, metrics=[Metric(f"source_{k}", float(v), 0, 0) for k, v in metrics.items()])
+    client.log_batch(
+        run_id, metrics=[Metric(f"source_{k}", float(v), 0, 0) for k, v in metrics.items()]
+    )
     client.log_artifact(run_id, str(path), "source")
     client.set_terminated(run_id, "FINISHED")
-    try:
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # another process was first
         client.create_registered_model(name, description="Pretrained source model (state_dict)")
-    except mlflow.exceptions.MlflowException:
-        pass  # registered by another process meanwhile
     source = f"{client.get_run(run_id).info.artifact_uri}/source"
     version = client.create_model_version(name, source, run_id=run_id, tags={"harness.key": key})
     return f"models:/{name}/{version.version}"

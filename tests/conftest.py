@@ -1,0 +1,49 @@
+"""Shared fixtures: the repository paths, and one pretrained source model per test session."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = REPO / "experiments" / "quickstart.yaml"
+# Tiny end-to-end settings: a short source pretraining and 2-epoch trials.
+TINY = ["model.source_epochs=3", "train.epochs=2"]
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python run_study.py ARGS` in a fresh process, as a user types it."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "run_study.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def source_cache(tmp_path_factory) -> Path:
+    """The `sources/` folder of a results folder, holding the quickstart's tiny source model.
+
+    Trained once per session; copy it into a test's results folder to skip pretraining.
+    """
+    from harness.source import get_source_model
+    from harness.spec import baseline_config, load_spec
+
+    spec = load_spec(QUICKSTART, [f"{s}" for s in TINY])
+    folder = tmp_path_factory.mktemp("source-cache") / "sources"
+    get_source_model(baseline_config(spec), folder)
+    return folder
+
+
+@pytest.fixture
+def results_dir(tmp_path, source_cache) -> Path:
+    """A fresh results folder that already holds the session's source model."""
+    results = tmp_path / "results"
+    shutil.copytree(source_cache, results / "sources")
+    return results

@@ -1,0 +1,126 @@
+"""End to end: the CLI runs a real study, and MLflow's and Optuna's own APIs read it back."""
+
+from __future__ import annotations
+
+import mlflow
+import optuna
+import pytest
+from conftest import QUICKSTART, TINY, run_cli
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def _tiny_args(results, n_trials: int) -> list[str]:
+    args = [str(QUICKSTART), "--n-trials", str(n_trials), "--results", str(results), "--quiet"]
+    for s in TINY:
+        args += ["--set", s]
+    return args
+
+
+def _runs(results):
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["quickstart"], output_format="list")
+    return MlflowClient(uri), runs
+
+
+def _study(results) -> optuna.Study:
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    storage = JournalStorage(JournalFileBackend(str(results / "optuna.journal")))
+    return optuna.load_study(study_name="quickstart", storage=storage)
+
+
+def _trial_runs(runs):
+    return [r for r in runs if "optuna.trial_number" in r.data.tags]
+
+
+def test_study_runs_resumes_and_extends(tmp_path, results_dir):
+    work = tmp_path / "work"  # the process's cwd: nothing may be written here
+    work.mkdir()
+    first = run_cli(*_tiny_args(results_dir, 3), cwd=work)
+    assert first.returncode == 0, first.stderr
+    out = first.stdout
+    assert "Best trials" in out and "Gain of the best trial" in out
+    assert f"python run_study.py ui --results {results_dir}" in out
+    assert list(work.iterdir()) == [], "the study wrote outside its results folder"
+    assert sorted(p.name for p in results_dir.iterdir()) == [
+        "mlartifacts",
+        "mlflow.db",
+        "optuna.journal",
+        "sources",
+    ]
+
+    study = _study(results_dir)
+    trials = study.get_trials()
+    assert len(trials) == 3
+    assert [t.user_attrs.get("harness.baseline", False) for t in trials] == [True, False, False]
+    assert trials[0].params == {}  # the baseline is the recipe, not a sample of the space
+
+    client, runs = _runs(results_dir)
+    parents = [r for r in runs if r.data.tags.get("harness.role") == "study"]
+    assert len(parents) == 1 and parents[0].info.run_name == "quickstart"
+    parent_id = parents[0].info.run_id
+    assert study.user_attrs["mlflow_parent_run_id"] == parent_id
+    children = _trial_runs(runs)
+    assert len(children) == 3
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in children}
+    for t in trials:
+        run = by_number[t.number]
+        assert run.info.run_id == t.user_attrs["mlflow_run_id"]
+        assert run.info.run_name == f"trial-{t.number}"
+        assert run.data.tags["mlflow.parentRunId"] == parent_id
+        assert run.data.tags["optuna.study"] == "quickstart"
+        assert run.data.tags["optuna.state"] == t.state.name
+        assert run.info.status == STATUS[t.state.name]
+        assert run.data.tags["harness.baseline"] == str(t.number == 0).lower()
+        assert run.data.params["train.epochs"] == "2"
+        for key, value in t.params.items():
+            assert run.data.params[key] == str(value)
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        assert [m.step for m in history] == [1, 2]
+        gap = client.get_metric_history(run.info.run_id, "overfit_gap")[-1].value
+        train = client.get_metric_history(run.info.run_id, "train_acc")[-1].value
+        assert gap == pytest.approx(train - history[-1].value)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "config.yaml" in artifacts
+        if t.state.name == "COMPLETE":
+            ckpt = client.list_artifacts(run.info.run_id, "checkpoints")
+            assert [a.path for a in ckpt] == [f"checkpoints/trial-{t.number}-best.pt"]
+            assert ckpt[0].file_size > 1000
+            assert t.value == t.user_attrs["val_acc"] == max(m.value for m in history)
+    baseline_run = by_number[0]
+    assert baseline_run.data.params["train.lr"] == "0.001"
+    assert baseline_run.data.params["train.optimizer"] == "sgd"
+    assert baseline_run.data.params["reg.weight_decay"] == "0.0"
+
+    # The same command again: the study is done and says so; nothing new is run.
+    again = run_cli(*_tiny_args(results_dir, 3), cwd=work)
+    assert again.returncode == 0, again.stderr
+    assert "is done: 3 finished trials, budget 3" in again.stdout
+    assert len(_trial_runs(_runs(results_dir)[1])) == 3
+
+    # A larger budget extends the same study, under the same parent run.
+    more = run_cli(*_tiny_args(results_dir, 4), cwd=work)
+    assert more.returncode == 0, more.stderr
+    study = _study(results_dir)
+    finished = [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 4
+    runs = _runs(results_dir)[1]
+    assert len(_trial_runs(runs)) == 4
+    assert len([r for r in runs if r.data.tags.get("harness.role") == "study"]) == 1
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert list(work.iterdir()) == []
+
+
+def test_bad_input_creates_nothing(tmp_path):
+    results = tmp_path / "results"
+    proc = run_cli(str(QUICKSTART), "--results", str(results), "--set", "train.lr=-1", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "train.lr" in proc.stderr and "greater than 0" in proc.stderr
+    assert str(QUICKSTART) in proc.stderr
+    assert not results.exists()
+    assert list(tmp_path.iterdir()) == []
