@@ -95,7 +95,7 @@ def cmd_check(args) -> int:
 
     spec = load_spec(args.experiment, args.overrides)
     print(f"{args.experiment}: valid")
-    tree = spec.model_dump(by_alias=True, exclude_none=True)
+    tree = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     space = tree["search"].pop("space")
     print(yaml.safe_dump(tree, sort_keys=False, default_flow_style=None).rstrip())
     print(f"search space ({len(space)} keys):")

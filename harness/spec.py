@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 
 class SpecError(ValueError):
@@ -45,14 +52,18 @@ class _Section(BaseModel):
 
 
 ClassIndex = Annotated[int, Field(ge=0)]
+# A YAML list, held as a tuple so that a frozen config is frozen all the way down.
+ClassList = Annotated[
+    tuple[ClassIndex, ...], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)
+]
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 NUM_CLASSES = {"digits": 10}
 
 
 class DataSpec(_Section):
     dataset: Literal["digits"] = "digits"
-    source_classes: list[ClassIndex] = [0, 1, 2, 3, 4]
-    target_classes: list[ClassIndex] = [5, 6, 7, 8, 9]
+    source_classes: ClassList = (0, 1, 2, 3, 4)
+    target_classes: ClassList = (5, 6, 7, 8, 9)
     shots_per_class: Annotated[int, Field(ge=1)] = 20
     val_per_class: Annotated[int, Field(ge=1)] = 30
     eval_train_max: Annotated[int, Field(ge=1)] = 2048  # clean-train subset for the gap
@@ -162,6 +173,10 @@ class ParamSpec(_Section):
             raise ValueError(f"log: needs a positive low bound, got {bounds[0]}")
         if self.log and self.step is not None:
             raise ValueError("log and step cannot be combined")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"step: must be positive, got {self.step}")
+        if self.step is not None and kinds[0] == "int" and not float(self.step).is_integer():
+            raise ValueError(f"step: an int range needs a whole-number step, got {self.step}")
         return self
 
     def bounds_of(self, kind: str) -> list | None:
@@ -257,15 +272,33 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _fields_at(loc: tuple) -> list[str]:
+    """The keys a section of an experiment file accepts, for "did you mean" hints."""
+    model: type[BaseModel] = ExperimentSpec
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        if model is SearchSpec and part == "space":
+            if not parts:
+                return []
+            parts.pop(0)  # the searched key itself
+            model = ParamSpec
+            continue
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
 def _describe(err: ValidationError, where: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            parent, _, leaf = key.rpartition(".")
-            known = [k.rpartition(".")[2] for k in leaf_keys() if k.rpartition(".")[0] == parent]
-            close = difflib.get_close_matches(leaf, known, n=3)
+            close = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(e["loc"][:-1]), n=3)
             msg = "unknown key" + (f" (did you mean {', '.join(close)}?)" if close else "")
         elif "input" in e and not isinstance(e["input"], dict):
             msg += f" (got {e['input']!r})"
@@ -319,6 +352,20 @@ def _check_space(spec: ExperimentSpec, where: str) -> None:
                 raise SpecError(f"{at}: when: {cond} is not a searched key or a file key")
             if cond in spec.search.space and cond not in seen:
                 raise SpecError(f"{at}: when: {cond} must be listed before {key} in the space")
+            if cond in seen and seen[cond].kind != "categorical":
+                rng = seen[cond].candidates()
+                bad = [
+                    v
+                    for v in allowed
+                    if seen[cond].kind == "float"
+                    or not (isinstance(v, int) and rng[0] <= v <= rng[1])
+                ]
+                if bad:
+                    raise SpecError(
+                        f"{at}: when: {cond}={bad[0]!r} can never hold: {cond} is searched as "
+                        f"{seen[cond].kind} {rng} (conditions need a categorical, an int in range, "
+                        "or a key that is not searched)"
+                    )
             choices = seen[cond].categorical if cond in seen else None
             for value in allowed:
                 if choices is not None and value not in choices:

@@ -186,11 +186,13 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         ctx.parent_run_id,
         ctx.study_name,
         trial.number,
-        flatten(config.model_dump()),
+        flatten(config.model_dump(mode="json")),
         tags,
     )
     trial.set_user_attr("mlflow_run_id", run_id)
-    tracking.log_text(ctx.client, run_id, tracking.yaml_text(config.model_dump()), "config.yaml")
+    tracking.log_text(
+        ctx.client, run_id, tracking.yaml_text(config.model_dump(mode="json")), "config.yaml"
+    )
     pruner = PruneOnEpoch(trial, spec.objective.metric, enabled=not is_baseline)
     state, end_tags = "FAIL", {}
     try:
@@ -265,7 +267,9 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
         "study.storage": opts.storage_url(),
         "search.sampler": spec.search.sampler,
         "search.pruner": spec.search.pruner,
-        "search.space": tracking.yaml_text(spec.model_dump(by_alias=True)["search"]["space"]),
+        "search.space": tracking.yaml_text(
+            spec.model_dump(mode="json", by_alias=True)["search"]["space"]
+        ),
         "objective": f"{spec.objective.direction} {spec.objective.metric}",
     }
     parent = tracking.create_parent_run(client, exp_id, name, settings)

@@ -1,0 +1,169 @@
+"""The study in-process: sampling, budgets, and true states of pruned and failed trials."""
+
+from __future__ import annotations
+
+import mlflow
+import optuna
+import pytest
+from conftest import QUICKSTART, TINY
+from mlflow import MlflowClient
+
+import harness.study as study_mod
+from harness.spec import SpecError, load_spec
+from harness.study import StudyOptions, open_storage, run_study, suggest
+
+
+def _spec(*overrides: str):
+    return load_spec(QUICKSTART, [*TINY, *overrides])
+
+
+def _client(results):
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def _trial_runs(client, name="quickstart"):
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return {
+        int(r.data.tags["optuna.trial_number"]): r
+        for r in runs
+        if "optuna.trial_number" in r.data.tags
+    }
+
+
+def test_pruned_and_failed_trials_are_recorded_truthfully(results_dir, monkeypatch):
+    spec = _spec("train.epochs=3")
+    # Every trial but the baseline is pruned at epoch 2; the third call of fit fails.
+    monkeypatch.setattr(
+        study_mod,
+        "make_pruner",
+        lambda s: optuna.pruners.ThresholdPruner(lower=1.5, n_warmup_steps=2),
+    )
+    calls = []
+    real_fit = study_mod.fit
+
+    def flaky_fit(config, model, data, callbacks):
+        calls.append(config)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure")
+        return real_fit(config, model, data, callbacks)
+
+    monkeypatch.setattr(study_mod, "fit", flaky_fit)
+    summary = run_study(spec, StudyOptions(results=results_dir, n_trials=3, quiet=True))
+
+    states = [t.state for t in summary.trials]
+    assert states == ["COMPLETE", "PRUNED", "FAIL", "PRUNED"]  # a failure does not use the budget
+    client = _client(results_dir)
+    runs = _trial_runs(client)
+    assert sorted(runs) == [0, 1, 2, 3]
+
+    base = runs[0]
+    assert base.info.status == "FINISHED" and base.data.tags["optuna.state"] == "COMPLETE"
+    assert base.data.tags["harness.baseline"] == "true"
+    assert len(client.get_metric_history(base.info.run_id, "val_acc")) == 3
+
+    for n in (1, 3):
+        pruned = runs[n]
+        assert pruned.info.status == "KILLED"
+        assert pruned.data.tags["optuna.state"] == "PRUNED"
+        assert pruned.data.tags["harness.pruned_epoch"] == "2"
+        history = client.get_metric_history(pruned.info.run_id, "val_acc")
+        assert [m.step for m in history] == [1, 2]  # the curve up to the pruning epoch
+        assert client.list_artifacts(pruned.info.run_id, "checkpoints") == []
+
+    failed = runs[2]
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["optuna.state"] == "FAIL"
+    assert "injected failure" in failed.data.tags["harness.error"]
+    artifacts = {a.path for a in client.list_artifacts(failed.info.run_id)}
+    assert "traceback.txt" in artifacts
+    text = mlflow.artifacts.load_text(f"runs:/{failed.info.run_id}/traceback.txt")
+    assert "RuntimeError: injected failure" in text
+
+    parent = client.get_run(base.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED"
+    for run in runs.values():
+        assert run.data.tags["harness.threads"].isdigit()
+        assert run.data.tags["harness.device"] == "cpu"
+        assert run.data.tags["harness.version.torch"]
+
+
+def test_a_study_whose_trials_all_fail_stops(results_dir, monkeypatch):
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("always broken")
+
+    monkeypatch.setattr(study_mod, "fit", broken_fit)
+    summary = run_study(_spec(), StudyOptions(results=results_dir, n_trials=2, quiet=True))
+    assert [t.state for t in summary.trials] == ["FAIL", "FAIL"]
+    client = _client(results_dir)
+    parents = client.search_runs(
+        [client.get_experiment_by_name("quickstart").experiment_id],
+        filter_string="tags.`harness.role` = 'study'",
+    )
+    assert [p.info.status for p in parents] == ["FAILED"]
+
+
+def test_same_study_name_with_another_spec_is_refused(results_dir):
+    run_study(_spec(), StudyOptions(results=results_dir, n_trials=1, quiet=True))
+    with pytest.raises(SpecError, match="different experiment spec"):
+        run_study(_spec("train.momentum=0.5"), StudyOptions(results=results_dir, n_trials=2))
+    # A new name is a new study in the same stores.
+    other = run_study(
+        _spec("train.momentum=0.5"),
+        StudyOptions(results=results_dir, n_trials=1, study_name="other", quiet=True),
+    )
+    assert [t.state for t in other.trials] == ["COMPLETE"]
+
+
+def _conditional_spec(tmp_path, *overrides):
+    path = tmp_path / "cond.yaml"
+    path.write_text(
+        """
+name: cond
+search:
+  space:
+    strategy.kind: {categorical: [full, linear_probe]}
+    reg.dropout: {float: [0.0, 0.5], when: {strategy.kind: full}}
+    train.lr: {float: [1.0e-4, 1.0e-1], log: true}
+"""
+    )
+    return load_spec(path, list(overrides))
+
+
+def test_conditional_parameters_follow_their_condition(tmp_path):
+    spec = _conditional_spec(tmp_path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        values = suggest(trial, spec)
+        seen.add(values["strategy.kind"])
+        assert ("reg.dropout" in values) == (values["strategy.kind"] == "full")
+        assert 1e-4 <= values["train.lr"] <= 1e-1
+        study.tell(trial, 0.0)
+    assert seen == {"full", "linear_probe"}
+
+
+def test_pinned_key_leaves_the_space_and_conditions_follow_it(tmp_path):
+    pinned_probe = _conditional_spec(tmp_path, "strategy.kind=linear_probe")
+    pinned_full = _conditional_spec(tmp_path, "strategy.kind=full")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for spec, has_dropout in ((pinned_probe, False), (pinned_full, True)):
+        assert "strategy.kind" not in spec.search.space
+        trial = study.ask()
+        values = suggest(trial, spec)
+        assert "strategy.kind" not in values
+        assert ("reg.dropout" in values) is has_dropout
+        study.tell(trial, 0.0)
+
+
+def test_storage_urls(tmp_path):
+    from optuna.storages import RDBStorage
+    from optuna.storages.journal import JournalStorage
+
+    assert isinstance(open_storage(str(tmp_path / "s.journal")), JournalStorage)
+    assert isinstance(open_storage(f"sqlite:///{tmp_path / 's.db'}"), RDBStorage)
+    with pytest.raises(SpecError, match="--storage"):
+        open_storage(str(tmp_path / "s.txt"))
