@@ -85,11 +85,15 @@ def trainable_parameters(model: nn.Module, kind: str) -> list[nn.Parameter]:
 def train_one_epoch(
     model, optimizer, scheduler, x, y, config: TrialConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over (x, y) in seeded random order; returns (loss sum, correct) on the device."""
+    """One pass over (x, y) in seeded random order.
+
+    Returns (loss sum, correct, images seen) of the running training metrics, on the device.
+    """
     n, bs = len(x), config.train.batch_size
     order = torch.randperm(n, generator=generator).to(x.device)
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
+    seen = 0
     for start in range(0, n, bs):
         idx = order[start : start + bs]
         if len(idx) < 2 <= n:  # BatchNorm cannot train on a batch of one
@@ -105,7 +109,8 @@ def train_one_epoch(
         scheduler.step()
         loss_sum += loss.detach() * len(idx)
         correct += (logits.detach().argmax(1) == yb).sum()
-    return loss_sum, correct
+        seen += len(idx)
+    return loss_sum, correct, seen
 
 
 @torch.no_grad()
@@ -164,7 +169,7 @@ def fit(
     for epoch in range(1, config.train.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         _set_train_mode(model, config.strategy.kind)
-        run_loss, run_correct = train_one_epoch(
+        run_loss, run_correct, n_seen = train_one_epoch(
             model, optimizer, scheduler, data.x_train, data.y_train, config, generator
         )
         tr_loss, tr_correct = evaluate(model, x_clean, y_clean)
@@ -185,8 +190,8 @@ def fit(
             "train_acc": sums[3] / n_clean,
             "val_loss": sums[4] / n_val,
             "val_acc": sums[5] / n_val,
-            "train_loss_running": sums[0] / n_train,
-            "train_acc_running": sums[1] / n_train,
+            "train_loss_running": sums[0] / max(n_seen, 1),
+            "train_acc_running": sums[1] / max(n_seen, 1),
             "lr": lr,
         }
         m["overfit_gap"] = m["train_acc"] - m["val_acc"]

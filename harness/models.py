@@ -57,11 +57,18 @@ def build_model(
     model = SmallCNN(num_classes, width=spec.width, dropout=dropout)
     if pretrained is not None:
         state = {k: v for k, v in load_state(pretrained).items() if not k.startswith("head.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("head.")]
-        if missing or unexpected:
+        own = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [
+            f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+            for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        if missing or unexpected or shapes:
             raise ValueError(
                 f"model.pretrained: {pretrained} does not fit {spec.arch} (width {spec.width}): "
-                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}, shapes differ {shapes[:3]}"
             )
+        model.load_state_dict(state, strict=False)
     return model
