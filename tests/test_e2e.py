@@ -92,6 +92,11 @@ def test_study_runs_resumes_and_extends(tmp_path, results_dir):
             assert [a.path for a in ckpt] == [f"checkpoints/trial-{t.number}-best.pt"]
             assert ckpt[0].file_size > 1000
             assert t.value == t.user_attrs["val_acc"] == max(m.value for m in history)
+    # The source model is registered, and every trial run names the version it started from.
+    models = client.search_model_versions("name LIKE 'source-%'")
+    assert len(models) == 1
+    uri = f"models:/{models[0].name}/{models[0].version}"
+    assert {r.data.tags["harness.source_model"] for r in children} == {uri}
     baseline_run = by_number[0]
     assert baseline_run.data.params["train.lr"] == "0.001"
     assert baseline_run.data.params["train.optimizer"] == "sgd"

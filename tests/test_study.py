@@ -167,3 +167,41 @@ def test_storage_urls(tmp_path):
     assert isinstance(open_storage(f"sqlite:///{tmp_path / 's.db'}"), RDBStorage)
     with pytest.raises(SpecError, match="--storage"):
         open_storage(str(tmp_path / "s.txt"))
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "gp"])
+def test_every_sampler_samples_the_conditional_space(tmp_path, sampler):
+    spec = _conditional_spec(tmp_path, f"search.sampler={sampler}")
+    study = optuna.create_study(sampler=study_mod.make_sampler(spec), direction="maximize")
+    for i in range(7):  # past the samplers' startup trials
+        trial = study.ask()
+        values = suggest(trial, spec)
+        assert ("reg.dropout" in values) == (values["strategy.kind"] == "full")
+        study.tell(trial, float(i % 3))
+    assert len(study.trials) == 7
+
+
+def test_pruners_follow_the_file(tmp_path):
+    assert isinstance(study_mod.make_pruner(_spec()), optuna.pruners.MedianPruner)
+    hyperband = study_mod.make_pruner(_spec("search.pruner=hyperband"))
+    assert isinstance(hyperband, optuna.pruners.HyperbandPruner)
+    assert isinstance(study_mod.make_pruner(_spec("search.pruner=none")), optuna.pruners.NopPruner)
+
+
+def test_timeout_stops_starting_trials(results_dir):
+    summary = run_study(
+        _spec("train.epochs=1"),
+        StudyOptions(results=results_dir, n_trials=500, timeout=2.0, quiet=True),
+    )
+    finished = [t for t in summary.trials if t.state in ("COMPLETE", "PRUNED")]
+    assert 1 <= len(finished) < 500
+
+
+def test_rdb_storage_url(results_dir):
+    url = f"sqlite:///{results_dir / 'optuna.db'}"
+    opts = StudyOptions(results=results_dir, storage=url, n_trials=2, quiet=True)
+    summary = run_study(_spec(), opts)
+    assert [t.state for t in summary.trials] == ["COMPLETE", "COMPLETE"]
+    study = optuna.load_study(study_name="quickstart", storage=url)
+    assert study.user_attrs["mlflow_parent_run_id"]
+    assert not (results_dir / "optuna.journal").exists()
