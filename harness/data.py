@@ -1,7 +1,9 @@
 """Data sets, seeded stratified splits, and batched on-device augmentation.
 
-Small data sets live as tensors on the training device (`TaskData.to`), so the training
-loop indexes them directly: no DataLoader, no per-image host work.
+Small data sets live as uint8 image tensors (N, C, H, W) on the training device
+(`TaskData.to`), so the training loop indexes them directly: no DataLoader, no per-image host
+work. Conversion to float, resizing and normalization happen per batch on the device, inside
+the model (`harness.models.Preprocess`), with the statistics each data set declares here.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import torch
 
 from harness.spec import DataSpec
 
-# Digits pixels are 0..16; these are the mean and std of all 1,797 images after /16.
-DIGITS_MEAN, DIGITS_STD = 0.3055, 0.3826
+# Digits pixels are 0..16, stored as uint8 0..255; mean and std of all 1,797 images in [0, 1].
+DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3759,)
 
 
 class DataError(ValueError):
@@ -34,6 +36,8 @@ class TaskData:
     y_test: torch.Tensor
     classes: tuple[int, ...]  # the data set's own class ids, in label order
     data_hash: str  # identifies the exact split (indices of every image in each part)
+    mean: tuple[float, ...]  # per-channel statistics of the data set, in [0, 1]
+    std: tuple[float, ...]
 
     @property
     def num_classes(self) -> int:
@@ -45,15 +49,27 @@ class TaskData:
             for f in fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
-        return TaskData(**moved, classes=self.classes, data_hash=self.data_hash)
+        rest = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in moved}
+        return TaskData(**moved, **rest)
+
+    @property
+    def channels(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.x_train.shape[-1]
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
     bunch = load_digits()
-    x = bunch.images.astype(np.float32)[:, None] / 16.0  # (N, 1, 8, 8)
-    return (x - DIGITS_MEAN) / DIGITS_STD, bunch.target.astype(np.int64)
+    x = np.round(bunch.images[:, None] / 16.0 * 255.0).astype(np.uint8)  # (N, 1, 8, 8)
+    return x, bunch.target.astype(np.int64)
+
+
+STATS = {"digits": (DIGITS_MEAN, DIGITS_STD)}
 
 
 def _load(dataset: str) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +92,14 @@ def _task(x, y, classes, parts: list[np.ndarray], dataset: str) -> TaskData:
     tensors = []
     for idx in parts:
         tensors += [torch.from_numpy(x[idx].copy()), torch.from_numpy(relabel[y[idx]])]
-    return TaskData(*tensors, classes=tuple(classes), data_hash=_hash(*parts, dataset=dataset))
+    mean, std = STATS[dataset]
+    return TaskData(
+        *tensors,
+        classes=tuple(classes),
+        data_hash=_hash(*parts, dataset=dataset),
+        mean=mean,
+        std=std,
+    )
 
 
 def load_target(spec: DataSpec, seed: int) -> TaskData:

@@ -19,7 +19,7 @@ import torch
 
 from harness.data import load_source
 from harness.finetune import fit, seed_everything
-from harness.models import build_model
+from harness.models import Inputs, build_model
 from harness.spec import TrialConfig
 
 
@@ -99,7 +99,7 @@ def get_source_model(config: TrialConfig, cache_dir: Path) -> SourceModel:
         pre = pretrain_config(config)
         data = load_source(config.data, config.seed)
         seed_everything(pre.seed)
-        model = build_model(config.model, data.num_classes)
+        model = build_model(config.model, data.num_classes, inputs=Inputs.of(data))
         result = fit(pre, model, data)
         metrics = {k: result.best[k] for k in ("val_acc", "val_loss", "train_acc")}
         metrics["best_epoch"] = result.best_epoch

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from harness import report, tracking
 from harness.data import TaskData, load_target
 from harness.finetune import fit, resolve_device, seed_everything
-from harness.models import build_model
+from harness.models import Inputs, build_model
 from harness.source import SourceModel, get_source_model, source_key
 from harness.spec import (
     BASELINE,
@@ -202,6 +202,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
             data.num_classes,
             config.reg.dropout,
             pretrained=source[0].path if source else None,
+            inputs=Inputs.of(data),
         )
         callbacks = [
             tracking.EpochLogger(ctx.client, run_id),
