@@ -141,18 +141,3 @@ def load_source(spec: DataSpec, seed: int, val_fraction: float = 0.1) -> TaskDat
     parts = [np.sort(np.concatenate(p)) for p in (train, val)]
     empty = np.zeros(0, dtype=np.int64)
     return _task(x, y, spec.source_classes, [*parts, empty], spec.dataset)
-
-
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-image random translation of a batch: zero-pad, then crop each image at its own offset.
-
-    (A torchvision v2 transform called on a batch draws one offset for the whole batch.)
-    """
-    n, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding,) * 4)
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(x.device)
-    rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # (n, h)
-    cols = offsets[1][:, None] + torch.arange(w, device=x.device)  # (n, w)
-    batch = torch.arange(n, device=x.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
-    return out.permute(0, 3, 1, 2).contiguous()

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.data import TaskData, random_crop
+from harness.augment import augment
+from harness.data import TaskData
 from harness.models import backbone_parameters, head_module
 from harness.spec import TrialConfig
 
@@ -99,8 +100,7 @@ def train_one_epoch(
         if len(idx) < 2 <= n:  # BatchNorm cannot train on a batch of one
             continue
         xb, yb = x[idx], y[idx]
-        if config.aug.policy == "crop":
-            xb = random_crop(xb, config.aug.crop_padding, generator)
+        xb = augment(xb, config.aug, generator)
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
         optimizer.zero_grad(set_to_none=True)

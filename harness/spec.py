@@ -51,49 +51,111 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-ClassIndex = Annotated[int, Field(ge=0)]
+ClassId = Annotated[int, Field(ge=0)] | str  # an index, or a folder name (imagefolder)
 # A YAML list, held as a tuple so that a frozen config is frozen all the way down.
 ClassList = Annotated[
-    tuple[ClassIndex, ...], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)
+    tuple[ClassId, ...], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)
 ]
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
-NUM_CLASSES = {"digits": 10}
+NonNegative = Annotated[float, Field(ge=0.0)]
+DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashionmnist", "imagefolder")
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "mnist": 10, "fashionmnist": 10}
+FLIP_UNSAFE = {"digits", "mnist"}  # a mirrored 2 is not a 2
+FLIP_POLICIES = {"flip_crop"}
 
 
 class DataSpec(_Section):
-    dataset: Literal["digits"] = "digits"
+    dataset: Literal["digits", "cifar10", "cifar100", "mnist", "fashionmnist", "imagefolder"] = (
+        "digits"
+    )
+    root: str = "data"  # folder of torchvision data sets and of an imagefolder
+    download: bool = False  # torchvision data sets: download into root when missing
     source_classes: ClassList = (0, 1, 2, 3, 4)
     target_classes: ClassList = (5, 6, 7, 8, 9)
-    shots_per_class: Annotated[int, Field(ge=1)] = 20
+    shots_per_class: Annotated[int, Field(ge=1)] | None = 20  # None: every train image
     val_per_class: Annotated[int, Field(ge=1)] = 30
+    # digits and imagefolder without a test/ folder: test images per class (None: the rest);
+    # torchvision data sets use their official test split, restricted to the target classes.
+    test_per_class: Annotated[int, Field(ge=1)] | None = None
+    image_size: Annotated[int, Field(ge=8, le=1024)] | None = None  # None: the model's own
+    allow_duplicates: bool = False  # exact duplicates across train/val/test: error unless true
     eval_train_max: Annotated[int, Field(ge=1)] = 2048  # clean-train subset for the gap
 
     @model_validator(mode="after")
     def _classes(self) -> DataSpec:
-        n = NUM_CLASSES[self.dataset]
+        n = NUM_CLASSES.get(self.dataset)
         for key in ("source_classes", "target_classes"):
             values = getattr(self, key)
             if len(set(values)) != len(values):
-                raise ValueError(f"{key}: classes repeat in {values}")
+                raise ValueError(f"{key}: classes repeat in {list(values)}")
+            if n is None:
+                continue
+            names = [c for c in values if isinstance(c, str)]
+            if names:
+                raise ValueError(f"{key}: {names}: {self.dataset} classes are indices 0..{n - 1}")
             bad = [c for c in values if c >= n]
             if bad:
                 raise ValueError(f"{key}: {bad} out of range for {self.dataset} (0..{n - 1})")
         if len(self.target_classes) < 2:
             raise ValueError("target_classes: need at least 2 classes")
-        overlap = set(self.source_classes) & set(self.target_classes)
-        if overlap:
-            raise ValueError(f"source_classes and target_classes share {sorted(overlap)}")
         return self
 
 
+# torchvision's classification models (torchvision.models.list_models(module=torchvision.models)
+# for 0.29; a test keeps this in step), so that `check` needs no torchvision import.
+# fmt: off
+TORCHVISION_ARCHS = (
+    "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny",
+    "densenet121", "densenet161", "densenet169", "densenet201", "efficientnet_b0",
+    "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4",
+    "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnet_v2_l",
+    "efficientnet_v2_m", "efficientnet_v2_s", "googlenet", "inception_v3", "maxvit_t",
+    "mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3", "mobilenet_v2",
+    "mobilenet_v3_large", "mobilenet_v3_small", "regnet_x_16gf", "regnet_x_1_6gf",
+    "regnet_x_32gf", "regnet_x_3_2gf", "regnet_x_400mf", "regnet_x_800mf", "regnet_x_8gf",
+    "regnet_y_128gf", "regnet_y_16gf", "regnet_y_1_6gf", "regnet_y_32gf", "regnet_y_3_2gf",
+    "regnet_y_400mf", "regnet_y_800mf", "regnet_y_8gf", "resnet101", "resnet152", "resnet18",
+    "resnet34", "resnet50", "resnext101_32x8d", "resnext101_64x4d", "resnext50_32x4d",
+    "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0",
+    "squeezenet1_0", "squeezenet1_1", "swin_b", "swin_s", "swin_t", "swin_v2_b", "swin_v2_s",
+    "swin_v2_t", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19",
+    "vgg19_bn", "vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32", "wide_resnet101_2",
+    "wide_resnet50_2",
+)
+# fmt: on
+ARCHS = ("small_cnn", *TORCHVISION_ARCHS)
+
+
 class ModelSpec(_Section):
-    arch: Literal["small_cnn"] = "small_cnn"
-    width: Annotated[int, Field(ge=4, le=512)] = 32
-    pretrained: Literal["source", "none"] = "source"
+    arch: str = "small_cnn"  # small_cnn, or a torchvision classification model by name
+    width: Annotated[int, Field(ge=4, le=512)] = 32  # small_cnn only
+    # none | source | imagenet (torchvision weights, `weights`) | a local state_dict file |
+    # an MLflow model URI (models:/NAME/VERSION or runs:/RUN_ID/PATH)
+    pretrained: str = "source"
+    weights: Annotated[str, Field(pattern=r"^[A-Z0-9_]+$")] = "IMAGENET1K_V1"  # enum member
     # How the source model is pretrained (its cache key): SGD, cosine, momentum 0.9.
     source_epochs: Annotated[int, Field(ge=1)] = 15
     source_lr: Annotated[float, Field(gt=0.0)] = 0.05
     source_batch_size: Annotated[int, Field(ge=2)] = 64
+
+    @model_validator(mode="after")
+    def _known(self) -> ModelSpec:
+        if self.arch not in ARCHS:
+            close = difflib.get_close_matches(self.arch, ARCHS, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"arch: unknown model {self.arch!r}{hint}")
+        if self.pretrained == "imagenet" and self.arch == "small_cnn":
+            raise ValueError("pretrained: imagenet weights exist for torchvision models only")
+        if not self.pretrained:
+            raise ValueError("pretrained: give none, source, imagenet, a file or a model URI")
+        return self
+
+    @property
+    def pretrained_kind(self) -> str:
+        """none, source, imagenet, file or mlflow."""
+        if self.pretrained in ("none", "source", "imagenet"):
+            return self.pretrained
+        return "mlflow" if self.pretrained.startswith(("models:/", "runs:/")) else "file"
 
 
 class TrainSpec(_Section):
@@ -108,17 +170,45 @@ class TrainSpec(_Section):
 
 
 class StrategySpec(_Section):
-    kind: Literal["full", "linear_probe"] = "full"
+    kind: Literal["full", "linear_probe", "partial", "lp_ft", "gradual_unfreeze"] = "full"
+    freeze_stages: Annotated[int, Field(ge=0)] = 1  # partial: the first k backbone stages frozen
+    lp_epochs: Annotated[int, Field(ge=1)] = 2  # lp_ft: linear-probe epochs, then full FT
+    ft_lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1  # lp_ft: FT lr = train.lr x this
+    unfreeze_every: Annotated[int, Field(ge=1)] = 1  # gradual_unfreeze: a stage every n epochs
+    layer_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0  # stage lr x decay^depth
+    head_lr_mult: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+    bn: Literal["train", "frozen"] = "train"  # frozen: BatchNorm in eval mode, statistics kept
 
 
 class RegSpec(_Section):
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
-    dropout: Probability = 0.0
+    weight_decay: NonNegative = 0.0  # the optimizer's (decoupled for AdamW)
+    decay_norm_bias: bool = False  # false: norm and bias parameters get no weight decay
+    l1: NonNegative = 0.0  # L1 penalty added to the loss
+    l2: NonNegative = 0.0  # L2 penalty added to the loss (coupled)
+    l2_sp: NonNegative = 0.0  # L2-SP: penalty toward the pretrained backbone weights
+    l2_sp_head: NonNegative = 0.0  # L2-SP's plain L2 term on the new head
+    dropout: Probability = 0.0  # before the head
+    stochastic_depth: Probability = 0.0  # where the torchvision architecture supports it
+    label_smoothing: Probability = 0.0
+    mixup_alpha: NonNegative = 0.0  # 0: off
+    cutmix_alpha: NonNegative = 0.0  # 0: off
+    ema_decay: Probability = 0.0  # 0: off; else EMA weights are evaluated and kept
 
 
 class AugSpec(_Section):
-    policy: Literal["none", "crop"] = "none"  # crop: pad, then crop at a random offset
-    crop_padding: Annotated[int, Field(ge=1, le=8)] = 1
+    policy: Literal[
+        "none",
+        "crop",  # pad, then crop at a random offset
+        "flip_crop",  # crop, and a horizontal flip with probability 0.5
+        "randaugment",
+        "trivialaugment",
+        "autoaugment",
+        "random_erasing",
+    ] = "none"
+    crop_padding: Annotated[int, Field(ge=1, le=32)] = 1
+    magnitude: Annotated[int, Field(ge=0, le=30)] = 9  # randaugment
+    num_ops: Annotated[int, Field(ge=1, le=5)] = 2  # randaugment
+    erasing_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5  # random_erasing
 
 
 EPOCH_METRICS = ("val_acc", "val_loss", "overfit_gap", "overfit_gap_loss", "train_acc")
@@ -220,6 +310,29 @@ class TrialConfig(_Section):
     aug: AugSpec = AugSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
 
+    @model_validator(mode="after")
+    def _coherent(self) -> TrialConfig:
+        d = self.data
+        if self.aug.policy in FLIP_POLICIES and d.dataset in FLIP_UNSAFE:
+            raise ValueError(
+                f"aug.policy: {self.aug.policy} flips images, and a flip changes {d.dataset} "
+                "labels (a mirrored 2 is not a 2); use crop, randaugment or trivialaugment"
+            )
+        if self.model.pretrained == "source":
+            if not d.source_classes:
+                raise ValueError("data.source_classes: empty, but model.pretrained is source")
+            overlap = set(d.source_classes) & set(d.target_classes)
+            if overlap:
+                raise ValueError(
+                    f"data: source_classes and target_classes share {sorted(overlap, key=str)}"
+                )
+        if self.strategy.kind == "lp_ft" and self.strategy.lp_epochs >= self.train.epochs:
+            raise ValueError(
+                f"strategy.lp_epochs: {self.strategy.lp_epochs} leaves no fine-tuning epoch "
+                f"in train.epochs {self.train.epochs}"
+            )
+        return self
+
 
 class ExperimentSpec(TrialConfig):
     search: SearchSpec
@@ -229,13 +342,17 @@ class ExperimentSpec(TrialConfig):
 # batch 32, full fine-tuning, no regularization), with the file's own epoch budget.
 BASELINE = {
     "strategy.kind": "full",
+    "strategy.layer_decay": 1.0,
+    "strategy.head_lr_mult": 1.0,
+    "strategy.bn": "train",
     "train.optimizer": "sgd",
     "train.lr": 0.001,
     "train.momentum": 0.9,
     "train.batch_size": 32,
     "train.schedule": "constant",
-    "reg.weight_decay": 0.0,
-    "reg.dropout": 0.0,
+    **{f"reg.{k}": 0.0 for k in ("weight_decay", "l1", "l2", "l2_sp", "l2_sp_head", "dropout")},
+    **{f"reg.{k}": 0.0 for k in ("stochastic_depth", "label_smoothing", "mixup_alpha")},
+    **{f"reg.{k}": 0.0 for k in ("cutmix_alpha", "ema_decay")},
     "aug.policy": "none",
 }
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from harness import data as hdata
-from harness import finetune, models, source
+from harness import augment, finetune, models, source
 from harness.spec import TrialConfig
 
 METRIC_KEYS = {
@@ -396,7 +396,7 @@ def test_random_crop_translates_each_image_on_its_own():
     g = torch.Generator().manual_seed(0)
     image = torch.randn(1, 2, 8, 8, generator=g) + 5.0  # no zeros: offsets are identifiable
     batch = image.expand(200, -1, -1, -1).contiguous()
-    out = hdata.random_crop(batch, 1, torch.Generator().manual_seed(1))
+    out = augment.random_crop(batch, 1, torch.Generator().manual_seed(1))
     assert out.shape == batch.shape and out.dtype == batch.dtype
     assert not all(torch.equal(out[0], o) for o in out[1:])
     padded = nn.functional.pad(image[0], (1, 1, 1, 1))
@@ -407,7 +407,7 @@ def test_random_crop_translates_each_image_on_its_own():
         assert len(match) == 1, "output is not a translated copy of the input"
         seen.add(match[0])
     assert seen == set(crops)  # all nine offsets occur among 200 images
-    again = hdata.random_crop(batch, 1, torch.Generator().manual_seed(1))
+    again = augment.random_crop(batch, 1, torch.Generator().manual_seed(1))
     assert torch.equal(out, again)
 
 
