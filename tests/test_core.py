@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from harness import data as hdata
 from harness import augment, finetune, models, source
+from harness import data as hdata
 from harness.spec import TrialConfig
 
 METRIC_KEYS = {
