@@ -52,10 +52,10 @@ class Progress:
     the per-trial lines. `quiet`: nothing.
     """
 
-    def __init__(self, total: int, done: int, quiet: bool = False):
+    def __init__(self, total: int, done: int, quiet: bool = False, bar: bool = True):
         self.total, self.done, self.quiet = total, done, quiet
         self.bar = None
-        if not quiet and sys.stdout.isatty():
+        if bar and not quiet and sys.stdout.isatty():
             self.bar = tqdm(total=total, initial=done, unit="trial", dynamic_ncols=True)
 
     def note(self, text: str) -> None:

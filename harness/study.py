@@ -7,6 +7,7 @@ with callbacks (metrics to MLflow, values to the pruner, progress) -> Optuna val
 
 from __future__ import annotations
 
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -136,12 +137,35 @@ class _Context:
     progress: report.Progress
     data: dict[tuple, TaskData] = field(default_factory=dict)
     sources: dict[str, tuple[SourceModel, str]] = field(default_factory=dict)
+    downloads: dict[str, Path] = field(default_factory=dict)
 
     def data_for(self, config: TrialConfig) -> TaskData:
         key = (config.data.model_dump_json(), config.seed)
         if key not in self.data:
             self.data[key] = load_target(config.data, config.seed)
         return self.data[key]
+
+    def pretrained_for(self, config: TrialConfig) -> tuple[Path | None, str]:
+        """The weights file a trial's model starts from (None: random init or torchvision's
+        enum, loaded by the model builder), and a description of it for the run's tags."""
+        m = config.model
+        kind = m.pretrained_kind
+        if kind == "none":
+            return None, "none"
+        if kind == "imagenet":
+            return None, f"torchvision:{m.arch}.{m.weights}"
+        if kind == "source":
+            src, uri = self.source_for(config)
+            return src.path, uri
+        if kind == "file":
+            path = Path(m.pretrained)
+            if not path.is_file():
+                raise SpecError(f"model.pretrained: no such state_dict file {path}")
+            return path, str(path.resolve())
+        if m.pretrained not in self.downloads:
+            folder = self.opts.results / "pretrained" / safe_name(m.pretrained)
+            self.downloads[m.pretrained] = tracking.resolve_model_uri(m.pretrained, folder)
+        return self.downloads[m.pretrained], m.pretrained
 
     def source_for(self, config: TrialConfig) -> tuple[SourceModel, str] | None:
         """The pretrained source model and its registry URI (trained once, then cached)."""
@@ -169,15 +193,16 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     values = dict(BASELINE) if is_baseline else suggest(trial, spec)
     config = baseline_config(spec) if is_baseline else trial_config(spec, values)
     data = ctx.data_for(config)
-    source = ctx.source_for(config)
+    pretrained, pretrained_desc = ctx.pretrained_for(config)
     tags = {
         "harness.baseline": str(is_baseline).lower(),
         "harness.data_hash": data.data_hash,
         "harness.spec_hash": spec_hash(spec),
         "harness.sampled": ",".join(sorted(values)),
     }
-    if source:
-        tags["harness.source_model"] = source[1]
+    tags["harness.pretrained"] = pretrained_desc
+    if config.model.pretrained == "source":
+        tags["harness.source_model"] = pretrained_desc
     threads = config.train.threads or torch.get_num_threads()
     tags.update(tracking.provenance_tags(str(resolve_device(config.train.device)), threads))
     run_id = tracking.start_trial_run(
@@ -201,7 +226,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
             config.model,
             data.num_classes,
             config.reg.dropout,
-            pretrained=source[0].path if source else None,
+            pretrained=pretrained,
             inputs=Inputs.of(data),
         )
         callbacks = [
@@ -231,6 +256,12 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         raise
     finally:  # the run ends with the trial's true state, whatever happened
         tracking.end_trial_run(ctx.client, run_id, state, end_tags)
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe form of a name or URI: no separators, no `..`."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")
+    return cleaned.replace("..", "_") or "unnamed"
 
 
 # --- The study. ---
@@ -278,6 +309,16 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
     return study, parent, True
 
 
+def _preflight(ctx: _Context, config: TrialConfig, data: TaskData) -> None:
+    """Fetch (or pretrain) the starting weights and build the model once, before any trial:
+    a bad weights name or file is an input error (exit 2), not a study of failed trials."""
+    try:
+        pretrained, _ = ctx.pretrained_for(config)
+        build_model(config.model, data.num_classes, pretrained=pretrained, inputs=Inputs.of(data))
+    except ValueError as err:
+        raise SpecError(f"{err}") from None
+
+
 def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     """Create or resume the study and run it to its budget of finished trials (or the timeout)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -287,9 +328,14 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     target = opts.n_trials or spec.search.n_trials
     client = tracking.connect(opts.tracking())
     exp_id = tracking.experiment_id(client, spec.name, opts.results, opts.tracking())
+    notes = report.Progress(total=target, done=0, quiet=opts.quiet, bar=False)
+    ctx = _Context(spec, opts, name, client, exp_id, "", notes)
+    ctx.data[(spec.data.model_dump_json(), spec.seed)] = base_data
+    _preflight(ctx, baseline_config(spec), base_data)
     study, parent, created = _open_study(spec, opts, name, client, exp_id)
     done = finished_count(study)
     progress = report.Progress(total=target, done=done, quiet=opts.quiet)
+    ctx.parent_run_id, ctx.progress = parent, progress
     if done >= target:
         progress.close()
         print(
@@ -300,9 +346,6 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     if not created:
         tracking.reopen_run(client, parent)
         progress.note(f"Resuming study {name!r}: {done} of {target} trials finished.")
-    ctx = _Context(spec, opts, name, client, exp_id, parent, progress)
-    ctx.data[(spec.data.model_dump_json(), spec.seed)] = base_data
-    ctx.source_for(baseline_config(spec))  # pretrain (or load) the source model before trials
     deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
     budget = optuna.study.MaxTrialsCallback(target, states=FINISHED)
     status = "FINISHED"

@@ -211,6 +211,27 @@ def register_source_model(
     return f"models:/{name}/{version.version}"
 
 
+def resolve_model_uri(uri: str, dest: Path) -> Path:
+    """A `models:/NAME/VERSION` or `runs:/RUN_ID/PATH` URI -> a local state_dict file.
+
+    The artifact is downloaded under `dest`; a folder must hold exactly one .pt/.pth file.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(f"model.pretrained: cannot fetch {uri}: {err.message}") from None
+    if local.is_file():
+        return local
+    files = sorted(p for p in local.rglob("*") if p.suffix in (".pt", ".pth"))
+    if len(files) != 1:
+        raise ValueError(
+            f"model.pretrained: {uri} holds {len(files)} .pt/.pth files "
+            f"({[f.name for f in files]}); point the URI at one state_dict file"
+        )
+    return files[0]
+
+
 def yaml_text(tree: dict) -> str:
     import yaml
 

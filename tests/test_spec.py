@@ -509,3 +509,75 @@ def test_trial_config_is_frozen_all_the_way_down(cond_file):
     config = baseline_config(load_spec(cond_file))
     with pytest.raises(AttributeError):
         config.data.target_classes.append(9)
+
+
+# --- The fine-tuning, regularization, model and data options. ---
+def test_flips_are_refused_for_digits(tmp_path):
+    with pytest.raises(SpecError, match=r"aug.policy: flip_crop flips images.*mirrored 2"):
+        load_spec(QUICKSTART, ["aug.policy=flip_crop"])
+    tree = quickstart_tree()
+    tree["search"]["space"]["aug.policy"] = {"categorical": ["none", "flip_crop"]}
+    with pytest.raises(SpecError, match=r"search.space.aug.policy: value 'flip_crop'"):
+        load_spec(write_tree(tmp_path, tree))
+
+
+def test_flips_are_allowed_for_cifar():
+    spec = load_spec(REPO / "experiments" / "cifar10_resnet50.yaml", ["aug.policy=flip_crop"])
+    assert spec.aug.policy == "flip_crop"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.arch=resnet5", r"unknown model 'resnet5' \(did you mean resnet50"),
+        ("model.pretrained=imagenet", "imagenet weights exist for torchvision models only"),
+        ("model.weights=imagenet1k_v1", "model.weights"),
+        ("strategy.lp_epochs=30", "strategy.lp_epochs: 30 leaves no fine-tuning epoch"),
+        ("strategy.kind=lp_ftt", "strategy.kind"),
+        ("reg.ema_decay=1.0", "reg.ema_decay"),
+        ("reg.l2_sp=-0.1", "reg.l2_sp"),
+        ("data.target_classes=[cat, dog]", "digits classes are indices"),
+        ("data.source_classes=[5]", r"source_classes and target_classes share \[5\]"),
+    ],
+)
+def test_option_errors_name_the_key(override, message):
+    with pytest.raises(SpecError, match=message):
+        load_spec(QUICKSTART, ["strategy.kind=lp_ft", override])
+
+
+def test_overlapping_classes_are_fine_without_source_pretraining():
+    spec = load_spec(QUICKSTART, ["model.pretrained=none", "data.source_classes=[5, 6]"])
+    assert spec.data.source_classes == (5, 6)
+
+
+def test_pretrained_kinds():
+    kinds = {
+        "none": "none",
+        "source": "source",
+        "models:/source-x/1": "mlflow",
+        "runs:/abc/source/w.pt": "mlflow",
+        "weights/my.pt": "file",
+    }
+    for value, kind in kinds.items():
+        assert load_spec(QUICKSTART, [f"model.pretrained={value}"]).model.pretrained_kind == kind
+
+
+def test_torchvision_arch_list_matches_torchvision():
+    import torchvision
+
+    from harness.spec import TORCHVISION_ARCHS
+
+    listed = torchvision.models.list_models(module=torchvision.models)
+    assert sorted(TORCHVISION_ARCHS) == sorted(listed)
+
+
+def test_baseline_turns_every_method_off(tmp_path):
+    spec = load_spec(REPO / "experiments" / "digits_regularization.yaml")
+    base = baseline_config(spec)
+    reg = base.reg.model_dump()
+    assert all(reg[k] == 0.0 for k in reg if k != "decay_norm_bias"), reg
+    assert base.strategy.kind == "full" and base.strategy.layer_decay == 1.0
+    assert base.strategy.head_lr_mult == 1.0 and base.strategy.bn == "train"
+    assert base.aug.policy == "none"
+    assert (base.train.optimizer, base.train.lr, base.train.momentum) == ("sgd", 0.001, 0.9)
+    assert base.train.batch_size == 32 and base.train.epochs == spec.train.epochs
