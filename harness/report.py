@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -29,6 +31,8 @@ class Summary:
     direction: str  # maximize / minimize
     trials: list[TrialRow]
     opts: Any  # StudyOptions: where the stores are
+    test: dict[int, dict[str, float]] = field(default_factory=dict)  # trial -> test metrics
+    files: list[Path] = field(default_factory=list)  # the written report (report.md first)
 
     def complete(self) -> list[TrialRow]:
         rows = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None]
@@ -114,8 +118,8 @@ def _fmt(value: Any) -> str:
 def best_table(summary: Summary, top: int = 5) -> str:
     rows = summary.complete()[:top]
     head = (
-        f"{'trial':>5}  {'val_acc':>7}  {'overfit_gap':>11}  {'epoch':>5}  "
-        f"{'mlflow run':<32}  params"
+        f"{'trial':>5}  {'val_acc':>7}  {'overfit_gap':>11}  {'epoch':>5}  {'ran':>3}  "
+        f"{'time':>6}  {'mlflow run':<32}  params"
     )
     lines = [head]
     for t in rows:
@@ -128,6 +132,7 @@ def best_table(summary: Summary, top: int = 5) -> str:
         lines.append(
             f"{t.number:>5}  {a.get('val_acc', float('nan')):>7.4f}  "
             f"{a.get('overfit_gap', float('nan')):>+11.4f}  {a.get('best_epoch', '-'):>5}  "
+            f"{a.get('epochs_run', '-'):>3}  {a.get('seconds', float('nan')):>5.1f}s  "
             f"{a.get('mlflow_run_id', '-'):<32}  {params}"
         )
     return "\n".join(lines)
@@ -150,6 +155,7 @@ def render(summary: Summary, top: int = 5) -> str:
     )
     out = [head, ""]
     best = summary.complete()
+    base = summary.baseline()
     if not best:
         out.append("No trial completed.")
     else:
@@ -157,7 +163,6 @@ def render(summary: Summary, top: int = 5) -> str:
             "Best trials (by the objective, on the validation split):",
             best_table(summary, top),
         ]
-        base = summary.baseline()
         b = best[0]
         if base is None:
             out.append("\nNo baseline trial in this study (search.baseline: false, or it failed).")
@@ -174,5 +179,113 @@ def render(summary: Summary, top: int = 5) -> str:
                 f"{ba['val_acc']:.4f}), overfit_gap {bb['overfit_gap']:+.4f} "
                 f"vs {ba['overfit_gap']:+.4f}"
             )
+    for number, label in (
+        (best[0].number if best else None, "best trial"),
+        (base.number if best and base else None, "baseline"),
+    ):
+        if number is None:
+            continue
+        t = summary.test.get(number)
+        if t:
+            out.append(
+                f"Test split ({label}, trial {number}, evaluated once): "
+                f"test_acc {t['test_acc']:.4f}, test_loss {t['test_loss']:.4f}"
+            )
+        else:
+            out.append(f"Test split ({label}, trial {number}): not evaluated (no weights kept)")
+    if summary.files:
+        out.append(f"\nReport: {summary.files[0]}")
     out.append(f"\nOpen the MLflow UI on these results: {ui_hint(summary.opts)}")
     return "\n".join(out)
+
+
+# --- The written report: plots and report.md under RESULTS/reports/STUDY/. ---
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _optuna_plot(fn, study, path: Path, **kwargs) -> Path | None:
+    try:
+        with warnings.catch_warnings():  # "experimental", "few trials per regime"
+            warnings.simplefilter("ignore")
+            ax = fn(study, **kwargs)
+    except (ValueError, RuntimeError, ZeroDivisionError):  # too few trials for this plot
+        return None
+    fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
+    return _save(fig, path)
+
+
+def plot_curves(curves: dict[int, dict[str, list[float]]], labels: dict[int, str], path: Path):
+    """Train and val accuracy per epoch, one panel per trial, the overfitting gap shaded."""
+    import matplotlib.pyplot as plt
+
+    n = len(curves)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False, sharey=True)
+    for ax, (number, c) in zip(axes[0], curves.items(), strict=True):
+        epochs = list(range(1, len(c["val_acc"]) + 1))
+        ax.plot(epochs, c["train_acc"], label="train_acc (eval mode)")
+        ax.plot(epochs, c["val_acc"], label="val_acc")
+        ax.fill_between(epochs, c["val_acc"], c["train_acc"], alpha=0.2, label="overfit_gap")
+        ax.set_title(labels[number])
+        ax.set_xlabel("epoch")
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_gap_vs_acc(summary: Summary, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    rows = summary.complete()
+    ax.scatter([t.attrs["val_acc"] for t in rows], [t.attrs["overfit_gap"] for t in rows])
+    for t in rows:
+        if t.baseline:
+            ax.annotate("baseline", (t.attrs["val_acc"], t.attrs["overfit_gap"]))
+    ax.set_xlabel("val_acc (best epoch)")
+    ax.set_ylabel("overfit_gap = train_acc - val_acc")
+    ax.axhline(0.0, color="grey", lw=0.5)
+    return _save(fig, path)
+
+
+def write_report(study, summary: Summary, curves, labels, folder: Path) -> list[Path]:
+    """PNG plots and a report.md that reads on its own; returns report.md first, then plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import optuna.visualization.matplotlib as ovm
+    from optuna.importance import FanovaImportanceEvaluator
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plots = {
+        "Optimization history": _optuna_plot(
+            ovm.plot_optimization_history, study, folder / "history.png"
+        ),
+        "Parameter importances (fANOVA)": _optuna_plot(
+            ovm.plot_param_importances,
+            study,
+            folder / "importances.png",
+            evaluator=FanovaImportanceEvaluator(seed=0),
+        ),
+        "Parallel coordinates": _optuna_plot(
+            ovm.plot_parallel_coordinate, study, folder / "parallel.png"
+        ),
+        "Learning curves of the top trials and the baseline": (
+            plot_curves(curves, labels, folder / "curves.png") if curves else None
+        ),
+        "Overfitting gap against val_acc, every complete trial": (
+            plot_gap_vs_acc(summary, folder / "gap_vs_acc.png") if summary.complete() else None
+        ),
+    }
+    text = render(summary).split("\nOpen the MLflow UI")[0]
+    md = [f"# Study `{summary.study_name}`", "", "```", text.rstrip(), "```", ""]
+    for title, path in plots.items():
+        if path is not None:
+            md += [f"## {title}", "", f"![{title}]({path.name})", ""]
+    report = folder / "report.md"
+    report.write_text("\n".join(md))
+    return [report, *(p for p in plots.values() if p is not None)]

@@ -295,6 +295,11 @@ class SearchSpec(_Section):
     pruner_warmup_epochs: Annotated[int, Field(ge=0)] = 2
     baseline: bool = True  # the founding document's recipe runs as trial 0
     space: dict[str, ParamSpec]
+    # Best weights of complete trials: the top_k best (and the baseline) keep theirs, or all, or
+    # none. Pruned and failed trials keep none.
+    keep_checkpoints: Literal["top_k", "all", "none"] = "top_k"
+    top_k: Annotated[int, Field(ge=1)] = 3
+    system_metrics_interval: Annotated[float, Field(gt=0.0)] = 5.0  # seconds; MLflow's sampler
 
 
 class TrialConfig(_Section):

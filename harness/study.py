@@ -7,6 +7,7 @@ with callbacks (metrics to MLflow, values to the pruner, progress) -> Optuna val
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import traceback
@@ -20,9 +21,9 @@ from optuna.trial import TrialState
 
 from harness import report, tracking
 from harness.data import TaskData, load_target
-from harness.finetune import fit, resolve_device, seed_everything
-from harness.models import Inputs, build_model
-from harness.source import SourceModel, get_source_model, source_key
+from harness.finetune import evaluate, fit, resolve_device, seed_everything
+from harness.models import Inputs, build_model, load_state
+from harness.source import SourceModel, atomic_write, get_source_model, source_key
 from harness.spec import (
     BASELINE,
     ExperimentSpec,
@@ -32,6 +33,7 @@ from harness.spec import (
     baseline_config,
     fixed_values,
     flatten,
+    parse_yaml,
     spec_hash,
     trial_config,
 )
@@ -235,12 +237,15 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
             ctx.progress.epoch_line(trial.number, config.train.epochs),
         ]
         result = fit(config, model, data, callbacks)
-        tracking.log_state_dict(
-            ctx.client, run_id, result.best_state, ctx.opts.results, f"trial-{trial.number}-best.pt"
-        )
+        if spec.search.keep_checkpoints != "none":
+            atomic_write(
+                checkpoint_path(ctx.opts.results, ctx.study_name, trial.number),
+                lambda f: torch.save(result.best_state, f),
+            )
         for k in ("val_acc", "val_loss", "train_acc", "overfit_gap", "overfit_gap_loss"):
             trial.set_user_attr(k, result.best[k])
         trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("epochs_run", len(result.history))
         trial.set_user_attr("seconds", round(result.seconds, 3))
         end_tags["harness.best_epoch"] = result.best_epoch
         state = "COMPLETE"
@@ -249,6 +254,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         state = "PRUNED"
         end_tags["harness.pruned_epoch"] = pruner.pruned_at
         trial.set_user_attr("harness.pruned_epoch", pruner.pruned_at)
+        trial.set_user_attr("epochs_run", pruner.pruned_at)
         raise
     except Exception as err:
         end_tags["harness.error"] = f"{type(err).__name__}: {err}"
@@ -256,6 +262,47 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         raise
     finally:  # the run ends with the trial's true state, whatever happened
         tracking.end_trial_run(ctx.client, run_id, state, end_tags)
+
+
+def checkpoint_path(results: Path, study_name: str, number: int) -> Path:
+    """Where a complete trial's best weights live while the retention policy keeps them."""
+    folder = results / "checkpoints" / safe_name(study_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"trial-{number}-best.pt"
+
+
+def keep_set(study: optuna.Study, policy: str, k: int) -> set[int]:
+    """Numbers of the complete trials whose best weights are kept: the top k and the baseline."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if policy == "all":
+        return {t.number for t in complete}
+    if policy == "none":
+        return set()
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    ranked = sorted(complete, key=lambda t: (-t.value if maximize else t.value, t.number))
+    keep = {t.number for t in ranked[:k]}
+    return keep | {t.number for t in complete if t.user_attrs.get("harness.baseline")}
+
+
+def apply_retention(ctx: _Context, study: optuna.Study) -> None:
+    """Log the kept trials' weights to MLflow; delete the others' local files and artifacts.
+
+    Run after every trial, so that disk use stays bounded by the policy as the study goes on.
+    """
+    search = ctx.spec.search
+    keep = keep_set(study, search.keep_checkpoints, search.top_k)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        path = checkpoint_path(ctx.opts.results, ctx.study_name, t.number)
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if t.number in keep:
+            if path.is_file() and tracking.checkpoint_state(ctx.client, run_id) != "logged":
+                tracking.log_checkpoint(ctx.client, run_id, path)
+        elif path.is_file():
+            path.unlink()
+            if tracking.checkpoint_state(ctx.client, run_id) == "logged":
+                tracking.delete_checkpoint(ctx.client, run_id)
+            else:  # fell out before it was ever logged
+                ctx.client.set_tag(run_id, "harness.checkpoint", "deleted")
 
 
 def safe_name(text: str) -> str:
@@ -342,7 +389,7 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
             f"Study {name!r} is done: {done} finished trials, budget {target}. "
             f"Give a larger --n-trials to extend it."
         )
-        return summarize(study, opts, name)
+        return finish_report(study, opts, name, client)
     if not created:
         tracking.reopen_run(client, parent)
         progress.note(f"Resuming study {name!r}: {done} of {target} trials finished.")
@@ -358,7 +405,7 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
                 lambda t: _objective(ctx, t),
                 n_trials=target - done,
                 timeout=left,
-                callbacks=[budget, progress.on_trial_end],
+                callbacks=[budget, lambda st, _t: apply_retention(ctx, st), progress.on_trial_end],
                 catch=(Exception,),
             )
             now = finished_count(study)
@@ -373,7 +420,66 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     finally:
         progress.close()
         tracking.end_run(client, parent, status)
-    return summarize(study, opts, name)
+    return finish_report(study, opts, name, client)
+
+
+def test_once(client, results: Path, name: str, trial) -> dict[str, float] | None:
+    """The chosen trial's model on the held-out test split: evaluated once, stored on its run
+    (`test_acc`, `test_loss`, one history entry each), and read back from there afterwards."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    run = client.get_run(run_id)
+    if "test_acc" in run.data.metrics:
+        return {k: run.data.metrics[k] for k in ("test_acc", "test_loss")}
+    path = checkpoint_path(results, name, trial.number)
+    if not path.is_file():
+        path = tracking.download_checkpoint(client, run_id, results / "downloads" / run_id)
+    if path is None:
+        return None
+    config = TrialConfig.model_validate(parse_yaml(tracking.load_text(run_id, "config.yaml")))
+    data = load_target(config.data, config.seed)
+    model_spec = config.model.model_copy(update={"pretrained": "none"})  # weights come next
+    model = build_model(model_spec, data.num_classes, inputs=Inputs.of(data))
+    model.load_state_dict(load_state(path))
+    device = resolve_device(config.train.device)
+    model.to(device)
+    loss, correct = evaluate(model, data.x_test.to(device), data.y_test.to(device))
+    n = len(data.y_test)
+    metrics = {"test_acc": correct.item() / n, "test_loss": loss.item() / n}
+    tracking.log_metrics_once(client, run_id, metrics)
+    return metrics
+
+
+def finish_report(study: optuna.Study, opts: StudyOptions, name: str, client) -> report.Summary:
+    """Test the best trial and the baseline (once), register the best model, write the report
+    (plots and report.md under RESULTS/reports/STUDY/, also logged to the study's parent run)."""
+    summary = summarize(study, opts, name)
+    complete = summary.complete()
+    chosen = [t for t in (complete[0] if complete else None, summary.baseline()) if t]
+    frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
+    test = {}
+    for row in chosen:
+        metrics = test_once(client, opts.results, name, frozen[row.number])
+        if metrics:
+            test[row.number] = metrics
+    if complete and complete[0].number in test:
+        best = complete[0]
+        metrics = {"val_acc": best.attrs["val_acc"], **test[best.number]}
+        tracking.register_best(client, name, best.attrs["mlflow_run_id"], metrics)
+    shown = [*complete[:3], *(t for t in chosen if t not in complete[:3])]
+    curves = {
+        t.number: tracking.metric_histories(
+            client, t.attrs["mlflow_run_id"], ["train_acc", "val_acc"]
+        )
+        for t in shown
+    }
+    labels = {t.number: f"trial {t.number}" + (" (baseline)" if t.baseline else "") for t in shown}
+    summary = dataclasses.replace(summary, test=test)
+    folder = opts.results / "reports" / safe_name(name)
+    files = report.write_report(study, summary, curves, labels, folder)
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent:
+        tracking.log_report(client, parent, files)
+    return dataclasses.replace(summary, files=files)
 
 
 def summarize(study: optuna.Study, opts: StudyOptions, name: str) -> report.Summary:

@@ -12,10 +12,10 @@ import contextlib
 import functools
 import io
 import logging
+import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ def is_local_store(tracking_uri: str) -> bool:
 
 
 def connect(tracking_uri: str) -> MlflowClient:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic"):  # store migrations and the like are not the user's news
         logging.getLogger(name).setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri)
@@ -158,20 +159,33 @@ def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -
     client.log_text(run_id, text, artifact_file)
 
 
-def log_state_dict(
-    client: MlflowClient, run_id: str, state: dict, scratch: Path, name: str
-) -> None:
-    """Save a state_dict and log it as an artifact under `checkpoints/`; no copy is left behind.
+def log_checkpoint(client: MlflowClient, run_id: str, path: Path) -> None:
+    """Log a trial's best-weights file under `checkpoints/` and tag the run so."""
+    client.log_artifact(run_id, str(path), "checkpoints")
+    client.set_tag(run_id, "harness.checkpoint", "logged")
 
-    `scratch` is a folder under the results folder: nothing is written outside it.
+
+def delete_checkpoint(client: MlflowClient, run_id: str) -> str:
+    """Delete a run's `checkpoints/` artifacts through its artifact repository.
+
+    MLflow's client has no call to delete one artifact; the repository (local files, the
+    tracking server's proxied store, S3, ...) has one where the store supports deletion.
+    Returns the run's new `harness.checkpoint` tag: deleted, or kept (when it cannot delete).
     """
-    import torch
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        path = Path(tmp) / name
-        torch.save(state, path)
-        client.log_artifact(run_id, str(path), "checkpoints")
+    repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
+    try:
+        repo.delete_artifacts("checkpoints")
+        state = "deleted"
+    except (NotImplementedError, mlflow.exceptions.MlflowException, OSError):
+        state = "kept (the artifact store cannot delete)"
+    client.set_tag(run_id, "harness.checkpoint", state)
+    return state
+
+
+def checkpoint_state(client: MlflowClient, run_id: str) -> str | None:
+    return client.get_run(run_id).data.tags.get("harness.checkpoint")
 
 
 def end_trial_run(
@@ -230,6 +244,55 @@ def resolve_model_uri(uri: str, dest: Path) -> Path:
             f"({[f.name for f in files]}); point the URI at one state_dict file"
         )
     return files[0]
+
+
+def load_text(run_id: str, artifact_file: str) -> str:
+    return mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_file}")
+
+
+def download_checkpoint(client: MlflowClient, run_id: str, dest: Path) -> Path | None:
+    """The run's logged best-weights file, downloaded under `dest`; None when it has none."""
+    if checkpoint_state(client, run_id) != "logged":
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    folder = Path(client.download_artifacts(run_id, "checkpoints", str(dest)))
+    files = sorted(folder.glob("*.pt"))
+    return files[0] if files else None
+
+
+def log_metrics_once(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+
+def metric_histories(client: MlflowClient, run_id: str, keys: list[str]) -> dict[str, list]:
+    out = {}
+    for key in keys:
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        out[key] = [m.value for m in history]
+    return out
+
+
+def register_best(
+    client: MlflowClient, name: str, run_id: str, metrics: dict[str, float]
+) -> str | None:
+    """Register a trial's logged best weights as a version of the model `name` (once per run)."""
+    if checkpoint_state(client, run_id) != "logged":
+        return None
+    for v in client.search_model_versions(f"name = '{name}'"):
+        if v.run_id == run_id:
+            return f"models:/{name}/{v.version}"
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # exists already
+        client.create_registered_model(name, description="Best model of the Optuna study")
+    source = f"{client.get_run(run_id).info.artifact_uri}/checkpoints"
+    tags = {k: f"{v:.6g}" for k, v in metrics.items()}
+    version = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    return f"models:/{name}/{version.version}"
+
+
+def log_report(client: MlflowClient, run_id: str, files: list[Path]) -> None:
+    for path in files:
+        client.log_artifact(run_id, str(path), "report")
 
 
 def yaml_text(tree: dict) -> str:

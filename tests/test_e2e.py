@@ -48,11 +48,15 @@ def test_study_runs_resumes_and_extends(tmp_path, results_dir):
     assert f"python run_study.py ui --results {results_dir}" in out
     assert list(work.iterdir()) == [], "the study wrote outside its results folder"
     assert sorted(p.name for p in results_dir.iterdir()) == [
+        "checkpoints",
         "mlartifacts",
         "mlflow.db",
         "optuna.journal",
+        "reports",
         "sources",
     ]
+    assert (results_dir / "reports" / "quickstart" / "report.md").is_file()
+    assert "Test split (best trial" in out
 
     study = _study(results_dir)
     trials = study.get_trials()

@@ -205,3 +205,62 @@ def test_rdb_storage_url(results_dir):
     study = optuna.load_study(study_name="quickstart", storage=url)
     assert study.user_attrs["mlflow_parent_run_id"]
     assert not (results_dir / "optuna.journal").exists()
+
+
+def _artifact_files(results, pattern="*.pt"):
+    return sorted(p for p in (results / "mlartifacts").rglob(pattern) if "checkpoints" in p.parts)
+
+
+def test_checkpoint_retention_keeps_top_k_and_frees_the_bytes(results_dir):
+    spec = _spec("search.top_k=1", "search.pruner=none")
+    summary = run_study(spec, StudyOptions(results=results_dir, n_trials=5, quiet=True))
+    complete = summary.complete()
+    assert len(complete) == 5
+    kept = {complete[0].number, 0}  # the best, and the baseline (needed for the report)
+    local = sorted((results_dir / "checkpoints" / "quickstart").glob("*.pt"))
+    assert [p.name for p in local] == [f"trial-{n}-best.pt" for n in sorted(kept)]
+    client = _client(results_dir)
+    runs = _trial_runs(client)
+    for number, run in runs.items():
+        logged = client.list_artifacts(run.info.run_id, "checkpoints")
+        if number in kept:
+            assert run.data.tags["harness.checkpoint"] == "logged" and len(logged) == 1
+        else:
+            assert run.data.tags["harness.checkpoint"] == "deleted" and logged == []
+    # The bytes really went: only the kept trials' files remain in the artifact store.
+    on_disk = _artifact_files(results_dir)
+    assert len(on_disk) == len(kept)
+    assert {p.parent.parent.parent.name for p in on_disk} == {runs[n].info.run_id for n in kept}
+
+
+def test_report_tests_once_registers_best_and_writes_plots(results_dir):
+    spec = _spec("train.epochs=3")
+    opts = StudyOptions(results=results_dir, n_trials=3, quiet=True)
+    summary = run_study(spec, opts)
+    best = summary.complete()[0]
+    assert set(summary.test) == {best.number, 0}
+    client = _client(results_dir)
+    runs = _trial_runs(client)
+    for number in summary.test:
+        history = client.get_metric_history(runs[number].info.run_id, "test_acc")
+        assert len(history) == 1 and 0.0 <= history[0].value <= 1.0
+    untested = set(runs) - set(summary.test)
+    assert all("test_acc" not in runs[n].data.metrics for n in untested)
+    versions = client.search_model_versions("name = 'quickstart'")
+    assert [v.run_id for v in versions] == [best.attrs["mlflow_run_id"]]
+    assert versions[0].tags["test_acc"] == f"{summary.test[best.number]['test_acc']:.6g}"
+    folder = results_dir / "reports" / "quickstart"
+    names = {p.name for p in summary.files}
+    assert {"report.md", "history.png", "curves.png", "gap_vs_acc.png"} <= names
+    assert all((folder / n).stat().st_size > 1000 for n in names if n.endswith(".png"))
+    text = (folder / "report.md").read_text()
+    assert "Gain of the best trial" in text and "![" in text
+    parent = runs[0].data.tags["mlflow.parentRunId"]
+    logged = {a.path for a in client.list_artifacts(parent, "report")}
+    assert "report/report.md" in logged and "report/curves.png" in logged
+    # Running the report again (a finished study) tests nothing twice and registers no copy.
+    again = run_study(spec, opts)
+    assert again.test == summary.test
+    for number in summary.test:
+        assert len(client.get_metric_history(runs[number].info.run_id, "test_acc")) == 1
+    assert len(client.search_model_versions("name = 'quickstart'")) == 1
