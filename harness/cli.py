@@ -3,6 +3,7 @@
     python run_study.py experiments/NAME.yaml [--n-trials N] [--timeout S] [--set key=value ...]
     python run_study.py check experiments/NAME.yaml [--set key=value ...]
     python run_study.py ui [--host 127.0.0.1] [--port 5000]
+    python run_study.py report STUDY [--seeds N]
 
 Every command takes --results DIR, --storage URL and --tracking-uri URI.
 Exit codes: 0 done, 2 bad input, 1 anything else.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from harness.spec import SpecError, describe_space, load_spec
 
-COMMANDS = ("check", "ui")
+COMMANDS = ("check", "ui", "report")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -54,7 +55,7 @@ def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run_study.py",
         description="Run (or resume, or extend) the Optuna study an experiment file describes.",
-        epilog="Other commands: run_study.py check FILE | run_study.py ui. See README.md.",
+        epilog="Other commands: run_study.py check FILE | ui | report STUDY. See README.md.",
     )
     _spec_args(p)
     p.add_argument(
@@ -89,6 +90,41 @@ def _ui_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     _common(p)
     return p
+
+
+def _report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_study.py report",
+        description="Test the best trial and the baseline once, register the best model, and "
+        "write plots and report.md under RESULTS/reports/STUDY/ (also logged to the study's "
+        "parent run). A study writes its report when it ends; this writes it again.",
+    )
+    p.add_argument("study", help="the study's name (the experiment's name unless --study-name)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=0,
+        help="re-run the top 3 configs and the "
+        "baseline over N training seeds (same data split) and report mean ± std",
+    )
+    _common(p)
+    return p
+
+
+def cmd_report(args) -> int:
+    if args.seeds < 0:
+        raise SpecError(f"--seeds {args.seeds}: must be 0 or more")
+    from harness import report
+    from harness.study import StudyOptions, report_study
+
+    opts = StudyOptions(
+        results=args.results,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        study_name=args.study,
+    )
+    print(report.render(report_study(opts, seeds=args.seeds)))
+    return 0
 
 
 def cmd_check(args) -> int:
@@ -145,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": (_run_parser, cmd_run),
         "check": (_check_parser, cmd_check),
         "ui": (_ui_parser, cmd_ui),
+        "report": (_report_parser, cmd_report),
     }[command]
     args = parser().parse_args(argv[1:] if command != "run" else argv)
     try:

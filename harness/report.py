@@ -32,6 +32,7 @@ class Summary:
     trials: list[TrialRow]
     opts: Any  # StudyOptions: where the stores are
     test: dict[int, dict[str, float]] = field(default_factory=dict)  # trial -> test metrics
+    seeds: dict[int, dict[str, tuple]] = field(default_factory=dict)  # trial -> (mean, std, n)
     files: list[Path] = field(default_factory=list)  # the written report (report.md first)
 
     def complete(self) -> list[TrialRow]:
@@ -193,6 +194,15 @@ def render(summary: Summary, top: int = 5) -> str:
             )
         else:
             out.append(f"Test split ({label}, trial {number}): not evaluated (no weights kept)")
+    if summary.seeds:
+        n = next(iter(summary.seeds.values()))["val_acc"][2]
+        out.append(f"\nOver {n} more training seeds (same split, same starting weights):")
+        for number, m in summary.seeds.items():
+            label = "baseline" if number == (base.number if base else None) else f"trial {number}"
+            out.append(
+                f"  {label:>9}: val_acc {m['val_acc'][0]:.4f} ± {m['val_acc'][1]:.4f}, "
+                f"overfit_gap {m['overfit_gap'][0]:+.4f} ± {m['overfit_gap'][1]:.4f}"
+            )
     if summary.files:
         out.append(f"\nReport: {summary.files[0]}")
     out.append(f"\nOpen the MLflow UI on these results: {ui_hint(summary.opts)}")

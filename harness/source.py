@@ -43,6 +43,7 @@ def source_settings(config: TrialConfig) -> dict:
         "lr": m.source_lr,
         "batch_size": m.source_batch_size,
         "seed": config.seed,
+        "split_seed": config.split_seed,
     }
 
 
@@ -97,7 +98,7 @@ def get_source_model(config: TrialConfig, cache_dir: Path) -> SourceModel:
             meta = json.loads(meta_path.read_text())
             return SourceModel(key, path, meta["settings"], meta["metrics"], trained_now=False)
         pre = pretrain_config(config)
-        data = load_source(config.data, config.seed)
+        data = load_source(config.data, config.split_seed)
         seed_everything(pre.seed)
         model = build_model(config.model, data.num_classes, inputs=Inputs.of(data))
         result = fit(pre, model, data)

@@ -79,6 +79,7 @@ class DataSpec(_Section):
     test_per_class: Annotated[int, Field(ge=1)] | None = None
     image_size: Annotated[int, Field(ge=8, le=1024)] | None = None  # None: the model's own
     allow_duplicates: bool = False  # exact duplicates across train/val/test: error unless true
+    split_seed: Annotated[int, Field(ge=0)] | None = None  # seeds the split; None: `seed`
     eval_train_max: Annotated[int, Field(ge=1)] = 2048  # clean-train subset for the gap
 
     @model_validator(mode="after")
@@ -314,6 +315,11 @@ class TrialConfig(_Section):
     reg: RegSpec = RegSpec()
     aug: AugSpec = AugSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the data split (`data.split_seed`, else `seed`)."""
+        return self.seed if self.data.split_seed is None else self.data.split_seed
 
     @model_validator(mode="after")
     def _coherent(self) -> TrialConfig:

@@ -142,9 +142,9 @@ class _Context:
     downloads: dict[str, Path] = field(default_factory=dict)
 
     def data_for(self, config: TrialConfig) -> TaskData:
-        key = (config.data.model_dump_json(), config.seed)
+        key = (config.data.model_dump_json(), config.split_seed)
         if key not in self.data:
-            self.data[key] = load_target(config.data, config.seed)
+            self.data[key] = load_target(config.data, config.split_seed)
         return self.data[key]
 
     def pretrained_for(self, config: TrialConfig) -> tuple[Path | None, str]:
@@ -222,6 +222,9 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     )
     pruner = PruneOnEpoch(trial, spec.objective.metric, enabled=not is_baseline)
     state, end_tags = "FAIL", {}
+    monitor = tracking.system_monitor(
+        run_id, spec.search.system_metrics_interval, ctx.opts.tracking()
+    )
     try:
         seed_everything(config.seed)
         model = build_model(
@@ -261,6 +264,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         tracking.log_text(ctx.client, run_id, traceback.format_exc(), "traceback.txt")
         raise
     finally:  # the run ends with the trial's true state, whatever happened
+        monitor.finish()
         tracking.end_trial_run(ctx.client, run_id, state, end_tags)
 
 
@@ -343,7 +347,7 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
         study.enqueue_trial({}, user_attrs={"harness.baseline": True})
     settings = {
         "study.name": name,
-        "study.storage": opts.storage_url(),
+        "study.storage": tracking.redact(opts.storage_url()),
         "search.sampler": spec.search.sampler,
         "search.pruner": spec.search.pruner,
         "search.space": tracking.yaml_text(
@@ -369,7 +373,9 @@ def _preflight(ctx: _Context, config: TrialConfig, data: TaskData) -> None:
 def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     """Create or resume the study and run it to its budget of finished trials (or the timeout)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    base_data = load_target(spec.data, spec.seed)  # bad data settings fail before any store exists
+    base_data = load_target(
+        spec.data, spec.split_seed
+    )  # bad data settings fail before any store exists
     opts.results.mkdir(parents=True, exist_ok=True)
     name = opts.study_name or spec.name
     target = opts.n_trials or spec.search.n_trials
@@ -377,7 +383,7 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     exp_id = tracking.experiment_id(client, spec.name, opts.results, opts.tracking())
     notes = report.Progress(total=target, done=0, quiet=opts.quiet, bar=False)
     ctx = _Context(spec, opts, name, client, exp_id, "", notes)
-    ctx.data[(spec.data.model_dump_json(), spec.seed)] = base_data
+    ctx.data[(spec.data.model_dump_json(), spec.split_seed)] = base_data
     _preflight(ctx, baseline_config(spec), base_data)
     study, parent, created = _open_study(spec, opts, name, client, exp_id)
     done = finished_count(study)
@@ -436,7 +442,7 @@ def test_once(client, results: Path, name: str, trial) -> dict[str, float] | Non
     if path is None:
         return None
     config = TrialConfig.model_validate(parse_yaml(tracking.load_text(run_id, "config.yaml")))
-    data = load_target(config.data, config.seed)
+    data = load_target(config.data, config.split_seed)
     model_spec = config.model.model_copy(update={"pretrained": "none"})  # weights come next
     model = build_model(model_spec, data.num_classes, inputs=Inputs.of(data))
     model.load_state_dict(load_state(path))
@@ -449,7 +455,60 @@ def test_once(client, results: Path, name: str, trial) -> dict[str, float] | Non
     return metrics
 
 
-def finish_report(study: optuna.Study, opts: StudyOptions, name: str, client) -> report.Summary:
+def seed_reruns(ctx: _Context, rows: list[report.TrialRow], n: int) -> dict[int, dict]:
+    """Re-run each row's config over `n` other training seeds (same data split, same starting
+    weights), as runs under the study's parent tagged `harness.rerun_of`; runs done earlier are
+    reused. Returns {trial: {metric: (mean, std, n)}} for val_acc and overfit_gap."""
+    import statistics
+
+    out = {}
+    for row in rows:
+        run_id = row.attrs["mlflow_run_id"]
+        config = TrialConfig.model_validate(parse_yaml(tracking.load_text(run_id, "config.yaml")))
+        start, _ = ctx.pretrained_for(config)
+        done = tracking.finished_reruns(ctx.client, ctx.exp_id, run_id)
+        values: dict[str, list[float]] = {"val_acc": [], "overfit_gap": []}
+        for seed in range(config.seed + 1, config.seed + n + 1):
+            if seed not in done:
+                rerun = config.model_copy(
+                    update={
+                        "seed": seed,
+                        "data": config.data.model_copy(update={"split_seed": config.split_seed}),
+                    }
+                )
+                data = ctx.data_for(rerun)
+                rid = tracking.start_rerun(ctx.client, ctx.exp_id, ctx.parent_run_id, run_id, seed)
+                state = "FAIL"
+                try:
+                    seed_everything(seed)
+                    model = build_model(
+                        rerun.model,
+                        data.num_classes,
+                        rerun.reg.dropout,
+                        pretrained=start,
+                        inputs=Inputs.of(data),
+                    )
+                    result = fit(rerun, model, data, [tracking.EpochLogger(ctx.client, rid)])
+                    best = {k: result.best[k] for k in values}
+                    tracking.log_metrics_once(
+                        ctx.client, rid, {f"best_{k}": v for k, v in best.items()}
+                    )
+                    done[seed] = best
+                    state = "COMPLETE"
+                finally:
+                    tracking.end_trial_run(ctx.client, rid, state)
+            for k in values:
+                values[k].append(done[seed][k])
+        out[row.number] = {
+            k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+            for k, v in values.items()
+        }
+    return out
+
+
+def finish_report(
+    study: optuna.Study, opts: StudyOptions, name: str, client, seeds: int = 0
+) -> report.Summary:
     """Test the best trial and the baseline (once), register the best model, write the report
     (plots and report.md under RESULTS/reports/STUDY/, also logged to the study's parent run)."""
     summary = summarize(study, opts, name)
@@ -473,13 +532,42 @@ def finish_report(study: optuna.Study, opts: StudyOptions, name: str, client) ->
         for t in shown
     }
     labels = {t.number: f"trial {t.number}" + (" (baseline)" if t.baseline else "") for t in shown}
-    summary = dataclasses.replace(summary, test=test)
+    seeded = {}
+    if seeds:
+        notes = report.Progress(total=0, done=0, quiet=True, bar=False)
+        parent = study.user_attrs.get("mlflow_parent_run_id", "")
+        exp_id = tracking.experiment_id(
+            client, study.user_attrs["harness.experiment"], opts.results, opts.tracking()
+        )
+        ctx = _Context(None, opts, name, client, exp_id, parent, notes)
+        seeded = seed_reruns(ctx, shown, seeds)
+    summary = dataclasses.replace(summary, test=test, seeds=seeded)
     folder = opts.results / "reports" / safe_name(name)
     files = report.write_report(study, summary, curves, labels, folder)
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:
         tracking.log_report(client, parent, files)
     return dataclasses.replace(summary, files=files)
+
+
+def report_study(opts: StudyOptions, seeds: int = 0) -> report.Summary:
+    """The report of an existing study, found by name in the storage (`run_study.py report`)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = opts.storage_url()
+    if "://" not in url and not Path(url).is_file():
+        raise SpecError(f"no Optuna journal at {url}: give --results or --storage of the study")
+    storage = open_storage(url)
+    names = [
+        s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+    ]
+    if opts.study_name not in names:
+        raise SpecError(
+            f"no study {opts.study_name!r} in {tracking.redact(opts.storage_url())} "
+            f"(studies there: {', '.join(names) or 'none'})"
+        )
+    study = optuna.load_study(study_name=opts.study_name, storage=storage)
+    client = tracking.connect(opts.tracking())
+    return finish_report(study, opts, opts.study_name, client, seeds=seeds)
 
 
 def summarize(study: optuna.Study, opts: StudyOptions, name: str) -> report.Summary:

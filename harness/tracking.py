@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -141,6 +142,25 @@ def start_trial_run(
     )
     log_params(client, run.info.run_id, flat_config)
     return run.info.run_id
+
+
+def redact(url: str) -> str:
+    """A storage or tracking URL with any password replaced by ***."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+def system_monitor(run_id: str, interval: float, tracking_uri: str):
+    """MLflow's own system metrics (CPU, memory, disk, network; GPU where present) for a run.
+
+    Returns the started monitor; call `.finish()` when the run ends.
+    """
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=interval, samples_before_logging=1, tracking_uri=tracking_uri
+    )
+    monitor.start()
+    return monitor
 
 
 class EpochLogger:
@@ -288,6 +308,37 @@ def register_best(
     tags = {k: f"{v:.6g}" for k, v in metrics.items()}
     version = client.create_model_version(name, source, run_id=run_id, tags=tags)
     return f"models:/{name}/{version.version}"
+
+
+def start_rerun(client: MlflowClient, exp_id: str, parent_id: str, of_run: str, seed: int) -> str:
+    """A run that repeats trial run `of_run` with another training seed (report --seeds)."""
+    of = client.get_run(of_run)
+    run = client.create_run(
+        exp_id,
+        run_name=f"{of.info.run_name}-seed{seed}",
+        tags={
+            "mlflow.parentRunId": parent_id,
+            "harness.rerun_of": of_run,
+            "harness.role": "seed_rerun",
+        },
+    )
+    log_params(client, run.info.run_id, {**of.data.params, "seed": seed})
+    return run.info.run_id
+
+
+def finished_reruns(client: MlflowClient, exp_id: str, of_run: str) -> dict[int, dict]:
+    """{seed: {val_acc, overfit_gap}} of the finished reruns of a trial run."""
+    runs = client.search_runs(
+        [exp_id], filter_string=f"tags.`harness.rerun_of` = '{of_run}'", max_results=1000
+    )
+    return {
+        int(r.data.params["seed"]): {
+            "val_acc": r.data.metrics["best_val_acc"],
+            "overfit_gap": r.data.metrics["best_overfit_gap"],
+        }
+        for r in runs
+        if r.info.status == "FINISHED" and "best_val_acc" in r.data.metrics
+    }
 
 
 def log_report(client: MlflowClient, run_id: str, files: list[Path]) -> None:

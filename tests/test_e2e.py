@@ -124,6 +124,19 @@ def test_study_runs_resumes_and_extends(tmp_path, results_dir):
     assert all(r.info.status != "RUNNING" for r in runs)
     assert list(work.iterdir()) == []
 
+    # The report command: the same tested numbers, plus the top configs over 2 more seeds.
+    rep = run_cli("report", "quickstart", "--results", str(results_dir), "--seeds", "2", cwd=work)
+    assert rep.returncode == 0, rep.stderr
+    assert "Over 2 more training seeds" in rep.stdout and "baseline:" in rep.stdout
+    runs = _runs(results_dir)[1]
+    reruns = [r for r in runs if r.data.tags.get("harness.role") == "seed_rerun"]
+    assert len(reruns) == 2 * 4  # the top 3 and the baseline, 2 seeds each
+    assert all(r.info.status == "FINISHED" for r in reruns)
+    assert len(_trial_runs(runs)) == 4  # reruns are not trial runs
+    missing = run_cli("report", "nope", "--results", str(results_dir), cwd=work)
+    assert missing.returncode == 2 and "no study 'nope'" in missing.stderr
+    assert list(work.iterdir()) == []
+
 
 def test_bad_input_creates_nothing(tmp_path):
     results = tmp_path / "results"
