@@ -169,7 +169,7 @@ def cmd_ui(args) -> int:
     uri = args.tracking_uri or tracking.default_tracking_uri(args.results)
     cmd = tracking.ui_command(uri, args.results, args.host, args.port)
     print(f"MLflow UI on {uri}: http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, tracking.ui_env())
     return 1  # not reached
 
 

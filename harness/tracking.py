@@ -354,6 +354,12 @@ def yaml_text(tree: dict) -> str:
     return buf.getvalue()
 
 
+def ui_env() -> dict[str, str]:
+    """The UI server's environment: MLflow 3's job runner (a pool of huey consumers for GenAI
+    jobs) is turned off: the harness has no such jobs and it would crowd a small machine."""
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def ui_command(tracking_uri: str, results: Path, host: str, port: int) -> list[str]:
     """`mlflow server` on the study's store: loopback by default, one worker, middleware on."""
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri]

@@ -1,0 +1,144 @@
+"""The MLflow UI on a study's stores: REST API reads back the study, a browser renders it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import QUICKSTART, REPO, TINY
+
+from harness.spec import load_spec
+from harness.study import StudyOptions, run_study
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, body: dict | None = None, timeout: float = 5) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        text = resp.read().decode()
+    return json.loads(text) if text.strip().startswith("{") else {"text": text}
+
+
+@pytest.fixture(scope="module")
+def ui_server(tmp_path_factory):
+    """A 2-trial study and `run_study.py ui` serving it on a free port; stopped afterwards."""
+    results = tmp_path_factory.mktemp("ui") / "results"
+    spec = load_spec(QUICKSTART, TINY)
+    run_study(spec, StudyOptions(results=results, n_trials=2, quiet=True))
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "run_study.py"),
+            "ui",
+            "--results",
+            str(results),
+            "--port",
+            str(port),
+        ],
+        cwd=results.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: the server and its workers
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if _get(f"{base}/health")["text"].strip() == "OK":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the UI did not answer /health: {proc.stdout.read()[-2000:]}")
+    yield base, results
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # no worker of the server is left behind
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.3)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the UI server left processes behind after SIGTERM")
+
+
+def test_ui_serves_the_study_over_rest(ui_server):
+    base, _ = ui_server
+    exps = _get(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 10})
+    exp = next(e for e in exps["experiments"] if e["name"] == "quickstart")
+    runs = _get(
+        f"{base}/api/2.0/mlflow/runs/search",
+        {"experiment_ids": [exp["experiment_id"]], "max_results": 100},
+    )["runs"]
+    trials = [r for r in runs if any(t["key"] == "optuna.trial_number" for t in r["data"]["tags"])]
+    assert len(trials) == 2
+    assert all(r["info"]["status"] == "FINISHED" for r in trials)
+    metrics = {m["key"] for m in trials[0]["data"]["metrics"]}
+    assert {"val_acc", "train_acc", "overfit_gap", "overfit_gap_loss", "lr"} <= metrics
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_ui_pages_render_in_a_browser(ui_server):
+    base, results = ui_server
+    exps = _get(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 10})
+    exp_id = next(e for e in exps["experiments"] if e["name"] == "quickstart")["experiment_id"]
+    runs = _get(
+        f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id], "max_results": 100}
+    )["runs"]
+    ids = [r["info"]["run_id"] for r in runs if r["info"]["run_name"].startswith("trial-")]
+    compare = f'{base}/#/compare-runs?runs={json.dumps(ids[:2])}&experiments=["{exp_id}"]'
+    pages = {"experiment": f"{base}/#/experiments/{exp_id}", "compare": compare}
+    shots = results / "screenshots"
+    shots.mkdir(exist_ok=True)
+    for name, url in pages.items():
+        path = shots / f"{name}.png"
+        subprocess.run(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={results / 'chromium-profile'}",
+                "--window-size=1400,900",
+                "--virtual-time-budget=15000",
+                f"--screenshot={path}",
+                url,
+            ],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        assert path.is_file() and path.stat().st_size > 20_000, f"no screenshot of {name}"
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
