@@ -19,7 +19,7 @@ import torch
 
 from harness.data import load_source
 from harness.finetune import fit, seed_everything
-from harness.models import Inputs, build_model
+from harness.models import data_size_hint, model_for
 from harness.spec import TrialConfig
 
 
@@ -42,6 +42,8 @@ def source_settings(config: TrialConfig) -> dict:
         "epochs": m.source_epochs,
         "lr": m.source_lr,
         "batch_size": m.source_batch_size,
+        "root": str(Path(d.root).resolve()) if d.dataset == "imagefolder" else None,
+        "image_size": d.image_size,
         "seed": config.seed,
         "split_seed": config.split_seed,
     }
@@ -71,7 +73,9 @@ def pretrain_config(config: TrialConfig) -> TrialConfig:
                 }
             ),
             "strategy": config.strategy.model_copy(update={"kind": "full"}),
-            "reg": config.reg.model_copy(update={"weight_decay": 5e-4, "dropout": 0.0}),
+            "reg": config.reg.model_copy(
+                update={"weight_decay": 5e-4, "dropout": 0.0, "stochastic_depth": 0.0}
+            ),
             "aug": config.aug.model_copy(update={"policy": "none"}),
         }
     )
@@ -98,9 +102,9 @@ def get_source_model(config: TrialConfig, cache_dir: Path) -> SourceModel:
             meta = json.loads(meta_path.read_text())
             return SourceModel(key, path, meta["settings"], meta["metrics"], trained_now=False)
         pre = pretrain_config(config)
-        data = load_source(config.data, config.split_seed)
+        data = load_source(config.data, config.split_seed, size_hint=data_size_hint(config))
         seed_everything(pre.seed)
-        model = build_model(config.model, data.num_classes, inputs=Inputs.of(data))
+        model = model_for(pre, data)
         result = fit(pre, model, data)
         metrics = {k: result.best[k] for k in ("val_acc", "val_loss", "train_acc")}
         metrics["best_epoch"] = result.best_epoch

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from harness import report, tracking
 from harness.data import TaskData, load_target
 from harness.finetune import evaluate, fit, resolve_device, seed_everything
-from harness.models import Inputs, build_model, load_state
+from harness.models import data_size_hint, load_state, model_for
 from harness.source import SourceModel, atomic_write, get_source_model, source_key
 from harness.spec import (
     BASELINE,
@@ -144,7 +144,7 @@ class _Context:
     def data_for(self, config: TrialConfig) -> TaskData:
         key = (config.data.model_dump_json(), config.split_seed)
         if key not in self.data:
-            self.data[key] = load_target(config.data, config.split_seed)
+            self.data[key] = load_task(config)
         return self.data[key]
 
     def pretrained_for(self, config: TrialConfig) -> tuple[Path | None, str]:
@@ -227,13 +227,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     )
     try:
         seed_everything(config.seed)
-        model = build_model(
-            config.model,
-            data.num_classes,
-            config.reg.dropout,
-            pretrained=pretrained,
-            inputs=Inputs.of(data),
-        )
+        model = model_for(config, data, pretrained)
         callbacks = [
             tracking.EpochLogger(ctx.client, run_id),
             pruner,
@@ -266,6 +260,11 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     finally:  # the run ends with the trial's true state, whatever happened
         monitor.finish()
         tracking.end_trial_run(ctx.client, run_id, state, end_tags)
+
+
+def load_task(config: TrialConfig) -> TaskData:
+    """The target task of a config, split by its split seed, at its model's input size."""
+    return load_target(config.data, config.split_seed, size_hint=data_size_hint(config))
 
 
 def checkpoint_path(results: Path, study_name: str, number: int) -> Path:
@@ -365,7 +364,7 @@ def _preflight(ctx: _Context, config: TrialConfig, data: TaskData) -> None:
     a bad weights name or file is an input error (exit 2), not a study of failed trials."""
     try:
         pretrained, _ = ctx.pretrained_for(config)
-        build_model(config.model, data.num_classes, pretrained=pretrained, inputs=Inputs.of(data))
+        model_for(config, data, pretrained)
     except ValueError as err:
         raise SpecError(f"{err}") from None
 
@@ -373,9 +372,7 @@ def _preflight(ctx: _Context, config: TrialConfig, data: TaskData) -> None:
 def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     """Create or resume the study and run it to its budget of finished trials (or the timeout)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    base_data = load_target(
-        spec.data, spec.split_seed
-    )  # bad data settings fail before any store exists
+    base_data = load_task(baseline_config(spec))  # bad data settings fail before any store
     opts.results.mkdir(parents=True, exist_ok=True)
     name = opts.study_name or spec.name
     target = opts.n_trials or spec.search.n_trials
@@ -385,6 +382,8 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     ctx = _Context(spec, opts, name, client, exp_id, "", notes)
     ctx.data[(spec.data.model_dump_json(), spec.split_seed)] = base_data
     _preflight(ctx, baseline_config(spec), base_data)
+    for line in base_data.report.lines():
+        notes.note(line)
     study, parent, created = _open_study(spec, opts, name, client, exp_id)
     done = finished_count(study)
     progress = report.Progress(total=target, done=done, quiet=opts.quiet)
@@ -442,9 +441,8 @@ def test_once(client, results: Path, name: str, trial) -> dict[str, float] | Non
     if path is None:
         return None
     config = TrialConfig.model_validate(parse_yaml(tracking.load_text(run_id, "config.yaml")))
-    data = load_target(config.data, config.split_seed)
-    model_spec = config.model.model_copy(update={"pretrained": "none"})  # weights come next
-    model = build_model(model_spec, data.num_classes, inputs=Inputs.of(data))
+    data = load_task(config)
+    model = model_for(config, data, None, load_weights=False)  # the checkpoint comes next
     model.load_state_dict(load_state(path))
     device = resolve_device(config.train.device)
     model.to(device)
@@ -481,13 +479,7 @@ def seed_reruns(ctx: _Context, rows: list[report.TrialRow], n: int) -> dict[int,
                 state = "FAIL"
                 try:
                     seed_everything(seed)
-                    model = build_model(
-                        rerun.model,
-                        data.num_classes,
-                        rerun.reg.dropout,
-                        pretrained=start,
-                        inputs=Inputs.of(data),
-                    )
+                    model = model_for(rerun, data, start)
                     result = fit(rerun, model, data, [tracking.EpochLogger(ctx.client, rid)])
                     best = {k: result.best[k] for k in values}
                     tracking.log_metrics_once(
