@@ -1,0 +1,95 @@
+"""The shipped experiment files run: the founding case study on a tiny CIFAR-10 folder."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+import torchvision
+from conftest import REPO
+from test_data import write_cifar10
+
+from harness import cli, models
+from harness.spec import load_spec
+
+pytestmark = pytest.mark.slow
+
+
+def test_cifar10_resnet50_case_study_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    # CIFAR-10 in its real on-disk format (only the md5 check is patched), and a random
+    # ResNet50 state_dict standing in the hub cache where torchvision reads IMAGENET1K_V1.
+    data_root = tmp_path / "data"
+    write_cifar10(data_root, per_class_train=6, per_class_test=2)
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    experiment = REPO / "experiments" / "cifar10_resnet50.yaml"
+    spec = load_spec(experiment)
+    weights_file = models.weights_path(models.imagenet_weights(spec.model))
+    weights_file.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50().state_dict(), weights_file)
+
+    results = tmp_path / "results"
+    overrides = {
+        "data.root": str(data_root),
+        "data.download": "false",
+        "data.shots_per_class": "3",
+        "data.val_per_class": "2",
+        "data.image_size": "64",  # the weights' 224 px costs minutes on 2 CPU cores
+        "train.epochs": "2",
+        "strategy.lp_epochs": "1",  # pinned: lp_ft needs an epoch left to fine-tune
+    }
+    argv = [str(experiment), "--results", str(results), "--n-trials", "1", "--quiet"]
+    for key, value in overrides.items():
+        argv += ["--set", f"{key}={value}"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "baseline recipe" in out and "Test split (baseline" in out
+
+    mlflow.set_tracking_uri(f"sqlite:///{results / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["cifar10-resnet50"], output_format="list")
+    trials = [r for r in runs if "optuna.trial_number" in r.data.tags]
+    assert len(trials) == 1
+    run = trials[0]
+    assert run.info.status == "FINISHED" and run.data.tags["harness.baseline"] == "true"
+    assert run.data.tags["harness.pretrained"] == "torchvision:resnet50.IMAGENET1K_V1"
+    assert run.data.params["model.arch"] == "resnet50"
+    assert run.data.params["train.lr"] == "0.001" and run.data.params["train.batch_size"] == "32"
+    assert 0.0 <= run.data.metrics["test_acc"] <= 1.0
+
+
+def test_cifar10_resnet50_offline_without_weights_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    data_root = tmp_path / "data"
+    write_cifar10(data_root, per_class_train=4, per_class_test=1)
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    import urllib.error
+
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    experiment = REPO / "experiments" / "cifar10_resnet50.yaml"
+    argv = [
+        str(experiment),
+        "--results",
+        str(tmp_path / "results"),
+        "--n-trials",
+        "1",
+        "--set",
+        f"data.root={data_root}",
+        "--set",
+        "data.download=false",
+        "--set",
+        "data.shots_per_class=2",
+        "--set",
+        "data.val_per_class=1",
+    ]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-") in err
+    assert not (tmp_path / "results" / "optuna.journal").exists()  # no study was created
