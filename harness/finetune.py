@@ -5,6 +5,19 @@ Knows neither Optuna nor MLflow. It reports each epoch through callbacks (anythi
 the fit, and the core does not catch it. Deterministic under `config.seed` on the CPU for a
 given thread count. The training loop never waits on the device: losses and accuracies are
 summed on the device and read once per epoch.
+
+A model trains as units: the head and the stages (`models.stages`; backbone parameters outside
+every stage go with the first). Each epoch the strategy says how many stages train, from the
+top: full all; linear_probe none; partial all but the first `freeze_stages`; lp_ft none for
+`lp_epochs` epochs, then all with a new optimizer at lr x `ft_lr_scale` and a new schedule for
+the remaining steps (metric `phase`); gradual_unfreeze none in epoch 1, then one more every
+`unfreeze_every` epochs, added to the optimizer (metric `trainable_stages`). A frozen unit has
+requires_grad off, is in no optimizer group and is in eval mode (BatchNorm statistics kept).
+Param groups are named per unit ('head', 'stage1' .. 'stageN'), lr = base x layer_decay^depth
+(the last stage has depth 1), base x head_lr_mult for the head; unless `reg.decay_norm_bias`,
+norm parameters and biases are in '<unit>.no_decay' groups with weight_decay 0. `bn: frozen`
+keeps every BatchNorm in eval mode. Penalties, MixUp/CutMix and the EMA are
+`harness.regularizers`; with an EMA, the metrics, best state and restored weights are the EMA's.
 """
 
 from __future__ import annotations
@@ -13,16 +26,20 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
+from harness import models, regularizers
 from harness.augment import augment
 from harness.data import TaskData
-from harness.models import backbone_parameters, head_module
-from harness.spec import TrialConfig
+from harness.regularizers import Mixer, Penalty
+from harness.spec import RegSpec, StrategySpec, TrialConfig
+
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
 class Callback(Protocol):
@@ -38,6 +55,8 @@ class FitResult:
     seconds: float
     device: str
     threads: int
+    # per epoch, the optimizer's groups at its start: name, lr, weight_decay, params (a count)
+    param_groups: list[list[dict[str, Any]]] = field(default_factory=list, repr=False)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,47 +71,143 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _optimizer(config: TrialConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+# --- Units: the head and the stages, each frozen, unfrozen and given an lr as one ------------
+@dataclass(frozen=True)
+class Unit:
+    name: str  # 'head', or 'stage<i>' (i from 1 at the input)
+    depth: int  # 0: the head; the last stage 1, the one below it 2, ...
+    modules: tuple[nn.Module, ...]  # every module it holds (train/eval mode)
+    decay: tuple[nn.Parameter, ...]  # weights
+    no_decay: tuple[nn.Parameter, ...]  # normalization-layer parameters and biases
+
+    @property
+    def params(self) -> tuple[nn.Parameter, ...]:
+        return self.decay + self.no_decay
+
+
+def _unit(name: str, depth: int, modules: list[nn.Module], taken: set[int]) -> Unit:
+    decay, no_decay = [], []
+    for module in modules:
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in taken:  # shared with a unit before, or frozen before fit
+                continue
+            taken.add(id(p))
+            (no_decay if isinstance(module, NORMS) or pname == "bias" else decay).append(p)
+    return Unit(name, depth, tuple(modules), tuple(decay), tuple(no_decay))
+
+
+def model_units(model: nn.Module) -> list[Unit]:
+    """The head, then the stages from the top down. Parameters that do not require grad when
+    this is called are left out (they stay frozen)."""
+    blocks, head = models.stages(model), models.head_module(model)
+    if not blocks:
+        raise ValueError("models.stages: the model has no backbone stages")
+    roots = {id(m) for m in (head, *blocks)}
+    inside = {id(m) for root in (head, *blocks) for m in root.modules()}
+    # modules outside the head and stages and not above them (a stem, a final norm, Preprocess)
+    rest = [
+        m
+        for m in model.modules()
+        if id(m) not in inside and not any(id(c) in roots for c in m.modules())
+    ]
+    taken = {id(p) for p in model.parameters() if not p.requires_grad}
+    units = [_unit("head", 0, list(head.modules()), taken)]
+    for i in range(len(blocks), 0, -1):
+        extra = rest if i == 1 else []
+        units.append(
+            _unit(f"stage{i}", len(blocks) - i + 1, [*blocks[i - 1].modules(), *extra], taken)
+        )
+    return units
+
+
+def trainable_stages(strategy: StrategySpec, epoch: int, n_stages: int) -> int:
+    """How many stages, from the top, train in `epoch` (from 1)."""
+    return {
+        "full": n_stages,
+        "linear_probe": 0,
+        "partial": max(n_stages - strategy.freeze_stages, 0),  # freezing more: a linear probe
+        "lp_ft": 0 if epoch <= strategy.lp_epochs else n_stages,
+        "gradual_unfreeze": min((epoch - 1) // strategy.unfreeze_every, n_stages),
+    }[strategy.kind]
+
+
+def set_train_mode(model: nn.Module, frozen: Iterable[Unit], bn_frozen: bool) -> None:
+    """Train mode, but frozen units (and with `bn_frozen` every BatchNorm) in eval mode."""
+    model.train()
+    for unit in frozen:
+        for module in unit.modules:
+            module.training = False
+    if bn_frozen:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.training = False
+
+
+# --- The optimizer: named groups per unit, its learning rates, the schedule ------------------
+def param_groups(units: Iterable[Unit], config: TrialConfig, base_lr: float) -> list[dict]:
+    s, reg = config.strategy, config.reg
+    groups = []
+    for u in units:
+        lr = base_lr * s.head_lr_mult if u.depth == 0 else base_lr * s.layer_decay**u.depth
+        if reg.decay_norm_bias:
+            parts = [(u.name, u.params, reg.weight_decay)]
+        else:
+            parts = [(u.name, u.decay, reg.weight_decay), (f"{u.name}.no_decay", u.no_decay, 0.0)]
+        groups += [
+            {"name": name, "params": list(ps), "lr": lr, "base_lr": lr, "weight_decay": wd}
+            for name, ps, wd in parts
+            if ps
+        ]
+    return groups
+
+
+def make_optimizer(config: TrialConfig, groups: list[dict]) -> torch.optim.Optimizer:
     t, wd = config.train, config.reg.weight_decay
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=wd)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=wd)
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=wd)
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=wd)
 
 
-def _schedule(config: TrialConfig, optimizer, total_steps: int):
-    if config.train.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)),
-    )
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """The schedule's multiplier of each group's base lr at `step` of `total`."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
-def _set_train_mode(model: nn.Module, kind: str) -> None:
-    model.train()
-    if kind == "linear_probe":  # the backbone is frozen, BatchNorm statistics included
-        model.eval()
-        head_module(model).train()
+@dataclass
+class Run:
+    """What the training loop carries from step to step; a new phase replaces the optimizer."""
 
+    optimizer: torch.optim.Optimizer
+    schedule: str
+    start: int  # the global step at which the current schedule starts
+    length: int  # its number of steps
+    step: int = 0  # global optimizer steps so far
+    penalty: Penalty | None = None
+    mixer: Mixer | None = None
+    ema: AveragedModel | None = None
+    label_smoothing: float = 0.0
 
-def trainable_parameters(model: nn.Module, kind: str) -> list[nn.Parameter]:
-    if kind == "linear_probe":
-        for p in backbone_parameters(model):
-            p.requires_grad_(False)
-        return list(head_module(model).parameters())
-    return [p for p in model.parameters() if p.requires_grad]
+    def set_lr(self) -> None:
+        factor = lr_factor(self.schedule, self.step - self.start, self.length)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
 
 
 def train_one_epoch(
-    model, optimizer, scheduler, x, y, config: TrialConfig, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over (x, y) in seeded random order.
+    model, run: Run, x, y, config: TrialConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """One pass over (x, y) in seeded random order: augment, mix, loss + penalty, step, EMA.
 
-    Returns (loss sum, correct, images seen) of the running training metrics, on the device.
+    Returns (loss sum, correct, images seen, penalty sum over steps) of the running training
+    metrics, on the device. The loss is the data loss; with mixing, `correct` compares with the
+    argmax of the soft target.
     """
     n, bs = len(x), config.train.batch_size
     order = torch.randperm(n, generator=generator).to(x.device)
     loss_sum = torch.zeros((), device=x.device)
+    penalty_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     seen = 0
     for start in range(0, n, bs):
@@ -101,16 +216,28 @@ def train_one_epoch(
             continue
         xb, yb = x[idx], y[idx]
         xb = augment(xb, config.aug, generator)
+        target = yb
+        if run.mixer is not None:
+            xb, target = regularizers.mix_batch(run.mixer, xb, yb)
         logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        loss = F.cross_entropy(logits, target, label_smoothing=run.label_smoothing)
+        total = loss
+        if run.penalty is not None:
+            penalty = run.penalty()
+            total = loss + penalty
+            penalty_sum += penalty.detach()
+        run.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        run.set_lr()
+        run.optimizer.step()
+        run.step += 1
+        if run.ema is not None:
+            regularizers.ema_update(run.ema, model)
         loss_sum += loss.detach() * len(idx)
-        correct += (logits.detach().argmax(1) == yb).sum()
+        labels = target.argmax(1) if target.ndim == 2 else target
+        correct += (logits.detach().argmax(1) == labels).sum()
         seen += len(idx)
-    return loss_sum, correct, seen
+    return loss_sum, correct, seen, penalty_sum
 
 
 @torch.no_grad()
@@ -145,6 +272,45 @@ def _better(value: float, best: float | None, direction: str) -> bool:
     return value > best if direction == "maximize" else value < best
 
 
+def _freeze(units: list[Unit], t: int, reg: RegSpec, anchors: dict) -> Penalty | None:
+    """Train the head and the top `t` stages, freeze the rest; the penalty over what trains.
+
+    L1 and L2 apply to the trainable parameters that weight decay applies to (norm parameters
+    and biases only with reg.decay_norm_bias), L2-SP to every trainable backbone parameter,
+    its head term to every head parameter.
+    """
+    trainable = units[: 1 + t]
+    for i, unit in enumerate(units):
+        for p in unit.params:
+            p.requires_grad_(i <= t)
+    backbone = [p for u in trainable[1:] for p in u.params]
+    return regularizers.make_penalty(
+        reg,
+        decayed=[p for u in trainable for p in (u.params if reg.decay_norm_bias else u.decay)],
+        backbone=backbone if anchors else [],
+        anchors=[anchors[id(p)] for p in backbone] if anchors else [],
+        head=list(units[0].params),
+    )
+
+
+def _next_phase(run: Run, config: TrialConfig, units, epoch, t_before, t, steps_per_epoch):
+    """LP-FT's switch: a new optimizer over every unit at lr x ft_lr_scale, its schedule over
+    the remaining steps. Gradual unfreezing: the newly trainable stages join the optimizer."""
+    s, train = config.strategy, config.train
+    if s.kind == "lp_ft" and epoch == s.lp_epochs + 1:
+        groups = param_groups(units[: 1 + t], config, train.lr * s.ft_lr_scale)
+        run.optimizer = make_optimizer(config, groups)
+        run.start, run.length = run.step, (train.epochs - s.lp_epochs) * steps_per_epoch
+    elif t > t_before:
+        for group in param_groups(units[1 + t_before : 1 + t], config, train.lr):
+            run.optimizer.add_param_group(group)
+
+
+def _describe_groups(groups: list[dict]) -> list[dict[str, Any]]:
+    keys = ("name", "lr", "weight_decay")
+    return [{**{k: g[k] for k in keys}, "params": len(g["params"])} for g in groups]
+
+
 def fit(
     config: TrialConfig, model: nn.Module, data: TaskData, callbacks: Iterable[Callback] = ()
 ) -> FitResult:
@@ -157,55 +323,82 @@ def fit(
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
     data = data.to(device)
-    params = trainable_parameters(model, config.strategy.kind)
-    optimizer = _optimizer(config, params)
-    bs, n_train = config.train.batch_size, len(data.x_train)
-    steps_per_epoch = sum(1 for s in range(0, n_train, bs) if min(bs, n_train - s) >= 2) or 1
-    scheduler = _schedule(config, optimizer, steps_per_epoch * config.train.epochs)
+    s, reg, train = config.strategy, config.reg, config.train
+    bs, n_train = train.batch_size, len(data.x_train)
+    steps_per_epoch = sum(1 for i in range(0, n_train, bs) if min(bs, n_train - i) >= 2) or 1
     x_clean, y_clean = _clean_train_subset(data, config.data.eval_train_max, config.seed)
     metric, direction = config.objective.metric, config.objective.direction
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]  # restored at the end
+    units = model_units(model)
+    n_stages = len(units) - 1
+    # L2-SP's anchors: the backbone at the start of fit (the pretrained point)
+    anchors = {id(p): p.detach().clone() for u in units[1:] for p in u.params} if reg.l2_sp else {}
+    t = trainable_stages(s, 1, n_stages)
+    phase_epochs = s.lp_epochs if s.kind == "lp_ft" else train.epochs
+    run = Run(
+        make_optimizer(config, param_groups(units[: 1 + t], config, train.lr)),
+        train.schedule,
+        start=0,
+        length=phase_epochs * steps_per_epoch,
+        mixer=regularizers.make_mixer(reg, data.num_classes),
+        ema=regularizers.ema_model(model, reg.ema_decay) if reg.ema_decay > 0 else None,
+        label_smoothing=reg.label_smoothing,
+    )
+    scored = run.ema.module if run.ema is not None else model  # what is evaluated and kept
+    with_penalty = any(c > 0 for c in (reg.l1, reg.l2, reg.l2_sp, reg.l2_sp_head))
     history: list[dict[str, float]] = []
+    groups_log: list[list[dict[str, Any]]] = []
     best_value, best_epoch, best_state = None, 0, None
-    for epoch in range(1, config.train.epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
-        _set_train_mode(model, config.strategy.kind)
-        run_loss, run_correct, n_seen = train_one_epoch(
-            model, optimizer, scheduler, data.x_train, data.y_train, config, generator
-        )
-        tr_loss, tr_correct = evaluate(model, x_clean, y_clean)
-        va_loss, va_correct = evaluate(model, data.x_val, data.y_val)
-        sums = torch.stack(
-            [
-                run_loss,
-                run_correct.float(),
-                tr_loss,
-                tr_correct.float(),
-                va_loss,
-                va_correct.float(),
-            ]
-        ).tolist()  # the epoch's one sync with the device
-        n_clean, n_val = len(x_clean), len(data.x_val)
-        m = {
-            "train_loss": sums[2] / n_clean,
-            "train_acc": sums[3] / n_clean,
-            "val_loss": sums[4] / n_val,
-            "val_acc": sums[5] / n_val,
-            "train_loss_running": sums[0] / max(n_seen, 1),
-            "train_acc_running": sums[1] / max(n_seen, 1),
-            "lr": lr,
-        }
-        m["overfit_gap"] = m["train_acc"] - m["val_acc"]
-        m["overfit_gap_loss"] = m["val_loss"] - m["train_loss"]
-        history.append(m)
-        if _better(m[metric], best_value, direction):
-            best_value, best_epoch = m[metric], epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        for cb in callbacks:
-            cb.on_epoch_end(epoch, m)
+    try:
+        for epoch in range(1, train.epochs + 1):
+            t_before, t = t, trainable_stages(s, epoch, n_stages)
+            _next_phase(run, config, units, epoch, t_before, t, steps_per_epoch)
+            run.penalty = _freeze(units, t, reg, anchors)
+            run.set_lr()
+            groups = run.optimizer.param_groups
+            groups_log.append(_describe_groups(groups))
+            lr = next((g["lr"] for g in groups if g["name"].startswith("head")), groups[0]["lr"])
+            set_train_mode(model, units[1 + t :], s.bn == "frozen")
+            run_loss, run_correct, n_seen, penalty_sum = train_one_epoch(
+                model, run, data.x_train, data.y_train, config, generator
+            )
+            tr_loss, tr_correct = evaluate(scored, x_clean, y_clean)
+            va_loss, va_correct = evaluate(scored, data.x_val, data.y_val)
+            sums = [run_loss, run_correct.float(), tr_loss, tr_correct.float(), va_loss]
+            sums += [va_correct.float(), *([penalty_sum] if with_penalty else [])]
+            sums = torch.stack(sums).tolist()  # the epoch's one sync with the device
+            n_clean, n_val = len(x_clean), len(data.x_val)
+            m = {
+                "train_loss": sums[2] / n_clean,
+                "train_acc": sums[3] / n_clean,
+                "val_loss": sums[4] / n_val,
+                "val_acc": sums[5] / n_val,
+                "train_loss_running": sums[0] / max(n_seen, 1),
+                "train_acc_running": sums[1] / max(n_seen, 1),
+                "lr": lr,
+            }
+            m["overfit_gap"] = m["train_acc"] - m["val_acc"]
+            m["overfit_gap_loss"] = m["val_loss"] - m["train_loss"]
+            if with_penalty:  # the mean over the epoch's steps of the penalty added to the loss
+                m["train_penalty_running"] = sums[6] / steps_per_epoch
+            if s.kind == "lp_ft":
+                m["phase"] = float(epoch > s.lp_epochs)
+            if s.kind == "gradual_unfreeze":
+                m["trainable_stages"] = float(t)
+            history.append(m)
+            if _better(m[metric], best_value, direction):
+                best_value, best_epoch = m[metric], epoch
+                best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
+            for cb in callbacks:
+                cb.on_epoch_end(epoch, m)
+    finally:
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
     if best_state is None:  # every epoch's metric was NaN: keep the last weights
-        best_epoch = config.train.epochs
-        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        best_epoch = train.epochs
+        best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
     model.load_state_dict(best_state)
+    model.eval()
     return FitResult(
         best_epoch=best_epoch,
         best=history[best_epoch - 1],
@@ -214,4 +407,5 @@ def fit(
         seconds=time.perf_counter() - started,
         device=str(device),
         threads=torch.get_num_threads(),
+        param_groups=groups_log,
     )
