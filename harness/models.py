@@ -32,7 +32,7 @@ from torchvision.models.vision_transformer import interpolate_embeddings
 from torchvision.ops import StochasticDepth
 
 from harness.data import DIGITS_MEAN, DIGITS_STD
-from harness.spec import TORCHVISION_ARCHS, ModelSpec, TrialConfig
+from harness.spec import STOCHASTIC_DEPTH_ARCHS, TORCHVISION_ARCHS, ModelSpec, TrialConfig
 
 
 class WeightsUnavailable(ValueError):
@@ -384,9 +384,6 @@ def input_size(
 # --- Stochastic depth ----------------------------------------------------------------------------
 _SD_NATIVE = ("convnext_", "efficientnet_")  # the builders take stochastic_depth_prob
 _SD_RESCALED = ("swin_", "maxvit_")  # the builders fix it: the built rates are rescaled
-STOCHASTIC_DEPTH_ARCHS = tuple(
-    a for a in TORCHVISION_ARCHS if a.startswith(_SD_NATIVE + _SD_RESCALED)
-)
 
 
 def _set_stochastic_depth(net: nn.Module, rate: float) -> None:

@@ -125,6 +125,10 @@ TORCHVISION_ARCHS = (
 )
 # fmt: on
 ARCHS = ("small_cnn", *TORCHVISION_ARCHS)
+# torchvision's models with stochastic depth (ConvNeXt, EfficientNet, Swin, MaxViT).
+STOCHASTIC_DEPTH_ARCHS = tuple(
+    a for a in TORCHVISION_ARCHS if a.startswith(("convnext_", "efficientnet_", "swin_", "maxvit_"))
+)
 
 
 class ModelSpec(_Section):
@@ -337,6 +341,11 @@ class TrialConfig(_Section):
                 raise ValueError(
                     f"data: source_classes and target_classes share {sorted(overlap, key=str)}"
                 )
+        if self.reg.stochastic_depth > 0 and self.model.arch not in STOCHASTIC_DEPTH_ARCHS:
+            raise ValueError(
+                f"reg.stochastic_depth: {self.model.arch} has no stochastic depth; "
+                "convnext_*, efficientnet_*, swin_* and maxvit_t have"
+            )
         if self.strategy.kind == "lp_ft" and self.strategy.lp_epochs >= self.train.epochs:
             raise ValueError(
                 f"strategy.lp_epochs: {self.strategy.lp_epochs} leaves no fine-tuning epoch "

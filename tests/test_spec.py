@@ -581,3 +581,13 @@ def test_baseline_turns_every_method_off(tmp_path):
     assert base.aug.policy == "none"
     assert (base.train.optimizer, base.train.lr, base.train.momentum) == ("sgd", 0.001, 0.9)
     assert base.train.batch_size == 32 and base.train.epochs == spec.train.epochs
+
+
+def test_stochastic_depth_only_where_torchvision_has_it():
+    with pytest.raises(SpecError, match="reg.stochastic_depth: small_cnn has no stochastic depth"):
+        load_spec(QUICKSTART, ["reg.stochastic_depth=0.1"])
+    spec = load_spec(
+        QUICKSTART,
+        ["model.arch=convnext_tiny", "model.pretrained=none", "reg.stochastic_depth=0.1"],
+    )
+    assert spec.reg.stochastic_depth == 0.1

@@ -264,3 +264,33 @@ def test_report_tests_once_registers_best_and_writes_plots(results_dir):
     for number in summary.test:
         assert len(client.get_metric_history(runs[number].info.run_id, "test_acc")) == 1
     assert len(client.search_model_versions("name = 'quickstart'")) == 1
+
+
+def test_pretrained_from_an_mlflow_uri_or_a_file(results_dir):
+    run_study(_spec(), StudyOptions(results=results_dir, n_trials=1, quiet=True))
+    client = _client(results_dir)
+    version = client.search_model_versions("name LIKE 'source-%'")[0]
+    uri = f"models:/{version.name}/{version.version}"
+    source_file = next((results_dir / "sources").glob("*.pt"))
+    for name, pretrained in (("from-uri", uri), ("from-file", str(source_file))):
+        spec = _spec(f"model.pretrained={pretrained}")
+        opts = StudyOptions(results=results_dir, n_trials=1, study_name=name, quiet=True)
+        summary = run_study(spec, opts)
+        assert [t.state for t in summary.trials] == ["COMPLETE"]
+        run = client.get_run(summary.trials[0].attrs["mlflow_run_id"])
+        assert run.data.tags["harness.pretrained"] in (uri, str(source_file.resolve()))
+    # Both started from the same weights as the source-pretrained baseline: same curve.
+    exp = client.get_experiment_by_name("quickstart")
+    finals = {
+        r.data.tags["optuna.study"]: r.data.metrics["val_acc"]
+        for r in client.search_runs([exp.experiment_id], "tags.`optuna.trial_number` = '0'")
+    }
+    assert finals["from-uri"] == finals["from-file"] == finals["quickstart"]
+    downloaded = list((results_dir / "pretrained").rglob("*.pt"))
+    assert len(downloaded) == 1
+
+
+def test_bad_mlflow_uri_is_an_input_error(results_dir):
+    spec = _spec("model.pretrained=models:/no-such-model/1")
+    with pytest.raises(SpecError, match="model.pretrained: cannot fetch models:/no-such-model/1"):
+        run_study(spec, StudyOptions(results=results_dir, n_trials=1, quiet=True))
