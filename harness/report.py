@@ -34,6 +34,8 @@ class Summary:
     test: dict[int, dict[str, float]] = field(default_factory=dict)  # trial -> test metrics
     seeds: dict[int, dict[str, tuple]] = field(default_factory=dict)  # trial -> (mean, std, n)
     files: list[Path] = field(default_factory=list)  # the written report (report.md first)
+    pareto: set[int] = field(default_factory=set)  # multi-objective: the Pareto front
+    objectives: tuple[str, ...] = ()
 
     def complete(self) -> list[TrialRow]:
         rows = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None]
@@ -100,8 +102,9 @@ class Progress:
             line += f"  best {study.best_value:.4f} (trial {study.best_trial.number})"
             if self.bar is not None:
                 self.bar.set_postfix_str(f"best {study.best_value:.4f}")
-        except ValueError:  # no complete trial yet
-            pass
+        except (ValueError, RuntimeError):  # none complete yet, or several objectives
+            if len(study.directions) > 1:
+                line += f"  Pareto front: {len(study.best_trials)} trials"
         self.note(line)
 
     def close(self) -> None:
@@ -194,6 +197,15 @@ def render(summary: Summary, top: int = 5) -> str:
             )
         else:
             out.append(f"Test split ({label}, trial {number}): not evaluated (no weights kept)")
+    if summary.pareto:
+        names = ", ".join(summary.objectives)
+        out.append(f"\nPareto front ({names}): trials {sorted(summary.pareto)}")
+        for t in summary.complete():
+            if t.number in summary.pareto:
+                values = ", ".join(
+                    f"{m} {t.attrs.get(m, float('nan')):.4f}" for m in summary.objectives
+                )
+                out.append(f"  trial {t.number}: {values}")
     if summary.seeds:
         n = next(iter(summary.seeds.values()))["val_acc"][2]
         out.append(f"\nOver {n} more training seeds (same split, same starting weights):")
@@ -271,21 +283,35 @@ def write_report(study, summary: Summary, curves, labels, folder: Path) -> list[
     from optuna.importance import FanovaImportanceEvaluator
 
     folder.mkdir(parents=True, exist_ok=True)
+    first = {}  # several objectives: the single-objective plots show the first
+    if len(summary.objectives) > 1:
+        first = {"target": lambda t: t.values[0], "target_name": summary.objectives[0]}
     plots = {
         "Optimization history": _optuna_plot(
-            ovm.plot_optimization_history, study, folder / "history.png"
+            ovm.plot_optimization_history, study, folder / "history.png", **first
         ),
         "Parameter importances (fANOVA)": _optuna_plot(
             ovm.plot_param_importances,
             study,
             folder / "importances.png",
             evaluator=FanovaImportanceEvaluator(seed=0),
+            **first,
         ),
         "Parallel coordinates": _optuna_plot(
-            ovm.plot_parallel_coordinate, study, folder / "parallel.png"
+            ovm.plot_parallel_coordinate, study, folder / "parallel.png", **first
         ),
         "Learning curves of the top trials and the baseline": (
             plot_curves(curves, labels, folder / "curves.png") if curves else None
+        ),
+        "Pareto front": (
+            _optuna_plot(
+                ovm.plot_pareto_front,
+                study,
+                folder / "pareto.png",
+                target_names=list(summary.objectives),
+            )
+            if summary.pareto
+            else None
         ),
         "Overfitting gap against val_acc, every complete trial": (
             plot_gap_vs_acc(summary, folder / "gap_vs_acc.png") if summary.complete() else None

@@ -82,6 +82,7 @@ def make_sampler(spec: ExperimentSpec) -> optuna.samplers.BaseSampler:
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=5),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
     }[spec.search.sampler]()
 
 
@@ -118,10 +119,13 @@ def suggest(trial: optuna.Trial, spec: ExperimentSpec) -> dict[str, Any]:
 class PruneOnEpoch:
     """Reports the objective metric each epoch; raises TrialPruned when the pruner says so."""
 
-    def __init__(self, trial: optuna.Trial, metric: str, enabled: bool = True):
-        self.trial, self.metric, self.enabled, self.pruned_at = trial, metric, enabled, None
+    def __init__(self, trial: optuna.Trial, metric: str, enabled: bool = True, report=True):
+        self.trial, self.metric, self.pruned_at = trial, metric, None
+        self.enabled, self.report = enabled and report, report
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if not self.report:
+            return
         self.trial.report(metrics[self.metric], epoch)
         if self.enabled and self.trial.should_prune():
             self.pruned_at = epoch
@@ -207,6 +211,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         tags["harness.source_model"] = pretrained_desc
     threads = config.train.threads or torch.get_num_threads()
     tags.update(tracking.provenance_tags(str(resolve_device(config.train.device)), threads))
+    started = time.perf_counter()
     run_id = tracking.start_trial_run(
         ctx.client,
         ctx.exp_id,
@@ -220,7 +225,10 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     tracking.log_text(
         ctx.client, run_id, tracking.yaml_text(config.model_dump(mode="json")), "config.yaml"
     )
-    pruner = PruneOnEpoch(trial, spec.objective.metric, enabled=not is_baseline)
+    setup_seconds = time.perf_counter() - started
+    logger = tracking.EpochLogger(ctx.client, run_id, synchronous=not ctx.spec.search.async_logging)
+    multi = spec.objective.metrics is not None  # Optuna cannot prune (or report) those
+    pruner = PruneOnEpoch(trial, spec.objective.metric, enabled=not is_baseline, report=not multi)
     state, end_tags = "FAIL", {}
     monitor = tracking.system_monitor(
         run_id, spec.search.system_metrics_interval, ctx.opts.tracking()
@@ -229,7 +237,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         seed_everything(config.seed)
         model = model_for(config, data, pretrained)
         callbacks = [
-            tracking.EpochLogger(ctx.client, run_id),
+            logger,
             pruner,
             ctx.progress.epoch_line(trial.number, config.train.epochs),
         ]
@@ -246,6 +254,8 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         trial.set_user_attr("seconds", round(result.seconds, 3))
         end_tags["harness.best_epoch"] = result.best_epoch
         state = "COMPLETE"
+        if multi:
+            return tuple(result.best[m] for m in spec.objective.metrics)
         return result.best[spec.objective.metric]
     except optuna.TrialPruned:
         state = "PRUNED"
@@ -258,8 +268,17 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         tracking.log_text(ctx.client, run_id, traceback.format_exc(), "traceback.txt")
         raise
     finally:  # the run ends with the trial's true state, whatever happened
+        ending = time.perf_counter()
         monitor.finish()
+        logger.flush()
         tracking.end_trial_run(ctx.client, run_id, state, end_tags)
+        done = time.perf_counter()
+        cost = setup_seconds + logger.seconds + (done - ending)
+        tracking.log_metrics_once(
+            ctx.client,
+            run_id,
+            {"tracking_ms": 1000 * cost, "tracking_share": cost / max(done - started, 1e-9)},
+        )
 
 
 def load_task(config: TrialConfig) -> TaskData:
@@ -281,9 +300,11 @@ def keep_set(study: optuna.Study, policy: str, k: int) -> set[int]:
         return {t.number for t in complete}
     if policy == "none":
         return set()
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    ranked = sorted(complete, key=lambda t: (-t.value if maximize else t.value, t.number))
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    ranked = sorted(complete, key=lambda t: (-t.values[0] if maximize else t.values[0], t.number))
     keep = {t.number for t in ranked[:k]}
+    if len(study.directions) > 1:  # and the whole Pareto front
+        keep |= {t.number for t in study.best_trials}
     return keep | {t.number for t in complete if t.user_attrs.get("harness.baseline")}
 
 
@@ -328,7 +349,7 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
             study_name=name,
             sampler=sampler,
             pruner=pruner,
-            direction=spec.objective.direction,
+            directions=list(spec.objective.all_directions),
         )
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
@@ -342,6 +363,7 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
         return study, parent, False
     study.set_user_attr("harness.spec_hash", spec_hash(spec))
     study.set_user_attr("harness.experiment", spec.name)
+    study.set_user_attr("harness.objectives", list(spec.objective.all_metrics))
     if spec.search.baseline:
         study.enqueue_trial({}, user_attrs={"harness.baseline": True})
     settings = {
@@ -352,7 +374,10 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
         "search.space": tracking.yaml_text(
             spec.model_dump(mode="json", by_alias=True)["search"]["space"]
         ),
-        "objective": f"{spec.objective.direction} {spec.objective.metric}",
+        "objective": ", ".join(
+            f"{d} {m}"
+            for m, d in zip(spec.objective.all_metrics, spec.objective.all_directions, strict=True)
+        ),
     }
     parent = tracking.create_parent_run(client, exp_id, name, settings)
     study.set_user_attr("mlflow_parent_run_id", parent)
@@ -567,11 +592,20 @@ def summarize(study: optuna.Study, opts: StudyOptions, name: str) -> report.Summ
         report.TrialRow(
             number=t.number,
             state=t.state.name,
-            value=t.value,
+            value=t.values[0] if t.values else None,
             baseline=bool(t.user_attrs.get("harness.baseline")),
             params=dict(t.params),
             attrs=dict(t.user_attrs),
         )
         for t in study.get_trials(deepcopy=False)
     ]
-    return report.Summary(name, study.direction.name.lower(), rows, opts)
+    multi = len(study.directions) > 1
+    pareto = {t.number for t in study.best_trials} if multi else set()
+    return report.Summary(
+        name,
+        study.directions[0].name.lower(),
+        rows,
+        opts,
+        pareto=pareto,
+        objectives=tuple(study.user_attrs.get("harness.objectives", ())),
+    )

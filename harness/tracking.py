@@ -164,15 +164,32 @@ def system_monitor(run_id: str, interval: float, tracking_uri: str):
 
 
 class EpochLogger:
-    """Core callback: the epoch's metrics as one batch, step = epoch."""
+    """Core callback: the epoch's metrics as one batch, step = epoch.
 
-    def __init__(self, client: MlflowClient, run_id: str):
-        self.client, self.run_id = client, run_id
+    `synchronous=False` uses MLflow's async logging (a background queue): training goes on
+    while the batch is written; `flush()` waits for every batch before the run ends.
+    `seconds` is the time the training loop spent in here.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, synchronous: bool = True):
+        self.client, self.run_id, self.synchronous = client, run_id, synchronous
+        self.pending, self.seconds = [], 0.0
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        started = time.perf_counter()
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        ops = self.client.log_batch(self.run_id, metrics=batch, synchronous=self.synchronous)
+        if ops is not None:
+            self.pending.append(ops)
+        self.seconds += time.perf_counter() - started
+
+    def flush(self) -> None:
+        started = time.perf_counter()
+        for ops in self.pending:
+            ops.wait()
+        self.pending.clear()
+        self.seconds += time.perf_counter() - started
 
 
 def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -> None:

@@ -294,3 +294,32 @@ def test_bad_mlflow_uri_is_an_input_error(results_dir):
     spec = _spec("model.pretrained=models:/no-such-model/1")
     with pytest.raises(SpecError, match="model.pretrained: cannot fetch models:/no-such-model/1"):
         run_study(spec, StudyOptions(results=results_dir, n_trials=1, quiet=True))
+
+
+def test_multi_objective_study_reports_the_pareto_front(results_dir):
+    spec = _spec(
+        "objective.metrics=[val_acc, overfit_gap]",
+        "objective.directions=[maximize, minimize]",
+        "search.pruner=none",
+        "search.sampler=nsga2",
+    )
+    summary = run_study(spec, StudyOptions(results=results_dir, n_trials=4, quiet=True))
+    assert [t.state for t in summary.trials] == ["COMPLETE"] * 4
+    study = optuna.load_study(
+        study_name="quickstart", storage=open_storage(str(results_dir / "optuna.journal"))
+    )
+    assert len(study.directions) == 2
+    for t in study.trials:
+        assert t.values == [t.user_attrs["val_acc"], t.user_attrs["overfit_gap"]]
+    assert summary.pareto == {t.number for t in study.best_trials} and summary.pareto
+    assert (results_dir / "reports" / "quickstart" / "pareto.png").stat().st_size > 1000
+    from harness.report import render
+
+    assert "Pareto front (val_acc, overfit_gap)" in render(summary)
+
+
+def test_multi_objective_refuses_a_pruner():
+    with pytest.raises(SpecError, match="cannot prune multi-objective"):
+        _spec(
+            "objective.metrics=[val_acc, overfit_gap]", "objective.directions=[maximize, minimize]"
+        )
