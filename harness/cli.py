@@ -20,7 +20,7 @@ from pathlib import Path
 
 from harness.spec import SpecError, describe_space, load_spec
 
-COMMANDS = ("check", "ui", "report")
+COMMANDS = ("check", "ui", "report", "reproduce")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -111,6 +111,30 @@ def _report_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _reproduce_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_study.py reproduce",
+        description="Re-run one COMPLETE or PRUNED trial from its MLflow record alone (its "
+        "config.yaml, seed, data split, CPU thread count, device, starting weights) as a new run "
+        "tagged harness.reproduces=RUN_ID, and compare the per-epoch metrics: bit for bit on the "
+        "CPU, within a stated tolerance on a GPU. Exit 0: they match; 1: they differ (the first "
+        "difference is named); 2: refused (unknown run, data split hash differs, ...).",
+    )
+    p.add_argument("run_id", help="the trial's MLflow run id (Optuna user attribute mlflow_run_id)")
+    _common(p)
+    return p
+
+
+def cmd_reproduce(args) -> int:
+    from harness.reproduce import reproduce
+    from harness.study import StudyOptions
+
+    opts = StudyOptions(results=args.results, storage=args.storage, tracking_uri=args.tracking_uri)
+    outcome = reproduce(args.run_id, opts)
+    print(outcome.render())
+    return outcome.exit_code
+
+
 def cmd_report(args) -> int:
     if args.seeds < 0:
         raise SpecError(f"--seeds {args.seeds}: must be 0 or more")
@@ -182,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "check": (_check_parser, cmd_check),
         "ui": (_ui_parser, cmd_ui),
         "report": (_report_parser, cmd_report),
+        "reproduce": (_reproduce_parser, cmd_reproduce),
     }[command]
     args = parser().parse_args(argv[1:] if command != "run" else argv)
     try:

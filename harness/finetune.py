@@ -18,6 +18,11 @@ Param groups are named per unit ('head', 'stage1' .. 'stageN'), lr = base x laye
 norm parameters and biases are in '<unit>.no_decay' groups with weight_decay 0. `bn: frozen`
 keeps every BatchNorm in eval mode. Penalties, MixUp/CutMix and the EMA are
 `harness.regularizers`; with an EMA, the metrics, best state and restored weights are the EMA's.
+
+Resume: after every epoch's `on_epoch_end` calls, callbacks that also have an
+`on_checkpoint(epoch, state)` method get fit's whole state (`harness.checkpoint` lists its keys;
+built only when some callback has the method), and `fit(..., resume=state)` on a model built
+the same way continues at the next epoch exactly as an uninterrupted fit would on the CPU.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from harness import models, regularizers
+from harness import checkpoint, models, regularizers
 from harness.augment import augment
 from harness.data import TaskData
 from harness.regularizers import Mixer, Penalty
@@ -43,6 +48,9 @@ NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
 class Callback(Protocol):
+    """Optionally also `on_checkpoint(epoch: int, state: dict) -> None`: the resume state after
+    the epoch (CPU tensors, shared by every such callback: read it, do not change it)."""
+
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
 
 
@@ -311,11 +319,53 @@ def _describe_groups(groups: list[dict]) -> list[dict[str, Any]]:
     return [{**{k: g[k] for k in keys}, "params": len(g["params"])} for g in groups]
 
 
+def _replay_phases(run: Run, config: TrialConfig, units, epochs: int, steps_per_epoch) -> int:
+    """Rebuild the optimizer's groups as they were after `epochs` (a resume); the number of
+    stages that trained in the last of them. The caller then loads the optimizer's state."""
+    s, n_stages = config.strategy, len(units) - 1
+    t = trainable_stages(s, 1, n_stages)
+    for epoch in range(1, epochs + 1):
+        t_before, t = t, trainable_stages(s, epoch, n_stages)
+        _next_phase(run, config, units, epoch, t_before, t, steps_per_epoch)
+    return t
+
+
+class TrainingFault(RuntimeError):
+    """The training itself went wrong (`kind`: nan or diverged); the same config would again."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _check_loss(loss: float, epoch: int, bound: float) -> None:
+    if not math.isfinite(loss):
+        raise TrainingFault("nan", f"the training loss is {loss} at epoch {epoch}")
+    if loss > bound:
+        raise TrainingFault(
+            "diverged",
+            f"the training loss {loss:.4g} passed train.max_loss {bound:g} at epoch {epoch}",
+        )
+
+
 def fit(
-    config: TrialConfig, model: nn.Module, data: TaskData, callbacks: Iterable[Callback] = ()
+    config: TrialConfig,
+    model: nn.Module,
+    data: TaskData,
+    callbacks: Iterable[Callback] = (),
+    resume: dict | None = None,
 ) -> FitResult:
-    """Fine-tune `model` on `data` as `config` says; end with the best epoch's weights loaded."""
+    """Fine-tune `model` on `data` as `config` says; end with the best epoch's weights loaded.
+
+    With `resume` (a state offered to `on_checkpoint`), `model` must be built as for the first
+    call: fit loads the state and runs the epochs after the state's, calling the callbacks for
+    those only; the result (history, best epoch, seconds) covers every epoch.
+    """
     started = time.perf_counter()
+    if resume is not None:
+        checkpoint.check_state(resume, config)
+    callbacks = list(callbacks)
+    savers = [cb for cb in callbacks if callable(getattr(cb, "on_checkpoint", None))]
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     device = resolve_device(config.train.device)
@@ -346,11 +396,15 @@ def fit(
     )
     scored = run.ema.module if run.ema is not None else model  # what is evaluated and kept
     with_penalty = any(c > 0 for c in (reg.l1, reg.l2, reg.l2_sp, reg.l2_sp_head))
-    history: list[dict[str, float]] = []
-    groups_log: list[list[dict[str, Any]]] = []
-    best_value, best_epoch, best_state = None, 0, None
+    progress, first = checkpoint.Progress(), 1
+    if resume is not None:  # the optimizer's groups as they were, then every state
+        t = _replay_phases(run, config, units, resume["epoch"], steps_per_epoch)
+        checkpoint.restore(resume, model, run, progress, generator, device, anchors)
+        first = resume["epoch"] + 1
+    cpu_anchors = checkpoint.by_name(model, anchors) if savers else {}  # once: they never change
+    history, groups_log = progress.history, progress.groups_log
     try:
-        for epoch in range(1, train.epochs + 1):
+        for epoch in range(first, train.epochs + 1):
             t_before, t = t, trainable_stages(s, epoch, n_stages)
             _next_phase(run, config, units, epoch, t_before, t, steps_per_epoch)
             run.penalty = _freeze(units, t, reg, anchors)
@@ -385,15 +439,26 @@ def fit(
                 m["phase"] = float(epoch > s.lp_epochs)
             if s.kind == "gradual_unfreeze":
                 m["trainable_stages"] = float(t)
+            _check_loss(m["train_loss_running"], epoch, config.train.max_loss)
             history.append(m)
-            if _better(m[metric], best_value, direction):
-                best_value, best_epoch = m[metric], epoch
-                best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
+            if _better(m[metric], progress.best_value, direction):
+                progress.best_value, progress.best_epoch = m[metric], epoch
+                progress.best_state = {
+                    k: v.detach().clone() for k, v in scored.state_dict().items()
+                }
             for cb in callbacks:
                 cb.on_epoch_end(epoch, m)
+            if savers:
+                state = checkpoint.capture(
+                    epoch, config, model, run, progress, generator, device, cpu_anchors
+                )
+                state["seconds"] = progress.seconds + time.perf_counter() - started
+                for cb in savers:
+                    cb.on_checkpoint(epoch, state)
     finally:
         for p, flag in requires_grad:
             p.requires_grad_(flag)
+    best_epoch, best_state = progress.best_epoch, progress.best_state
     if best_state is None:  # every epoch's metric was NaN: keep the last weights
         best_epoch = train.epochs
         best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
@@ -404,7 +469,7 @@ def fit(
         best=history[best_epoch - 1],
         history=history,
         best_state={k: v.cpu() for k, v in best_state.items()},
-        seconds=time.perf_counter() - started,
+        seconds=progress.seconds + time.perf_counter() - started,
         device=str(device),
         threads=torch.get_num_threads(),
         param_groups=groups_log,

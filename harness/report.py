@@ -94,6 +94,8 @@ class Progress:
         line = f"[{self.done}/{self.total}] trial {trial.number} {state}"
         if "val_acc" in a:
             line += f" val_acc {a['val_acc']:.4f} overfit_gap {a['overfit_gap']:+.4f}"
+        if a.get("harness.error"):
+            line += f": {a['harness.error'][:200]}"
         if a.get("harness.pruned_epoch"):
             line += f" at epoch {a['harness.pruned_epoch']}"
         if a.get("harness.baseline"):

@@ -172,6 +172,7 @@ class TrainSpec(_Section):
     schedule: Literal["constant", "cosine"] = "constant"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Annotated[int, Field(ge=1)] | None = None  # CPU threads; None: torch's default
+    max_loss: Annotated[float, Field(gt=0.0)] = 1.0e4  # a running train loss above: diverged
 
 
 class StrategySpec(_Section):

@@ -8,7 +8,11 @@ with callbacks (metrics to MLflow, values to the pruner, progress) -> Optuna val
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import signal
+import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -19,9 +23,9 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from harness import report, tracking
-from harness.data import TaskData, load_target
-from harness.finetune import evaluate, fit, resolve_device, seed_everything
+from harness import checkpoint, report, tracking
+from harness.data import DataError, TaskData, load_target
+from harness.finetune import TrainingFault, evaluate, fit, resolve_device, seed_everything
 from harness.models import data_size_hint, load_state, model_for
 from harness.source import SourceModel, atomic_write, get_source_model, source_key
 from harness.spec import (
@@ -132,6 +136,85 @@ class PruneOnEpoch:
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT: the running trial keeps its resume state, its run ends KILLED
+    (`harness.fault=interrupted`), the trial is marked FAIL and re-queued, and the process ends."""
+
+
+def _raise_interrupted(signum, _frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+class TrialWatch:
+    """Core callback: a heartbeat on the trial every epoch (how other processes tell a live
+    trial from a dead one), and the resume state written atomically every epoch."""
+
+    def __init__(self, trial: optuna.Trial, resume_file: Path):
+        self.trial, self.resume_file = trial, resume_file
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.trial.set_user_attr("harness.heartbeat", time.time())
+
+    def on_checkpoint(self, epoch: int, state: dict) -> None:
+        checkpoint.save_state(state, self.resume_file)
+
+
+def resume_path(results: Path, study_name: str, number: int) -> Path:
+    """The resume state of a running trial: kept while it runs or after it was interrupted."""
+    folder = results / "resume" / safe_name(study_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"trial-{number}.pt"
+
+
+def _alive(trial, grace: float) -> bool:
+    """Whether a RUNNING trial's process still runs: by its pid on this host, else by the age
+    of its heartbeat (or of its start, before the first epoch)."""
+    a = trial.user_attrs
+    if a.get("harness.host") == socket.gethostname() and "harness.pid" in a:
+        try:
+            os.kill(int(a["harness.pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    last = a.get("harness.heartbeat") or (
+        trial.datetime_start.timestamp() if trial.datetime_start else time.time()
+    )
+    return time.time() - last < grace
+
+
+def requeue(study: optuna.Study, trial) -> None:
+    """Queue a trial's parameters again, naming the attempt it retries (which also tells the
+    retry where the resume state is)."""
+    attrs = {"harness.retry_of": trial.number}
+    if trial.user_attrs.get("harness.baseline"):
+        attrs["harness.baseline"] = True
+    study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+
+
+def reconcile(study: optuna.Study, client, study_name: str, grace: float = 600.0) -> list[int]:
+    """Before a study goes on: trials left RUNNING by a dead process are marked FAIL and
+    re-queued, and their MLflow runs (and any run of the study still RUNNING with no live
+    trial) end KILLED with `harness.fault=killed`. Returns the re-queued trial numbers."""
+    dead = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not _alive(t, grace)
+    ]
+    for t in dead:
+        study.tell(t.number, state=TrialState.FAIL)
+        requeue(study, t)
+    live = {
+        t.user_attrs.get("mlflow_run_id")
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    }
+    for run_id in tracking.running_trial_runs(client, study_name):
+        if run_id not in live:
+            tracking.end_trial_run(client, run_id, "FAIL", {"harness.fault": "killed"}, "KILLED")
+    return [t.number for t in dead]
+
+
 @dataclass
 class _Context:
     spec: ExperimentSpec
@@ -211,6 +294,17 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         tags["harness.source_model"] = pretrained_desc
     threads = config.train.threads or torch.get_num_threads()
     tags.update(tracking.provenance_tags(str(resolve_device(config.train.device)), threads))
+    retry_of = trial.user_attrs.get("harness.retry_of")
+    resume_from = None
+    if retry_of is not None:
+        previous = trial.study.trials[retry_of]
+        tags["harness.retry_of"] = previous.user_attrs.get("mlflow_run_id", "")
+        tags["harness.retry_of_trial"] = str(retry_of)
+        old_file = resume_path(ctx.opts.results, ctx.study_name, retry_of)
+        if old_file.is_file():
+            resume_from = old_file
+    trial.set_user_attr("harness.host", socket.gethostname())
+    trial.set_user_attr("harness.pid", os.getpid())
     started = time.perf_counter()
     run_id = tracking.start_trial_run(
         ctx.client,
@@ -229,19 +323,28 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     logger = tracking.EpochLogger(ctx.client, run_id, synchronous=not ctx.spec.search.async_logging)
     multi = spec.objective.metrics is not None  # Optuna cannot prune (or report) those
     pruner = PruneOnEpoch(trial, spec.objective.metric, enabled=not is_baseline, report=not multi)
-    state, end_tags = "FAIL", {}
+    state, end_tags, status = "FAIL", {}, None
     monitor = tracking.system_monitor(
         run_id, spec.search.system_metrics_interval, ctx.opts.tracking()
     )
     try:
         seed_everything(config.seed)
         model = model_for(config, data, pretrained)
+        resume_file = resume_path(ctx.opts.results, ctx.study_name, trial.number)
+        resume = None
+        if resume_from is not None:
+            resume = checkpoint.load_state_file(resume_from)
+            for epoch, m in enumerate(resume["history"], 1):  # the pruner sees the whole curve
+                if not multi:
+                    trial.report(m[spec.objective.metric], epoch)
+            end_tags["harness.resumed_from_epoch"] = resume["epoch"]
         callbacks = [
             logger,
+            TrialWatch(trial, resume_file),
             pruner,
             ctx.progress.epoch_line(trial.number, config.train.epochs),
         ]
-        result = fit(config, model, data, callbacks)
+        result = fit(config, model, data, callbacks, resume=resume)
         if spec.search.keep_checkpoints != "none":
             atomic_write(
                 checkpoint_path(ctx.opts.results, ctx.study_name, trial.number),
@@ -263,15 +366,26 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         trial.set_user_attr("harness.pruned_epoch", pruner.pruned_at)
         trial.set_user_attr("epochs_run", pruner.pruned_at)
         raise
+    except Interrupted:
+        status = "KILLED"
+        end_tags["harness.fault"] = "interrupted"
+        requeue(trial.study, trial.study.trials[trial.number])
+        raise
     except Exception as err:
-        end_tags["harness.error"] = f"{type(err).__name__}: {err}"
+        end_tags["harness.error"] = f"{type(err).__name__}: {err}"[:5000]
+        end_tags["harness.fault"] = fault_kind(err)
+        trial.set_user_attr("harness.error", end_tags["harness.error"][:500])
         tracking.log_text(ctx.client, run_id, traceback.format_exc(), "traceback.txt")
         raise
     finally:  # the run ends with the trial's true state, whatever happened
         ending = time.perf_counter()
         monitor.finish()
         logger.flush()
-        tracking.end_trial_run(ctx.client, run_id, state, end_tags)
+        tracking.end_trial_run(ctx.client, run_id, state, end_tags, status)
+        if status != "KILLED":  # a finished or faulty attempt is not resumed: its state goes
+            for number in (trial.number, retry_of):
+                if number is not None:
+                    resume_path(ctx.opts.results, ctx.study_name, number).unlink(missing_ok=True)
         done = time.perf_counter()
         cost = setup_seconds + logger.seconds + (done - ending)
         tracking.log_metrics_once(
@@ -384,6 +498,17 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
     return study, parent, True
 
 
+def fault_kind(err: BaseException) -> str:
+    """`harness.fault` of a failed trial: nan, diverged, oom, data, or error."""
+    if isinstance(err, TrainingFault):
+        return err.kind
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "oom"
+    if isinstance(err, DataError | OSError):
+        return "data"
+    return "error"
+
+
 def _preflight(ctx: _Context, config: TrialConfig, data: TaskData) -> None:
     """Fetch (or pretrain) the starting weights and build the model once, before any trial:
     a bad weights name or file is an input error (exit 2), not a study of failed trials."""
@@ -396,7 +521,7 @@ def _preflight(ctx: _Context, config: TrialConfig, data: TaskData) -> None:
 
 def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     """Create or resume the study and run it to its budget of finished trials (or the timeout)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what failed
     base_data = load_task(baseline_config(spec))  # bad data settings fail before any store
     opts.results.mkdir(parents=True, exist_ok=True)
     name = opts.study_name or spec.name
@@ -422,10 +547,17 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
         return finish_report(study, opts, name, client)
     if not created:
         tracking.reopen_run(client, parent)
+        retried = reconcile(study, client, name)
         progress.note(f"Resuming study {name!r}: {done} of {target} trials finished.")
+        if retried:
+            progress.note(f"Trials {retried} were left running by a dead process: re-queued.")
     deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
     budget = optuna.study.MaxTrialsCallback(target, states=FINISHED)
     status = "FINISHED"
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            handlers[sig] = signal.signal(sig, _raise_interrupted)
     try:
         while done < target:
             left = None if deadline is None else deadline - time.monotonic()
@@ -448,6 +580,8 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
         status = "KILLED"
         raise
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         progress.close()
         tracking.end_run(client, parent, status)
     return finish_report(study, opts, name, client)

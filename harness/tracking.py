@@ -226,12 +226,27 @@ def checkpoint_state(client: MlflowClient, run_id: str) -> str | None:
 
 
 def end_trial_run(
-    client: MlflowClient, run_id: str, state: str, tags: dict[str, str] | None = None
+    client: MlflowClient,
+    run_id: str,
+    state: str,
+    tags: dict[str, str] | None = None,
+    status: str | None = None,
 ) -> None:
-    """Tag `optuna.state` and end the run with the matching MLflow status."""
+    """Tag `optuna.state` and end the run with the matching MLflow status (or `status`: an
+    interrupted or killed attempt is FAIL in Optuna and KILLED in MLflow)."""
     all_tags = {"optuna.state": state, **(tags or {})}
     client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in all_tags.items()])
-    client.set_terminated(run_id, status=STATUS[state])
+    client.set_terminated(run_id, status=status or STATUS[state])
+
+
+def running_trial_runs(client: MlflowClient, study_name: str) -> list[str]:
+    """Ids of the study's trial runs that MLflow still shows RUNNING."""
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`optuna.study` = '{study_name}' and attributes.status = 'RUNNING'",
+        max_results=10000,
+    )
+    return [r.info.run_id for r in runs if "optuna.trial_number" in r.data.tags]
 
 
 def register_source_model(
@@ -384,3 +399,51 @@ def ui_command(tracking_uri: str, results: Path, host: str, port: int) -> list[s
     if is_local_store(tracking_uri):
         cmd += ["--default-artifact-root", (results / "mlartifacts").resolve().as_uri()]
     return cmd
+
+
+# --- Reproductions of trial runs (`run_study.py reproduce`). ---
+def find_run(client: MlflowClient, run_id: str):
+    """The run with this id, or None when the store has none (other errors are raised)."""
+    try:
+        return client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def metric_steps(client: MlflowClient, run_id: str, keys: list[str]) -> dict[str, dict[int, float]]:
+    """{metric: {step: value}} of those of `keys` the run has a history of; at a step logged
+    twice, the later value."""
+    out = {}
+    for key in keys:
+        history = sorted(
+            client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)
+        )
+        if history:
+            out[key] = {m.step: m.value for m in history}
+    return out
+
+
+def start_reproduce_run(
+    client: MlflowClient, of, flat_config: dict[str, Any], tags: dict[str, str]
+) -> str:
+    """A run `reproduce-of-trial-N` beside trial run `of` (same experiment, same parent),
+    tagged `harness.reproduces` and `harness.role=reproduce` (it is no trial run)."""
+    of_tags = of.data.tags
+    base = {"harness.reproduces": of.info.run_id, "harness.role": "reproduce"}
+    if of_tags.get("mlflow.parentRunId"):
+        base["mlflow.parentRunId"] = of_tags["mlflow.parentRunId"]
+    run = client.create_run(
+        of.info.experiment_id,
+        run_name=f"reproduce-of-trial-{of_tags.get('optuna.trial_number', '?')}",
+        tags={**tags, **base},
+    )
+    log_params(client, run.info.run_id, flat_config)
+    return run.info.run_id
+
+
+def end_run_tagged(client: MlflowClient, run_id: str, status: str, tags: dict[str, str]) -> None:
+    """Tag a run, then end it with `status` (FINISHED, FAILED or KILLED)."""
+    client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+    client.set_terminated(run_id, status=status)

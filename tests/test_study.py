@@ -44,11 +44,11 @@ def test_pruned_and_failed_trials_are_recorded_truthfully(results_dir, monkeypat
     calls = []
     real_fit = study_mod.fit
 
-    def flaky_fit(config, model, data, callbacks):
+    def flaky_fit(config, model, data, callbacks, resume=None):
         calls.append(config)
         if len(calls) == 3:
             raise RuntimeError("injected failure")
-        return real_fit(config, model, data, callbacks)
+        return real_fit(config, model, data, callbacks, resume=resume)
 
     monkeypatch.setattr(study_mod, "fit", flaky_fit)
     summary = run_study(spec, StudyOptions(results=results_dir, n_trials=3, quiet=True))

@@ -1,0 +1,416 @@
+"""Re-run one trial from its MLflow record alone and compare its per-epoch metrics
+(`run_study.py reproduce RUN_ID`).
+
+The record gives everything: the resolved `config.yaml` (seed included), the data split's hash
+(`harness.data_hash`, checked before anything runs), the CPU thread count (`harness.threads`:
+CPU results differ between thread counts, each repeatable), the device (`harness.device`), the
+starting weights (`harness.pretrained`) and, for a pruned trial, the epoch it stopped at
+(`harness.pruned_epoch`). The re-run is a new run beside the trial's (same experiment, same
+parent), tagged `harness.reproduces=RUN_ID` and `harness.role=reproduce`, FINISHED when every
+compared metric matches and FAILED when one differs. On the CPU they must match bit for bit;
+on a GPU, with deterministic algorithms on, within `GPU_TOLERANCE`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from harness import report, tracking
+from harness.spec import SpecError, TrialConfig, flatten, parse_yaml
+
+# The core's per-epoch metrics compared (not system metrics or timings), in table order.
+COMPARED = (
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "overfit_gap",
+    "overfit_gap_loss",
+    "lr",
+    "train_loss_running",
+    "train_acc_running",
+)
+OPTIONAL = ("train_penalty_running", "phase", "trainable_stages")  # when the record has them
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Exact (rel = abs = 0: the same float, NaN equal to NaN) or math.isclose's test."""
+
+    rel: float = 0.0
+    abs: float = 0.0
+
+    @property
+    def exact(self) -> bool:
+        return self.rel == 0.0 and self.abs == 0.0
+
+    def same(self, a: float | None, b: float | None) -> bool:
+        if a is None or b is None:
+            return a is None and b is None
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        if self.exact:
+            return a == b
+        return math.isclose(a, b, rel_tol=self.rel, abs_tol=self.abs)
+
+    def describe(self) -> str:
+        return "bit for bit" if self.exact else f"within rel {self.rel:g}, abs {self.abs:g}"
+
+
+EXACT = Tolerance()
+GPU_TOLERANCE = Tolerance(rel=1e-4, abs=1e-6)
+
+
+@dataclass(frozen=True)
+class Row:
+    epoch: int
+    metric: str
+    recorded: float | None
+    reproduced: float | None
+    same: bool
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run_id: str  # the reproduced trial run
+    new_run_id: str  # the reproduction's run
+    trial: str
+    epochs: int  # compared epochs: 1..epochs
+    pruned_epoch: int | None
+    tolerance: Tolerance
+    rows: tuple[Row, ...]
+
+    @property
+    def first_difference(self) -> Row | None:
+        return next((r for r in self.rows if not r.same), None)
+
+    @property
+    def matched(self) -> bool:
+        return self.first_difference is None
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.matched else 1
+
+    def verdict(self) -> str:
+        d = self.first_difference
+        if d is None:
+            return f"reproduced: all {self.epochs} epochs match {self.tolerance.describe()}"
+        return (
+            f"differs: first at epoch {d.epoch}, metric {d.metric}: "
+            f"recorded {_num(d.recorded)}, reproduced {_num(d.reproduced)}"
+        )
+
+    def table(self) -> str:
+        width = max(len(r.metric) for r in self.rows) if self.rows else 6
+        lines = [f"{'epoch':>5}  {'metric':<{width}}  {'recorded':<24}  reproduced"]
+        for r in self.rows:
+            mark = "" if r.same else "  <- differs"
+            lines.append(
+                f"{r.epoch:>5}  {r.metric:<{width}}  {_num(r.recorded):<24}  "
+                f"{_num(r.reproduced):<24}{mark}".rstrip()
+            )
+        return "\n".join(lines)
+
+    def render(self) -> str:
+        scope = f" (pruned at epoch {self.pruned_epoch})" if self.pruned_epoch else ""
+        head = (
+            f"Trial {self.trial} (run {self.run_id}){scope} against its reproduction "
+            f"(run {self.new_run_id}), {self.tolerance.describe()}:"
+        )
+        return f"{head}\n{self.table()}\n{self.verdict()}"
+
+
+def _num(value: float | None) -> str:
+    return "missing" if value is None else repr(value)
+
+
+def warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def recorded_histories(client, run, keys: list[str]) -> dict[str, dict[int, float]]:
+    """{metric: {epoch: value}} of the trial's record. A trial that resumed an interrupted
+    attempt (`harness.resumed_from_epoch`) logged only the later epochs: the earlier ones come
+    from the attempt it retried (`harness.retry_of`)."""
+    out = tracking.metric_steps(client, run.info.run_id, keys)
+    tags = run.data.tags
+    for _ in range(100):  # a chain of retries
+        if not tags.get("harness.retry_of") or "harness.resumed_from_epoch" not in tags:
+            break
+        upto = int(tags["harness.resumed_from_epoch"])
+        previous = tracking.find_run(client, tags["harness.retry_of"])
+        if previous is None:
+            break
+        for key, history in tracking.metric_steps(client, previous.info.run_id, keys).items():
+            for step, value in history.items():
+                if step <= upto:
+                    out.setdefault(key, {}).setdefault(step, value)
+        tags = previous.data.tags
+    return out
+
+
+def compare(
+    recorded: dict[str, dict[int, float]],
+    reproduced: list[dict[str, float]],
+    epochs: int,
+    tolerance: Tolerance,
+) -> list[Row]:
+    """Rows of (epoch, metric) for epochs 1..`epochs`; a value only one side has differs."""
+    extra = [k for k in OPTIONAL if k in recorded or any(k in m for m in reproduced)]
+    rows = []
+    for epoch in range(1, epochs + 1):
+        mine = reproduced[epoch - 1] if epoch <= len(reproduced) else {}
+        for key in (*COMPARED, *extra):
+            a, b = recorded.get(key, {}).get(epoch), mine.get(key)
+            rows.append(Row(epoch, key, a, b, tolerance.same(a, b)))
+    return rows
+
+
+class _Recorder:
+    """Core callback: keeps every epoch's metrics."""
+
+    def __init__(self):
+        self.history: list[dict[str, float]] = []
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.history.append(dict(metrics))
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAt:
+    """Core callback: ends the fit after `epoch` (where the recorded trial was pruned)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch >= self.epoch:
+            raise _Stop(epoch)
+
+
+def _store_exists(uri: str) -> bool:
+    """False only for a local SQLite store whose file is missing (it would be created empty)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).is_file()
+    return True
+
+
+def _trial_run(client, run_id: str, uri: str):
+    run = tracking.find_run(client, run_id)
+    if run is None:
+        raise SpecError(f"no MLflow run {run_id!r} in {tracking.redact(uri)}")
+    tags = run.data.tags
+    if "optuna.trial_number" not in tags:
+        role = tags.get("harness.role", "unknown")
+        raise SpecError(f"run {run_id} is not a trial run (harness.role={role}); give a trial's")
+    state = tags.get("optuna.state")
+    if state not in ("COMPLETE", "PRUNED"):
+        why = f"its trial state is {state}" if state else "its trial is running or was cut off"
+        raise SpecError(f"run {run_id}: {why}; only COMPLETE and PRUNED trials are reproduced")
+    return run
+
+
+def _config(run_id: str) -> TrialConfig:
+    import mlflow
+
+    try:
+        text = tracking.load_text(run_id, "config.yaml")
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        raise SpecError(f"run {run_id} has no readable config.yaml artifact: {err}") from None
+    try:
+        return TrialConfig.model_validate(parse_yaml(text))
+    except ValueError as err:
+        raise SpecError(f"run {run_id}: its config.yaml does not validate now: {err}") from None
+
+
+def _provenance_warnings(recorded: dict[str, str], now: dict[str, str]) -> None:
+    """Warn where code, libraries or hardware differ from the record."""
+    for key in ("harness.git_commit", *sorted(k for k in now if k.startswith("harness.version."))):
+        was, is_ = recorded.get(key), now.get(key)
+        if was is None:
+            warn(f"the record has no {key} tag (now {is_})")
+        elif was != is_:
+            what = "code" if key == "harness.git_commit" else key.removeprefix("harness.version.")
+            warn(f"{what} differs from the record: {key} was {was}, is {is_}")
+    if recorded.get("harness.git_dirty") == "true":
+        warn("the recorded trial ran with uncommitted changes: its commit does not pin its code")
+    if now.get("harness.git_dirty") == "true":
+        warn("this checkout has uncommitted changes")
+    for key in ("harness.device", "harness.cpu"):
+        if recorded.get(key) and recorded.get(key) != now.get(key):
+            warn(f"{key} differs from the record: was {recorded[key]}, is {now.get(key)}")
+
+
+def _starting_weights(ctx, config: TrialConfig, recorded: str | None) -> tuple[Path | None, str]:
+    """What `_Context.pretrained_for` gives, but a state_dict file at the recorded absolute path
+    first, and a source model missing from the results folder's cache downloaded from the
+    recorded registry version (the exact bits) before it would be pretrained again."""
+    from harness.source import source_key
+    from harness.study import safe_name
+
+    kind = config.model.pretrained_kind
+    if kind == "file" and recorded and Path(recorded).is_file():
+        return Path(recorded), recorded
+    if kind == "source" and recorded and recorded.startswith("models:/"):
+        key, cache = source_key(config), ctx.opts.results / "sources"
+        if not ((cache / f"{key}.pt").is_file() and (cache / f"{key}.json").is_file()):
+            folder = ctx.opts.results / "pretrained" / safe_name(recorded)
+            with contextlib.suppress(ValueError):  # not in this registry: pretrained again
+                return tracking.resolve_model_uri(recorded, folder), recorded
+    return ctx.pretrained_for(config)
+
+
+def _deterministic_cuda() -> tuple[bool, bool]:
+    """CUBLAS_WORKSPACE_CONFIG and deterministic algorithms, before CUDA starts; the previous
+    (deterministic, warn_only) settings."""
+    import torch
+
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    if torch.cuda.is_initialized() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        warn("CUDA started before CUBLAS_WORKSPACE_CONFIG was set: cuBLAS may not repeat")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    # warn_only: an op with no deterministic CUDA kernel warns (naming itself) instead of failing
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    return before
+
+
+def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
+    """Re-run trial run `run_id` of the stores `opts` (a StudyOptions) names and compare.
+
+    Raises SpecError (exit 2) for an unknown or unsuitable run and a data split whose hash
+    differs from the record; prints the start, warnings on stderr, and returns the Outcome.
+    """
+    out = out or sys.stdout
+    import torch
+
+    from harness.data import DataError
+    from harness.finetune import fit, seed_everything
+    from harness.models import model_for
+    from harness.study import _Context, load_task
+
+    uri = opts.tracking()
+    if not _store_exists(uri):  # before connecting, which would create an empty one
+        raise SpecError(
+            f"no MLflow store at {tracking.redact(uri)}: give --results or --tracking-uri"
+        )
+    client = tracking.connect(uri)
+    run = _trial_run(client, run_id, uri)
+    tags = run.data.tags
+    config = _config(run_id)
+
+    device_tag = tags.get("harness.device", "cpu")
+    gpu = device_tag.startswith("cuda")
+    device = "cuda" if gpu else "cpu"  # as recorded, whatever `auto` would pick here
+    config = config.model_copy(update={"train": config.train.model_copy(update={"device": device})})
+    if "harness.threads" in tags:
+        threads = int(tags["harness.threads"])
+    else:
+        threads = config.train.threads or torch.get_num_threads()
+        warn(f"the record has no harness.threads tag; using {threads} threads")
+    recorded = recorded_histories(client, run, [*COMPARED, *OPTIONAL])
+    pruned_epoch = None
+    if tags.get("optuna.state") == "PRUNED":  # compared up to the pruning epoch
+        pruned = tags.get("harness.pruned_epoch", "")
+        last = max((max(h) for h in recorded.values() if h), default=1)
+        pruned_epoch = int(pruned) if pruned.isdigit() else last
+    epochs = pruned_epoch or config.train.epochs
+    tolerance = GPU_TOLERANCE if gpu else EXACT
+
+    old_threads = torch.get_num_threads()
+    old_deterministic = _deterministic_cuda() if gpu else None  # before CUDA starts
+    try:
+        if gpu and not torch.cuda.is_available():
+            raise SpecError(f"run {run_id} ran on {device_tag}; no CUDA device is visible here")
+        torch.set_num_threads(threads)
+        try:
+            data = load_task(config)
+        except DataError as err:
+            raise SpecError(f"run {run_id}: data: {err}") from None
+        recorded_hash = tags.get("harness.data_hash")
+        if recorded_hash is None:
+            warn("the record has no harness.data_hash tag: the data split cannot be checked")
+        elif recorded_hash != data.data_hash:
+            raise SpecError(
+                f"run {run_id}: the data split differs from the record (data hash "
+                f"{recorded_hash} recorded, {data.data_hash} now); refusing to compare"
+            )
+        now = tracking.provenance_tags(device, threads)
+        _provenance_warnings(tags, now)
+        ctx = _Context(
+            None,
+            opts,
+            tags.get("optuna.study", ""),
+            client,
+            run.info.experiment_id,
+            tags.get("mlflow.parentRunId", ""),
+            report.Progress(total=0, done=0, quiet=True, bar=False),
+        )
+        start, start_desc = _starting_weights(ctx, config, tags.get("harness.pretrained"))
+        if tags.get("harness.pretrained") not in (None, start_desc):
+            warn(
+                f"starting weights differ from the record: harness.pretrained was "
+                f"{tags['harness.pretrained']}, is {start_desc}"
+            )
+        trial = tags["optuna.trial_number"]
+        print(
+            f"Reproducing trial {trial} of study {tags.get('optuna.study', '?')} (run {run_id}): "
+            f"{epochs} epochs{' (pruned there)' if pruned_epoch else ''} on {device}, "
+            f"{threads} CPU threads, seed {config.seed}, data hash {data.data_hash}",
+            file=out,
+            flush=True,
+        )
+        new_tags = {**now, "harness.data_hash": data.data_hash, "harness.pretrained": start_desc}
+        flat = flatten(config.model_dump(mode="json"))
+        new_id = tracking.start_reproduce_run(client, run, flat, new_tags)
+        tracking.log_text(
+            client, new_id, tracking.yaml_text(config.model_dump(mode="json")), "config.yaml"
+        )
+        recorder = _Recorder()
+        logger = tracking.EpochLogger(client, new_id)
+        callbacks = [recorder, logger, *([_StopAt(pruned_epoch)] if pruned_epoch else [])]
+        status, end_tags = "FAILED", {}
+        try:
+            seed_everything(config.seed)
+            model = model_for(config, data, start)
+            with contextlib.suppress(_Stop):
+                fit(config, model, data, callbacks)
+            rows = compare(recorded, recorder.history, epochs, tolerance)
+            outcome = Outcome(run_id, new_id, trial, epochs, pruned_epoch, tolerance, tuple(rows))
+            first = outcome.first_difference
+            status = "FINISHED" if first is None else "FAILED"
+            end_tags = {
+                "harness.reproduce_result": "match" if first is None else "differ",
+                "harness.reproduce_tolerance": tolerance.describe(),
+            }
+            if first is not None:
+                end_tags["harness.reproduce_first_difference"] = outcome.verdict()
+            tracking.log_text(client, new_id, outcome.render() + "\n", "reproduce.txt")
+            return outcome
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        except Exception as err:
+            end_tags["harness.error"] = f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            logger.flush()
+            tracking.end_run_tagged(client, new_id, status, end_tags)
+    finally:
+        torch.set_num_threads(old_threads)
+        if old_deterministic is not None:
+            torch.use_deterministic_algorithms(old_deterministic[0], warn_only=old_deterministic[1])
