@@ -4,6 +4,7 @@
     python run_study.py check experiments/NAME.yaml [--set key=value ...]
     python run_study.py ui [--host 127.0.0.1] [--port 5000]
     python run_study.py report STUDY [--seeds N]
+    python run_study.py reproduce RUN_ID
 
 Every command takes --results DIR, --storage URL and --tracking-uri URI.
 Exit codes: 0 done, 2 bad input, 1 anything else.
@@ -55,7 +56,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run_study.py",
         description="Run (or resume, or extend) the Optuna study an experiment file describes.",
-        epilog="Other commands: run_study.py check FILE | ui | report STUDY. See README.md.",
+        epilog="Other commands: run_study.py check FILE | ui | report STUDY | reproduce RUN_ID. "
+        "See README.md.",
     )
     _spec_args(p)
     p.add_argument(
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         from harness.data import DataError
 
         if isinstance(err, DataError):
-            print(f"error: {args.experiment}: {err}", file=sys.stderr)
+            where = getattr(args, "experiment", None) or getattr(args, "study", None) or "data"
+            print(f"error: {where}: {err}", file=sys.stderr)
             return 2
         traceback.print_exc()
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)

@@ -68,7 +68,11 @@ class StudyOptions:
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """`*.journal`: an Optuna journal file (safe for several local processes); else an RDB URL."""
     if "://" in url:
-        return optuna.storages.RDBStorage(url)
+        # Optuna's own heartbeat: a trial whose process stops beating for 2 minutes is failed
+        # by the next process that starts a trial, and re-queued like the harness's own.
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=30, grace_period=120, failed_trial_callback=requeue
+        )
     if url.endswith(".journal"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -470,7 +474,8 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
         recorded = study.user_attrs.get("harness.spec_hash")
         if recorded != spec_hash(spec):
             raise SpecError(
-                f"study {name!r} in {opts.storage_url()} was made from a different experiment spec "
+                f"study {name!r} in {tracking.redact(opts.storage_url())} was made from a "
+                "different experiment spec "
                 f"(spec hash {recorded} vs {spec_hash(spec)}); give --study-name for a new study"
             ) from None
         parent = study.user_attrs.get("mlflow_parent_run_id")
@@ -674,7 +679,7 @@ def finish_report(
     if complete and complete[0].number in test:
         best = complete[0]
         metrics = {"val_acc": best.attrs["val_acc"], **test[best.number]}
-        tracking.register_best(client, name, best.attrs["mlflow_run_id"], metrics)
+        tracking.register_best(client, safe_name(name), best.attrs["mlflow_run_id"], metrics)
     shown = [*complete[:3], *(t for t in chosen if t not in complete[:3])]
     curves = {
         t.number: tracking.metric_histories(

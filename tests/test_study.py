@@ -323,3 +323,27 @@ def test_multi_objective_refuses_a_pruner():
         _spec(
             "objective.metrics=[val_acc, overfit_gap]", "objective.directions=[maximize, minimize]"
         )
+
+
+def test_names_that_reach_paths_are_sanitised(results_dir, tmp_path):
+    opts = StudyOptions(results=results_dir, n_trials=1, study_name="../../evil/..name", quiet=True)
+    run_study(_spec(), opts)
+    inside = {p.resolve() for p in results_dir.rglob("*")}
+    assert all(str(p).startswith(str(results_dir.resolve())) for p in inside)
+    assert not (tmp_path / "evil").exists() and not (results_dir.parent / "evil").exists()
+    from harness.study import safe_name
+
+    assert ".." not in safe_name("../../evil/..name") and "/" not in safe_name("a/b")
+    assert (results_dir / "reports" / safe_name("../../evil/..name")).is_dir()
+
+
+def test_passwords_are_redacted():
+    from harness import tracking
+
+    for url in (
+        "postgresql://harness:s3cret@127.0.0.1:1/optuna",
+        "postgresql+psycopg://harness:s3cret@db.example:5432/optuna?sslmode=require",
+        "http://user:s3cret@mlflow.local:5000",
+    ):
+        assert "s3cret" not in tracking.redact(url) and ":***@" in tracking.redact(url)
+    assert tracking.redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
