@@ -71,7 +71,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         # Optuna's own heartbeat: a trial whose process stops beating for 2 minutes is failed
         # by the next process that starts a trial, and re-queued like the harness's own.
         return optuna.storages.RDBStorage(
-            url, heartbeat_interval=30, grace_period=120, failed_trial_callback=requeue
+            url, heartbeat_interval=30, grace_period=120, heartbeat_stale_trial_callback=requeue
         )
     if url.endswith(".journal"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
