@@ -69,6 +69,12 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     p.add_argument("--study-name", help="Optuna study name (default: the file's name)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
+    p.add_argument(
+        "--workers",
+        help="N or auto: N worker processes of the study on this "
+        "machine (auto: one per visible GPU, else 1), one GPU each",
+    )
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     _common(p)
     return p
 
@@ -171,6 +177,10 @@ def cmd_run(args) -> int:
         raise SpecError(f"--n-trials {args.n_trials}: must be at least 1")
     if args.timeout is not None and args.timeout <= 0:
         raise SpecError(f"--timeout {args.timeout}: must be positive")
+    if args.workers is not None and not (
+        args.workers == "auto" or (args.workers.isdigit() and int(args.workers) >= 1)
+    ):
+        raise SpecError(f"--workers {args.workers}: give a number of at least 1, or auto")
     spec = load_spec(args.experiment, args.overrides)  # fails before anything is created
     from harness import report
     from harness.study import StudyOptions, run_study
@@ -183,10 +193,27 @@ def cmd_run(args) -> int:
         n_trials=args.n_trials,
         timeout=args.timeout,
         quiet=args.quiet,
+        workers=args.workers,
+        worker=args.worker,
+        argv=tuple(_without_workers(args.argv)),
     )
     summary = run_study(spec, opts)
-    print(report.render(summary))
+    if not args.worker:
+        print(report.render(summary))
     return 0
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    """The command line a spawned worker gets: the same, less --workers (and --quiet)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--workers":
+            skip = True
+        elif not item.startswith("--workers=") and item != "--quiet":
+            out.append(item)
+    return out
 
 
 def cmd_ui(args) -> int:
@@ -211,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "reproduce": (_reproduce_parser, cmd_reproduce),
     }[command]
     args = parser().parse_args(argv[1:] if command != "run" else argv)
+    args.argv = list(argv)
     try:
         return handler(args)
     except SpecError as err:

@@ -5,6 +5,7 @@ Plain data in, text out: the study module turns Optuna trials into `TrialRow`s.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
 import warnings
@@ -108,6 +109,19 @@ class Progress:
             if len(study.directions) > 1:
                 line += f"  Pareto front: {len(study.best_trials)} trials"
         self.note(line)
+
+    def set_done(self, done: int, study=None) -> None:
+        """The whole study's finished trials (other processes' included)."""
+        if done > self.done:
+            if self.bar is not None:
+                self.bar.update(done - self.done)
+            elif not self.quiet:
+                best = ""
+                if study is not None and len(study.directions) == 1:
+                    with contextlib.suppress(ValueError):  # none complete yet
+                        best = f"  best {study.best_value:.4f} (trial {study.best_trial.number})"
+                print(f"[{done}/{self.total}] finished{best}", flush=True)
+            self.done = done
 
     def close(self) -> None:
         if self.bar is not None:

@@ -23,7 +23,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from harness import checkpoint, report, tracking
+from harness import checkpoint, report, tracking, workers
 from harness.data import DataError, TaskData, load_target
 from harness.finetune import TrainingFault, evaluate, fit, resolve_device, seed_everything
 from harness.models import data_size_hint, load_state, model_for
@@ -56,6 +56,9 @@ class StudyOptions:
     )
     timeout: float | None = None
     quiet: bool = False
+    workers: str | None = None  # N or auto: this process spawns N workers of the study
+    worker: bool = False  # a spawned worker: it runs trials; the spawner reports
+    argv: tuple[str, ...] = ()  # the command line, for the spawned workers
 
     def storage_url(self) -> str:
         return self.storage or str(self.results / "optuna.journal")
@@ -83,8 +86,10 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     )
 
 
-def make_sampler(spec: ExperimentSpec) -> optuna.samplers.BaseSampler:
-    seed = spec.seed
+def make_sampler(spec: ExperimentSpec, salt: int = 0) -> optuna.samplers.BaseSampler:
+    """The file's sampler, seeded with `seed + salt` (each worker of a study has its own salt,
+    or every worker would propose the same parameters)."""
+    seed = spec.seed + salt
     return {
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
@@ -197,7 +202,9 @@ def requeue(study: optuna.Study, trial) -> None:
     study.enqueue_trial(dict(trial.params), user_attrs=attrs)
 
 
-def reconcile(study: optuna.Study, client, study_name: str, grace: float = 600.0) -> list[int]:
+def reconcile(
+    study: optuna.Study, client, study_name: str, grace: float = 600.0, quick: bool = False
+) -> list[int]:
     """Before a study goes on: trials left RUNNING by a dead process are marked FAIL and
     re-queued, and their MLflow runs (and any run of the study still RUNNING with no live
     trial) end KILLED with `harness.fault=killed`. Returns the re-queued trial numbers."""
@@ -206,9 +213,15 @@ def reconcile(study: optuna.Study, client, study_name: str, grace: float = 600.0
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not _alive(t, grace)
     ]
-    for t in dead:
-        study.tell(t.number, state=TrialState.FAIL)
+    for t in list(dead):
+        try:
+            study.tell(t.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError):  # another worker marked it first: it re-queues
+            dead.remove(t)
+            continue
         requeue(study, t)
+    if quick and not dead:  # after every trial: only look at MLflow when a process died
+        return []
     live = {
         t.user_attrs.get("mlflow_run_id")
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -458,9 +471,17 @@ def finished_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+def _sampler_salt(opts: StudyOptions) -> int:
+    """0 for a lone process (a study repeats under its seed); a spawned worker's index plus 1;
+    for a process that joins from elsewhere, its pid."""
+    if opts.worker:
+        return 1 + int(os.environ.get("HARNESS_WORKER_INDEX", "0"))
+    return 0
+
+
 def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp_id: str):
     storage = open_storage(opts.storage_url())
-    sampler, pruner = make_sampler(spec), make_pruner(spec)
+    sampler, pruner = make_sampler(spec, _sampler_salt(opts)), make_pruner(spec)
     try:
         study = optuna.create_study(
             storage=storage,
@@ -470,6 +491,11 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
             directions=list(spec.objective.all_directions),
         )
     except optuna.exceptions.DuplicatedStudyError:
+        if not opts.worker and any(
+            t.state == TrialState.RUNNING
+            for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+        ):  # another process is running this study now: propose other parameters than it
+            sampler = make_sampler(spec, os.getpid())
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
         recorded = study.user_attrs.get("harness.spec_hash")
         if recorded != spec_hash(spec):
@@ -479,6 +505,14 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
                 f"(spec hash {recorded} vs {spec_hash(spec)}); give --study-name for a new study"
             ) from None
         parent = study.user_attrs.get("mlflow_parent_run_id")
+        deadline = time.monotonic() + 60
+        while parent is None and time.monotonic() < deadline:  # its creator is setting it up
+            time.sleep(0.5)
+            parent = optuna.load_study(study_name=name, storage=storage).user_attrs.get(
+                "mlflow_parent_run_id"
+            )
+        if parent is None:
+            raise RuntimeError(f"study {name!r} has no MLflow parent run after 60 s") from None
         return study, parent, False
     study.set_user_attr("harness.spec_hash", spec_hash(spec))
     study.set_user_attr("harness.experiment", spec.name)
@@ -550,7 +584,13 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
             f"Give a larger --n-trials to extend it."
         )
         return finish_report(study, opts, name, client)
-    if not created:
+    if opts.workers and not opts.worker:
+        n = workers.worker_count(opts.workers, workers.visible_gpus())
+        if n > 1:
+            return _run_workers(study, opts, name, n, client, parent, progress)
+    if opts.worker:
+        retried = reconcile(study, client, name)
+    elif not created:
         tracking.reopen_run(client, parent)
         retried = reconcile(study, client, name)
         progress.note(f"Resuming study {name!r}: {done} of {target} trials finished.")
@@ -572,7 +612,12 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
                 lambda t: _objective(ctx, t),
                 n_trials=target - done,
                 timeout=left,
-                callbacks=[budget, lambda st, _t: apply_retention(ctx, st), progress.on_trial_end],
+                callbacks=[
+                    budget,
+                    lambda st, _t: apply_retention(ctx, st),
+                    lambda st, _t: reconcile(st, client, name, quick=True),  # a dead worker's
+                    progress.on_trial_end,
+                ],
                 catch=(Exception,),
             )
             now = finished_count(study)
@@ -588,6 +633,41 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         progress.close()
+        if not opts.worker:
+            tracking.end_run(client, parent, status)
+    if opts.worker:  # the process that spawned the workers reports, once
+        return summarize(study, opts, name)
+    return finish_report(study, opts, name, client)
+
+
+def _run_workers(study, opts, name, n, client, parent, progress) -> report.Summary:
+    """Spawn `n` workers of the study (one GPU each, an even share of the CPU threads), show
+    the whole study's progress while they run, and report once when they are done."""
+    envs = workers.assign(n, workers.visible_gpus(), os.cpu_count() or 1)
+    tracking.reopen_run(client, parent)
+    reconcile(study, client, name)
+    logs = opts.results / "logs" / safe_name(name)
+    progress.note(f"{n} workers of study {name!r}; their logs: {logs}")
+    procs = workers.spawn(list(opts.argv), envs, logs)
+    status = "FINISHED"
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(1.0)
+            progress.set_done(finished_count(study), study)
+    except BaseException:
+        status = "KILLED"
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=60)
+        raise
+    finally:
+        progress.set_done(finished_count(study), study)
+        progress.close()
+        codes = [p.returncode for p in procs]
+        if status == "FINISHED" and any(c != 0 for c in codes):
+            status = "FAILED"
+            progress.note(f"workers ended with exit codes {codes}; see {logs}")
         tracking.end_run(client, parent, status)
     return finish_report(study, opts, name, client)
 
