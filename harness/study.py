@@ -180,13 +180,17 @@ def _alive(trial, grace: float) -> bool:
     of its heartbeat (or of its start, before the first epoch)."""
     a = trial.user_attrs
     if a.get("harness.host") == socket.gethostname() and "harness.pid" in a:
+        pid = int(a["harness.pid"])
         try:
-            os.kill(int(a["harness.pid"]), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
             return True
-        return True
+        try:  # a killed process that its parent has not reaped yet is a zombie: dead
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return True
     last = a.get("harness.heartbeat") or (
         trial.datetime_start.timestamp() if trial.datetime_start else time.time()
     )
@@ -472,8 +476,8 @@ def finished_count(study: optuna.Study) -> int:
 
 
 def _sampler_salt(opts: StudyOptions) -> int:
-    """0 for a lone process (a study repeats under its seed); a spawned worker's index plus 1;
-    for a process that joins from elsewhere, its pid."""
+    """0 for the process that creates the study (a one-process study repeats under its seed);
+    a spawned worker's index plus 1; a process that joins an existing study uses its pid."""
     if opts.worker:
         return 1 + int(os.environ.get("HARNESS_WORKER_INDEX", "0"))
     return 0
@@ -491,10 +495,7 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
             directions=list(spec.objective.all_directions),
         )
     except optuna.exceptions.DuplicatedStudyError:
-        if not opts.worker and any(
-            t.state == TrialState.RUNNING
-            for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-        ):  # another process is running this study now: propose other parameters than it
+        if not opts.worker:  # others may run this study now: propose other parameters
             sampler = make_sampler(spec, os.getpid())
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
         recorded = study.user_attrs.get("harness.spec_hash")

@@ -189,9 +189,9 @@ def test_workers_on_postgresql_and_a_tracking_server_survive_a_killed_worker(tmp
     ]
     slow = [
         *TINY,
-        "train.epochs=4",
-        "model.width=96",
-        "data.shots_per_class=120",
+        "train.epochs=3",
+        "model.width=64",
+        "data.shots_per_class=100",
         "data.val_per_class=20",
     ]
     for s in slow:
