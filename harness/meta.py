@@ -163,6 +163,11 @@ class EpisodeSampler:
         queries: int,
         seed: int,
     ):
+        if any(isinstance(c, str) for c in classes):
+            raise ValueError(
+                f"EpisodeSampler: class names {list(classes)[:3]}...: labels are integers "
+                "(`load_pool` turns a split of names into one of labels)"
+            )
         classes = tuple(int(c) for c in classes)
         if len(set(classes)) != len(classes):
             raise ValueError(f"EpisodeSampler: classes {classes} names one twice")
@@ -255,10 +260,8 @@ class MetaConfig:
             raise ValueError(f"MetaConfig.meta_optimizer: {self.meta_optimizer!r}: adam or sgd")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"MetaConfig.schedule: {self.schedule!r}: constant or cosine")
-        for name in ("ways", "shots", "queries", "meta_batch_size", "meta_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"MetaConfig.{name}: must be >= 1, not {getattr(self, name)}")
-        for name in ("episodes_per_epoch", "val_episodes"):
+        counts = ("ways", "shots", "queries", "meta_batch_size", "meta_epochs")
+        for name in (*counts, "episodes_per_epoch", "val_episodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MetaConfig.{name}: must be >= 1, not {getattr(self, name)}")
         for name in ("eval_ways", "eval_shots", "eval_queries"):
@@ -449,10 +452,18 @@ def _check_head(config: MetaConfig, model: nn.Module) -> None:
 
 
 # --- Episodes in, (loss, correct) out ------------------------------------------------------
-def evaluate_episode(config: MetaConfig, model: nn.Module, episode: Episode, ways: int):
-    """(query loss, query correct count) after adaptation, on the device; the model is in
-    train mode (batch statistics) and unchanged."""
+def _batch_stats_mode(model: nn.Module) -> None:
+    """Train mode (BatchNorm on batch statistics), but dropout off: evaluation."""
     model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.eval()
+
+
+def evaluate_episode(config: MetaConfig, model: nn.Module, episode: Episode, ways: int):
+    """(query loss, query correct count) after adaptation, on the device. BatchNorm uses batch
+    statistics (train mode), dropout is off; the model's parameters are unchanged."""
+    _batch_stats_mode(model)
     if config.algorithm == "protonet":
         with torch.no_grad():
             loss, logits = protonet_loss(model, episode, ways)

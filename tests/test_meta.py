@@ -83,6 +83,8 @@ def test_splits_must_be_disjoint_and_classes_big_enough(pool):
         meta.EpisodeSampler(x, y, SPLIT.test, 3, 100, 100, seed=0)
     with pytest.raises(ValueError, match="4-way"):
         meta.EpisodeSampler(x, y, SPLIT.test, 4, 1, 1, seed=0)
+    with pytest.raises(ValueError, match="load_pool"):
+        meta.EpisodeSampler(x, y, meta.CIFAR_FS_SPLIT.test, 3, 1, 1, seed=0)
     fs = meta.CIFAR_FS_SPLIT
     assert (len(fs.train), len(fs.val), len(fs.test)) == (64, 16, 20)
     assert set(fs.classes) == set(meta.CIFAR100_CLASSES) and len(meta.CIFAR100_CLASSES) == 100
