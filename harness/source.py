@@ -91,8 +91,12 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def get_source_model(config: TrialConfig, cache_dir: Path) -> SourceModel:
-    """The cached source model for this config's settings; trains and caches it when missing."""
+def get_source_model(config: TrialConfig, cache_dir: Path, fetch=None) -> SourceModel:
+    """The cached source model for this config's settings; trains and caches it when missing.
+
+    `fetch(key) -> (path, metrics) | None` is asked first when the cache misses (the study
+    passes one that downloads the model registry's version, so another node's model is used
+    rather than trained again)."""
     key = source_key(config)
     cache_dir.mkdir(parents=True, exist_ok=True)
     path, meta_path = cache_dir / f"{key}.pt", cache_dir / f"{key}.json"
@@ -101,6 +105,13 @@ def get_source_model(config: TrialConfig, cache_dir: Path) -> SourceModel:
         if path.is_file() and meta_path.is_file():
             meta = json.loads(meta_path.read_text())
             return SourceModel(key, path, meta["settings"], meta["metrics"], trained_now=False)
+        fetched = fetch(key) if fetch is not None else None
+        if fetched is not None:
+            src, metrics = fetched
+            atomic_write(path, lambda f: f.write(Path(src).read_bytes()))
+            meta = {"settings": source_settings(config), "metrics": metrics, "fetched": True}
+            atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+            return SourceModel(key, path, meta["settings"], metrics, trained_now=False)
         pre = pretrain_config(config)
         data = load_source(config.data, config.split_seed, size_hint=data_size_hint(config))
         seed_everything(pre.seed)

@@ -284,11 +284,17 @@ class _Context:
         key = source_key(config)
         if key not in self.sources:
             self.progress.note(f"source model {key}: looking in {self.opts.results / 'sources'}")
-            src = get_source_model(config, self.opts.results / "sources")
+            src = get_source_model(
+                config,
+                self.opts.results / "sources",
+                fetch=lambda k: tracking.fetch_source_model(
+                    self.client, k, self.opts.results / "pretrained" / f"source-{k}"
+                ),
+            )
             uri = tracking.register_source_model(
                 self.client, self.exp_id, src.key, src.path, src.settings, src.metrics
             )
-            how = "trained now" if src.trained_now else "from the cache"
+            how = "trained now" if src.trained_now else "from the cache or the registry"
             self.progress.note(
                 f"source model {key} ({how}): source val_acc "
                 f"{src.metrics['val_acc']:.4f}, registered as {uri}"

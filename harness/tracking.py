@@ -249,6 +249,26 @@ def running_trial_runs(client: MlflowClient, study_name: str) -> list[str]:
     return [r.info.run_id for r in runs if "optuna.trial_number" in r.data.tags]
 
 
+def fetch_source_model(client: MlflowClient, key: str, dest: Path) -> tuple[Path, dict] | None:
+    """The registry's latest `source-KEY` version as a local file and its source metrics, or
+    None when this tracking store has none."""
+    try:
+        versions = client.search_model_versions(f"name = 'source-{key}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    if not versions:
+        return None
+    v = max(versions, key=lambda v: int(v.version))
+    path = resolve_model_uri(f"models:/source-{key}/{v.version}", dest)
+    run = client.get_run(v.run_id)
+    metrics = {
+        k.removeprefix("source_"): val
+        for k, val in run.data.metrics.items()
+        if k.startswith("source_")
+    }
+    return path, metrics
+
+
 def register_source_model(
     client: MlflowClient, exp_id: str, key: str, path: Path, settings: dict, metrics: dict
 ) -> str:

@@ -347,3 +347,30 @@ def test_passwords_are_redacted():
     ):
         assert "s3cret" not in tracking.redact(url) and ":***@" in tracking.redact(url)
     assert tracking.redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+def test_a_node_without_the_source_model_fetches_it_from_the_registry(results_dir, tmp_path):
+    run_study(_spec(), StudyOptions(results=results_dir, n_trials=1, quiet=True))
+    (cached,) = (results_dir / "sources").glob("*.pt")
+    # Another node: its own results folder, the same MLflow store, no source model cached.
+    other = tmp_path / "node2"
+    opts = StudyOptions(
+        results=other,
+        n_trials=1,
+        study_name="node2",
+        quiet=True,
+        tracking_uri=f"sqlite:///{results_dir / 'mlflow.db'}",
+    )
+    import harness.source as source_mod
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the source model was trained again")
+
+    original = source_mod.fit
+    source_mod.fit = no_training
+    try:
+        run_study(_spec(), opts)
+    finally:
+        source_mod.fit = original
+    (fetched,) = (other / "sources").glob("*.pt")
+    assert fetched.read_bytes() == cached.read_bytes()
