@@ -330,6 +330,8 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         old_file = resume_path(ctx.opts.results, ctx.study_name, retry_of)
         if old_file.is_file():
             resume_from = old_file
+        else:  # another node's attempt, or it died before its first epoch ended
+            tags["harness.resume"] = "restarted from epoch 1: no resume state on this node"
     trial.set_user_attr("harness.host", socket.gethostname())
     trial.set_user_attr("harness.pid", os.getpid())
     started = time.perf_counter()
@@ -481,6 +483,20 @@ def finished_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+def _retry(make, what: str, attempts: int = 6):
+    """Store initialisation, retried: several processes creating one fresh store at once
+    collide (Optuna on PostgreSQL: UniqueViolation; MLflow on SQLite: alembic CommandError)."""
+    for attempt in range(attempts):
+        try:
+            return make()
+        except SpecError:
+            raise
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt + 0.1 * (os.getpid() % 7))  # apart from the others
+
+
 def _sampler_salt(opts: StudyOptions) -> int:
     """0 for the process that creates the study (a one-process study repeats under its seed);
     a spawned worker's index plus 1; a process that joins an existing study uses its pid."""
@@ -490,7 +506,7 @@ def _sampler_salt(opts: StudyOptions) -> int:
 
 
 def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp_id: str):
-    storage = open_storage(opts.storage_url())
+    storage = _retry(lambda: open_storage(opts.storage_url()), "the Optuna storage")
     sampler, pruner = make_sampler(spec, _sampler_salt(opts)), make_pruner(spec)
     try:
         study = optuna.create_study(
@@ -572,8 +588,11 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     opts.results.mkdir(parents=True, exist_ok=True)
     name = opts.study_name or spec.name
     target = opts.n_trials or spec.search.n_trials
-    client = tracking.connect(opts.tracking())
-    exp_id = tracking.experiment_id(client, spec.name, opts.results, opts.tracking())
+    client = _retry(lambda: tracking.connect(opts.tracking()), "the MLflow store")
+    exp_id = _retry(
+        lambda: tracking.experiment_id(client, spec.name, opts.results, opts.tracking()),
+        "the MLflow experiment",
+    )
     notes = report.Progress(total=target, done=0, quiet=opts.quiet, bar=False)
     ctx = _Context(spec, opts, name, client, exp_id, "", notes)
     ctx.data[(spec.data.model_dump_json(), spec.split_seed)] = base_data

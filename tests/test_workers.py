@@ -240,3 +240,22 @@ def test_workers_on_postgresql_and_a_tracking_server_survive_a_killed_worker(tmp
     for i in (1, 2):
         text = (tmp_path / f"node-{i}.log").read_text()
         assert not re.search(r"UniqueViolation|database is locked|Traceback", text), text[-2000:]
+
+
+@pytest.mark.slow
+def test_independent_processes_started_together_on_fresh_stores(tmp_path):
+    """Three plain invocations at the same moment on a fresh results folder: the stores are
+    initialised once (with retries), one process creates the study, all of them work on it."""
+    results = tmp_path / "results"
+    args = [str(QUICKSTART), "--results", str(results), "--n-trials", "6", "--quiet"]
+    for s in TINY:
+        args += ["--set", s]
+    procs = [
+        subprocess.Popen(
+            _cli(*args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-2000:] for o in outs)
+    _check_study(str(results / "optuna.journal"), f"sqlite:///{results / 'mlflow.db'}", 6, 3)
