@@ -634,3 +634,9 @@ def describe_space(spec: ExperimentSpec) -> list[str]:
 
 def is_finite_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe form of a name or URI: no separators, no `..`."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")
+    return cleaned.replace("..", "_") or "unnamed"

@@ -7,9 +7,8 @@ with callbacks (metrics to MLflow, values to the pruner, progress) -> Optuna val
 
 from __future__ import annotations
 
-import dataclasses
+import fcntl
 import os
-import re
 import signal
 import socket
 import threading
@@ -24,9 +23,18 @@ import torch
 from optuna.trial import TrialState
 
 from harness import checkpoint, report, tracking, workers
-from harness.data import DataError, TaskData, load_target
-from harness.finetune import TrainingFault, evaluate, fit, resolve_device, seed_everything
-from harness.models import data_size_hint, load_state, model_for
+from harness.data import TaskData, load_target
+from harness.finetune import fit, resolve_device, seed_everything
+from harness.models import data_size_hint, model_for
+from harness.recovery import (
+    Interrupted,
+    TrialWatch,
+    fault_kind,
+    raise_interrupted,
+    reconcile,
+    requeue,
+    resume_path,
+)
 from harness.source import SourceModel, atomic_write, get_source_model, source_key
 from harness.spec import (
     BASELINE,
@@ -37,7 +45,7 @@ from harness.spec import (
     baseline_config,
     fixed_values,
     flatten,
-    parse_yaml,
+    safe_name,
     spec_hash,
     trial_config,
 )
@@ -143,97 +151,6 @@ class PruneOnEpoch:
         if self.enabled and self.trial.should_prune():
             self.pruned_at = epoch
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGINT: the running trial keeps its resume state, its run ends KILLED
-    (`harness.fault=interrupted`), the trial is marked FAIL and re-queued, and the process ends."""
-
-
-def _raise_interrupted(signum, _frame) -> None:
-    raise Interrupted(signal.Signals(signum).name)
-
-
-class TrialWatch:
-    """Core callback: a heartbeat on the trial every epoch (how other processes tell a live
-    trial from a dead one), and the resume state written atomically every epoch."""
-
-    def __init__(self, trial: optuna.Trial, resume_file: Path):
-        self.trial, self.resume_file = trial, resume_file
-
-    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.trial.set_user_attr("harness.heartbeat", time.time())
-
-    def on_checkpoint(self, epoch: int, state: dict) -> None:
-        checkpoint.save_state(state, self.resume_file)
-
-
-def resume_path(results: Path, study_name: str, number: int) -> Path:
-    """The resume state of a running trial: kept while it runs or after it was interrupted."""
-    folder = results / "resume" / safe_name(study_name)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"trial-{number}.pt"
-
-
-def _alive(trial, grace: float) -> bool:
-    """Whether a RUNNING trial's process still runs: by its pid on this host, else by the age
-    of its heartbeat (or of its start, before the first epoch)."""
-    a = trial.user_attrs
-    if a.get("harness.host") == socket.gethostname() and "harness.pid" in a:
-        pid = int(a["harness.pid"])
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        try:  # a killed process that its parent has not reaped yet is a zombie: dead
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return True
-    last = a.get("harness.heartbeat") or (
-        trial.datetime_start.timestamp() if trial.datetime_start else time.time()
-    )
-    return time.time() - last < grace
-
-
-def requeue(study: optuna.Study, trial) -> None:
-    """Queue a trial's parameters again, naming the attempt it retries (which also tells the
-    retry where the resume state is)."""
-    attrs = {"harness.retry_of": trial.number}
-    if trial.user_attrs.get("harness.baseline"):
-        attrs["harness.baseline"] = True
-    study.enqueue_trial(dict(trial.params), user_attrs=attrs)
-
-
-def reconcile(
-    study: optuna.Study, client, study_name: str, grace: float = 600.0, quick: bool = False
-) -> list[int]:
-    """Before a study goes on: trials left RUNNING by a dead process are marked FAIL and
-    re-queued, and their MLflow runs (and any run of the study still RUNNING with no live
-    trial) end KILLED with `harness.fault=killed`. Returns the re-queued trial numbers."""
-    dead = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if not _alive(t, grace)
-    ]
-    for t in list(dead):
-        try:
-            study.tell(t.number, state=TrialState.FAIL)
-        except (RuntimeError, ValueError):  # another worker marked it first: it re-queues
-            dead.remove(t)
-            continue
-        requeue(study, t)
-    if quick and not dead:  # after every trial: only look at MLflow when a process died
-        return []
-    live = {
-        t.user_attrs.get("mlflow_run_id")
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    }
-    for run_id in tracking.running_trial_runs(client, study_name):
-        if run_id not in live:
-            tracking.end_trial_run(client, run_id, "FAIL", {"harness.fault": "killed"}, "KILLED")
-    return [t.number for t in dead]
 
 
 @dataclass
@@ -457,25 +374,29 @@ def apply_retention(ctx: _Context, study: optuna.Study) -> None:
     Run after every trial, so that disk use stays bounded by the policy as the study goes on.
     """
     search = ctx.spec.search
-    keep = keep_set(study, search.keep_checkpoints, search.top_k)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        path = checkpoint_path(ctx.opts.results, ctx.study_name, t.number)
-        run_id = t.user_attrs.get("mlflow_run_id")
-        if t.number in keep:
-            if path.is_file() and tracking.checkpoint_state(ctx.client, run_id) != "logged":
-                tracking.log_checkpoint(ctx.client, run_id, path)
-        elif path.is_file():
-            path.unlink()
-            if tracking.checkpoint_state(ctx.client, run_id) == "logged":
-                tracking.delete_checkpoint(ctx.client, run_id)
-            else:  # fell out before it was ever logged
-                ctx.client.set_tag(run_id, "harness.checkpoint", "deleted")
+    folder = checkpoint_path(ctx.opts.results, ctx.study_name, 0).parent
+    with open(folder / ".retention.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the workers sharing this results folder, in turn
+        keep = keep_set(study, search.keep_checkpoints, search.top_k)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            try:
+                _retain(ctx, t, t.number in keep)
+            except (OSError, tracking.TrackingError) as err:  # another node got there first
+                ctx.progress.note(f"checkpoint of trial {t.number}: {err}; left as it is")
 
 
-def safe_name(text: str) -> str:
-    """A file-name-safe form of a name or URI: no separators, no `..`."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")
-    return cleaned.replace("..", "_") or "unnamed"
+def _retain(ctx: _Context, t, kept: bool) -> None:
+    path = checkpoint_path(ctx.opts.results, ctx.study_name, t.number)
+    run_id = t.user_attrs.get("mlflow_run_id")
+    if kept:
+        if path.is_file() and tracking.checkpoint_state(ctx.client, run_id) != "logged":
+            tracking.log_checkpoint(ctx.client, run_id, path)
+    elif path.is_file():
+        path.unlink()
+        if tracking.checkpoint_state(ctx.client, run_id) == "logged":
+            tracking.delete_checkpoint(ctx.client, run_id)
+        else:  # fell out before it was ever logged
+            ctx.client.set_tag(run_id, "harness.checkpoint", "deleted")
 
 
 # --- The study. ---
@@ -560,17 +481,6 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
     return study, parent, True
 
 
-def fault_kind(err: BaseException) -> str:
-    """`harness.fault` of a failed trial: nan, diverged, oom, data, or error."""
-    if isinstance(err, TrainingFault):
-        return err.kind
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return "oom"
-    if isinstance(err, DataError | OSError):
-        return "data"
-    return "error"
-
-
 def _preflight(ctx: _Context, config: TrialConfig, data: TaskData) -> None:
     """Fetch (or pretrain) the starting weights and build the model once, before any trial:
     a bad weights name or file is an input error (exit 2), not a study of failed trials."""
@@ -583,6 +493,8 @@ def _preflight(ctx: _Context, config: TrialConfig, data: TaskData) -> None:
 
 def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     """Create or resume the study and run it to its budget of finished trials (or the timeout)."""
+    from harness.study_report import finish_report, summarize
+
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what failed
     base_data = load_task(baseline_config(spec))  # bad data settings fail before any store
     opts.results.mkdir(parents=True, exist_ok=True)
@@ -628,7 +540,7 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            handlers[sig] = signal.signal(sig, _raise_interrupted)
+            handlers[sig] = signal.signal(sig, raise_interrupted)
     try:
         while done < target:
             left = None if deadline is None else deadline - time.monotonic()
@@ -669,6 +581,8 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
 def _run_workers(study, opts, name, n, client, parent, progress) -> report.Summary:
     """Spawn `n` workers of the study (one GPU each, an even share of the CPU threads), show
     the whole study's progress while they run, and report once when they are done."""
+    from harness.study_report import finish_report
+
     envs = workers.assign(n, workers.visible_gpus(), os.cpu_count() or 1)
     tracking.reopen_run(client, parent)
     reconcile(study, client, name)
@@ -696,161 +610,3 @@ def _run_workers(study, opts, name, n, client, parent, progress) -> report.Summa
             progress.note(f"workers ended with exit codes {codes}; see {logs}")
         tracking.end_run(client, parent, status)
     return finish_report(study, opts, name, client)
-
-
-def test_once(client, results: Path, name: str, trial) -> dict[str, float] | None:
-    """The chosen trial's model on the held-out test split: evaluated once, stored on its run
-    (`test_acc`, `test_loss`, one history entry each), and read back from there afterwards."""
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    run = client.get_run(run_id)
-    if "test_acc" in run.data.metrics:
-        return {k: run.data.metrics[k] for k in ("test_acc", "test_loss")}
-    path = checkpoint_path(results, name, trial.number)
-    if not path.is_file():
-        path = tracking.download_checkpoint(client, run_id, results / "downloads" / run_id)
-    if path is None:
-        return None
-    config = TrialConfig.model_validate(parse_yaml(tracking.load_text(run_id, "config.yaml")))
-    data = load_task(config)
-    model = model_for(config, data, None, load_weights=False)  # the checkpoint comes next
-    model.load_state_dict(load_state(path))
-    device = resolve_device(config.train.device)
-    model.to(device)
-    loss, correct = evaluate(model, data.x_test.to(device), data.y_test.to(device))
-    n = len(data.y_test)
-    metrics = {"test_acc": correct.item() / n, "test_loss": loss.item() / n}
-    tracking.log_metrics_once(client, run_id, metrics)
-    return metrics
-
-
-def seed_reruns(ctx: _Context, rows: list[report.TrialRow], n: int) -> dict[int, dict]:
-    """Re-run each row's config over `n` other training seeds (same data split, same starting
-    weights), as runs under the study's parent tagged `harness.rerun_of`; runs done earlier are
-    reused. Returns {trial: {metric: (mean, std, n)}} for val_acc and overfit_gap."""
-    import statistics
-
-    out = {}
-    for row in rows:
-        run_id = row.attrs["mlflow_run_id"]
-        config = TrialConfig.model_validate(parse_yaml(tracking.load_text(run_id, "config.yaml")))
-        start, _ = ctx.pretrained_for(config)
-        done = tracking.finished_reruns(ctx.client, ctx.exp_id, run_id)
-        values: dict[str, list[float]] = {"val_acc": [], "overfit_gap": []}
-        for seed in range(config.seed + 1, config.seed + n + 1):
-            if seed not in done:
-                rerun = config.model_copy(
-                    update={
-                        "seed": seed,
-                        "data": config.data.model_copy(update={"split_seed": config.split_seed}),
-                    }
-                )
-                data = ctx.data_for(rerun)
-                rid = tracking.start_rerun(ctx.client, ctx.exp_id, ctx.parent_run_id, run_id, seed)
-                state = "FAIL"
-                try:
-                    seed_everything(seed)
-                    model = model_for(rerun, data, start)
-                    result = fit(rerun, model, data, [tracking.EpochLogger(ctx.client, rid)])
-                    best = {k: result.best[k] for k in values}
-                    tracking.log_metrics_once(
-                        ctx.client, rid, {f"best_{k}": v for k, v in best.items()}
-                    )
-                    done[seed] = best
-                    state = "COMPLETE"
-                finally:
-                    tracking.end_trial_run(ctx.client, rid, state)
-            for k in values:
-                values[k].append(done[seed][k])
-        out[row.number] = {
-            k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
-            for k, v in values.items()
-        }
-    return out
-
-
-def finish_report(
-    study: optuna.Study, opts: StudyOptions, name: str, client, seeds: int = 0
-) -> report.Summary:
-    """Test the best trial and the baseline (once), register the best model, write the report
-    (plots and report.md under RESULTS/reports/STUDY/, also logged to the study's parent run)."""
-    summary = summarize(study, opts, name)
-    complete = summary.complete()
-    chosen = [t for t in (complete[0] if complete else None, summary.baseline()) if t]
-    frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
-    test = {}
-    for row in chosen:
-        metrics = test_once(client, opts.results, name, frozen[row.number])
-        if metrics:
-            test[row.number] = metrics
-    if complete and complete[0].number in test:
-        best = complete[0]
-        metrics = {"val_acc": best.attrs["val_acc"], **test[best.number]}
-        tracking.register_best(client, safe_name(name), best.attrs["mlflow_run_id"], metrics)
-    shown = [*complete[:3], *(t for t in chosen if t not in complete[:3])]
-    curves = {
-        t.number: tracking.metric_histories(
-            client, t.attrs["mlflow_run_id"], ["train_acc", "val_acc"]
-        )
-        for t in shown
-    }
-    labels = {t.number: f"trial {t.number}" + (" (baseline)" if t.baseline else "") for t in shown}
-    seeded = {}
-    if seeds:
-        notes = report.Progress(total=0, done=0, quiet=True, bar=False)
-        parent = study.user_attrs.get("mlflow_parent_run_id", "")
-        exp_id = tracking.experiment_id(
-            client, study.user_attrs["harness.experiment"], opts.results, opts.tracking()
-        )
-        ctx = _Context(None, opts, name, client, exp_id, parent, notes)
-        seeded = seed_reruns(ctx, shown, seeds)
-    summary = dataclasses.replace(summary, test=test, seeds=seeded)
-    folder = opts.results / "reports" / safe_name(name)
-    files = report.write_report(study, summary, curves, labels, folder)
-    parent = study.user_attrs.get("mlflow_parent_run_id")
-    if parent:
-        tracking.log_report(client, parent, files)
-    return dataclasses.replace(summary, files=files)
-
-
-def report_study(opts: StudyOptions, seeds: int = 0) -> report.Summary:
-    """The report of an existing study, found by name in the storage (`run_study.py report`)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = opts.storage_url()
-    if "://" not in url and not Path(url).is_file():
-        raise SpecError(f"no Optuna journal at {url}: give --results or --storage of the study")
-    storage = open_storage(url)
-    names = [
-        s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-    ]
-    if opts.study_name not in names:
-        raise SpecError(
-            f"no study {opts.study_name!r} in {tracking.redact(opts.storage_url())} "
-            f"(studies there: {', '.join(names) or 'none'})"
-        )
-    study = optuna.load_study(study_name=opts.study_name, storage=storage)
-    client = tracking.connect(opts.tracking())
-    return finish_report(study, opts, opts.study_name, client, seeds=seeds)
-
-
-def summarize(study: optuna.Study, opts: StudyOptions, name: str) -> report.Summary:
-    rows = [
-        report.TrialRow(
-            number=t.number,
-            state=t.state.name,
-            value=t.values[0] if t.values else None,
-            baseline=bool(t.user_attrs.get("harness.baseline")),
-            params=dict(t.params),
-            attrs=dict(t.user_attrs),
-        )
-        for t in study.get_trials(deepcopy=False)
-    ]
-    multi = len(study.directions) > 1
-    pareto = {t.number for t in study.best_trials} if multi else set()
-    return report.Summary(
-        name,
-        study.directions[0].name.lower(),
-        rows,
-        opts,
-        pareto=pareto,
-        objectives=tuple(study.user_attrs.get("harness.objectives", ())),
-    )

@@ -26,6 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+TrackingError = mlflow.exceptions.MlflowException  # what the tracking store raises
 _REPO = Path(__file__).resolve().parent.parent
 
 

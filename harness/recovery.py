@@ -1,0 +1,122 @@
+"""When trials are interrupted or fail: the resume state written every epoch, heartbeats, dead
+trials found and re-queued, SIGTERM/SIGINT, and the kind of a fault. Used by `harness.study`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from harness import checkpoint, tracking
+from harness.data import DataError
+from harness.finetune import TrainingFault
+from harness.spec import safe_name
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT: the running trial keeps its resume state, its run ends KILLED
+    (`harness.fault=interrupted`), the trial is marked FAIL and re-queued, and the process ends."""
+
+
+def raise_interrupted(signum, _frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+class TrialWatch:
+    """Core callback: a heartbeat on the trial every epoch (how other processes tell a live
+    trial from a dead one), and the resume state written atomically every epoch."""
+
+    def __init__(self, trial: optuna.Trial, resume_file: Path):
+        self.trial, self.resume_file = trial, resume_file
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.trial.set_user_attr("harness.heartbeat", time.time())
+
+    def on_checkpoint(self, epoch: int, state: dict) -> None:
+        checkpoint.save_state(state, self.resume_file)
+
+
+def resume_path(results: Path, study_name: str, number: int) -> Path:
+    """The resume state of a running trial: kept while it runs or after it was interrupted."""
+    folder = results / "resume" / safe_name(study_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"trial-{number}.pt"
+
+
+def _alive(trial, grace: float) -> bool:
+    """Whether a RUNNING trial's process still runs: by its pid on this host, else by the age
+    of its heartbeat (or of its start, before the first epoch)."""
+    a = trial.user_attrs
+    if a.get("harness.host") == socket.gethostname() and "harness.pid" in a:
+        pid = int(a["harness.pid"])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        try:  # a killed process that its parent has not reaped yet is a zombie: dead
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return True
+    last = a.get("harness.heartbeat") or (
+        trial.datetime_start.timestamp() if trial.datetime_start else time.time()
+    )
+    return time.time() - last < grace
+
+
+def requeue(study: optuna.Study, trial) -> None:
+    """Queue a trial's parameters again, naming the attempt it retries (which also tells the
+    retry where the resume state is)."""
+    attrs = {"harness.retry_of": trial.number}
+    if trial.user_attrs.get("harness.baseline"):
+        attrs["harness.baseline"] = True
+    study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+
+
+def reconcile(
+    study: optuna.Study, client, study_name: str, grace: float = 600.0, quick: bool = False
+) -> list[int]:
+    """Before a study goes on: trials left RUNNING by a dead process are marked FAIL and
+    re-queued, and their MLflow runs (and any run of the study still RUNNING with no live
+    trial) end KILLED with `harness.fault=killed`. Returns the re-queued trial numbers."""
+    dead = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not _alive(t, grace)
+    ]
+    for t in list(dead):
+        try:
+            study.tell(t.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError):  # another worker marked it first: it re-queues
+            dead.remove(t)
+            continue
+        requeue(study, t)
+    if quick and not dead:  # after every trial: only look at MLflow when a process died
+        return []
+    live = {
+        t.user_attrs.get("mlflow_run_id")
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    }
+    for run_id in tracking.running_trial_runs(client, study_name):
+        if run_id not in live:
+            tracking.end_trial_run(client, run_id, "FAIL", {"harness.fault": "killed"}, "KILLED")
+    return [t.number for t in dead]
+
+
+def fault_kind(err: BaseException) -> str:
+    """`harness.fault` of a failed trial: nan, diverged, oom, data, or error."""
+    if isinstance(err, TrainingFault):
+        return err.kind
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "oom"
+    if isinstance(err, DataError | OSError):
+        return "data"
+    return "error"

@@ -1,0 +1,182 @@
+"""After a study: the held-out test split (once per chosen trial), the best model in the
+registry, re-runs over more seeds, and the written report. `run_study.py report` and the end of
+every study come here; the study loop itself is in `harness.study`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import optuna
+
+from harness import report, tracking
+from harness.finetune import evaluate, fit, resolve_device, seed_everything
+from harness.models import load_state, model_for
+from harness.spec import SpecError, TrialConfig, parse_yaml
+from harness.study import (
+    StudyOptions,
+    _Context,
+    checkpoint_path,
+    load_task,
+    open_storage,
+    safe_name,
+)
+
+
+def test_once(client, results: Path, name: str, trial) -> dict[str, float] | None:
+    """The chosen trial's model on the held-out test split: evaluated once, stored on its run
+    (`test_acc`, `test_loss`, one history entry each), and read back from there afterwards."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    run = client.get_run(run_id)
+    if "test_acc" in run.data.metrics:
+        return {k: run.data.metrics[k] for k in ("test_acc", "test_loss")}
+    path = checkpoint_path(results, name, trial.number)
+    if not path.is_file():
+        path = tracking.download_checkpoint(client, run_id, results / "downloads" / run_id)
+    if path is None:
+        return None
+    config = TrialConfig.model_validate(parse_yaml(tracking.load_text(run_id, "config.yaml")))
+    data = load_task(config)
+    model = model_for(config, data, None, load_weights=False)  # the checkpoint comes next
+    model.load_state_dict(load_state(path))
+    device = resolve_device(config.train.device)
+    model.to(device)
+    loss, correct = evaluate(model, data.x_test.to(device), data.y_test.to(device))
+    n = len(data.y_test)
+    metrics = {"test_acc": correct.item() / n, "test_loss": loss.item() / n}
+    tracking.log_metrics_once(client, run_id, metrics)
+    return metrics
+
+
+def seed_reruns(ctx: _Context, rows: list[report.TrialRow], n: int) -> dict[int, dict]:
+    """Re-run each row's config over `n` other training seeds (same data split, same starting
+    weights), as runs under the study's parent tagged `harness.rerun_of`; runs done earlier are
+    reused. Returns {trial: {metric: (mean, std, n)}} for val_acc and overfit_gap."""
+    import statistics
+
+    out = {}
+    for row in rows:
+        run_id = row.attrs["mlflow_run_id"]
+        config = TrialConfig.model_validate(parse_yaml(tracking.load_text(run_id, "config.yaml")))
+        start, _ = ctx.pretrained_for(config)
+        done = tracking.finished_reruns(ctx.client, ctx.exp_id, run_id)
+        values: dict[str, list[float]] = {"val_acc": [], "overfit_gap": []}
+        for seed in range(config.seed + 1, config.seed + n + 1):
+            if seed not in done:
+                rerun = config.model_copy(
+                    update={
+                        "seed": seed,
+                        "data": config.data.model_copy(update={"split_seed": config.split_seed}),
+                    }
+                )
+                data = ctx.data_for(rerun)
+                rid = tracking.start_rerun(ctx.client, ctx.exp_id, ctx.parent_run_id, run_id, seed)
+                state = "FAIL"
+                try:
+                    seed_everything(seed)
+                    model = model_for(rerun, data, start)
+                    result = fit(rerun, model, data, [tracking.EpochLogger(ctx.client, rid)])
+                    best = {k: result.best[k] for k in values}
+                    tracking.log_metrics_once(
+                        ctx.client, rid, {f"best_{k}": v for k, v in best.items()}
+                    )
+                    done[seed] = best
+                    state = "COMPLETE"
+                finally:
+                    tracking.end_trial_run(ctx.client, rid, state)
+            for k in values:
+                values[k].append(done[seed][k])
+        out[row.number] = {
+            k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+            for k, v in values.items()
+        }
+    return out
+
+
+def finish_report(
+    study: optuna.Study, opts: StudyOptions, name: str, client, seeds: int = 0
+) -> report.Summary:
+    """Test the best trial and the baseline (once), register the best model, write the report
+    (plots and report.md under RESULTS/reports/STUDY/, also logged to the study's parent run)."""
+    summary = summarize(study, opts, name)
+    complete = summary.complete()
+    chosen = [t for t in (complete[0] if complete else None, summary.baseline()) if t]
+    frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
+    test = {}
+    for row in chosen:
+        metrics = test_once(client, opts.results, name, frozen[row.number])
+        if metrics:
+            test[row.number] = metrics
+    if complete and complete[0].number in test:
+        best = complete[0]
+        metrics = {"val_acc": best.attrs["val_acc"], **test[best.number]}
+        tracking.register_best(client, safe_name(name), best.attrs["mlflow_run_id"], metrics)
+    shown = [*complete[:3], *(t for t in chosen if t not in complete[:3])]
+    curves = {
+        t.number: tracking.metric_histories(
+            client, t.attrs["mlflow_run_id"], ["train_acc", "val_acc"]
+        )
+        for t in shown
+    }
+    labels = {t.number: f"trial {t.number}" + (" (baseline)" if t.baseline else "") for t in shown}
+    seeded = {}
+    if seeds:
+        notes = report.Progress(total=0, done=0, quiet=True, bar=False)
+        parent = study.user_attrs.get("mlflow_parent_run_id", "")
+        exp_id = tracking.experiment_id(
+            client, study.user_attrs["harness.experiment"], opts.results, opts.tracking()
+        )
+        ctx = _Context(None, opts, name, client, exp_id, parent, notes)
+        seeded = seed_reruns(ctx, shown, seeds)
+    summary = dataclasses.replace(summary, test=test, seeds=seeded)
+    folder = opts.results / "reports" / safe_name(name)
+    files = report.write_report(study, summary, curves, labels, folder)
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent:
+        tracking.log_report(client, parent, files)
+    return dataclasses.replace(summary, files=files)
+
+
+def report_study(opts: StudyOptions, seeds: int = 0) -> report.Summary:
+    """The report of an existing study, found by name in the storage (`run_study.py report`)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = opts.storage_url()
+    if "://" not in url and not Path(url).is_file():
+        raise SpecError(f"no Optuna journal at {url}: give --results or --storage of the study")
+    storage = open_storage(url)
+    names = [
+        s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+    ]
+    if opts.study_name not in names:
+        raise SpecError(
+            f"no study {opts.study_name!r} in {tracking.redact(opts.storage_url())} "
+            f"(studies there: {', '.join(names) or 'none'})"
+        )
+    study = optuna.load_study(study_name=opts.study_name, storage=storage)
+    client = tracking.connect(opts.tracking())
+    return finish_report(study, opts, opts.study_name, client, seeds=seeds)
+
+
+def summarize(study: optuna.Study, opts: StudyOptions, name: str) -> report.Summary:
+    rows = [
+        report.TrialRow(
+            number=t.number,
+            state=t.state.name,
+            value=t.values[0] if t.values else None,
+            baseline=bool(t.user_attrs.get("harness.baseline")),
+            params=dict(t.params),
+            attrs=dict(t.user_attrs),
+        )
+        for t in study.get_trials(deepcopy=False)
+    ]
+    multi = len(study.directions) > 1
+    pareto = {t.number for t in study.best_trials} if multi else set()
+    return report.Summary(
+        name,
+        study.directions[0].name.lower(),
+        rows,
+        opts,
+        pareto=pareto,
+        objectives=tuple(study.user_attrs.get("harness.objectives", ())),
+    )
