@@ -575,6 +575,12 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
             tracking.end_run(client, parent, status)
     if opts.worker:  # the process that spawned the workers reports, once
         return summarize(study, opts, name)
+    others = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    if others:  # other nodes still run trials of this study: the last one to end reports
+        print(
+            f"Trials {others} still run elsewhere; the node that finishes last writes the report."
+        )
+        return summarize(study, opts, name)
     return finish_report(study, opts, name, client)
 
 
@@ -605,8 +611,9 @@ def _run_workers(study, opts, name, n, client, parent, progress) -> report.Summa
         progress.set_done(finished_count(study), study)
         progress.close()
         codes = [p.returncode for p in procs]
-        if status == "FINISHED" and any(c != 0 for c in codes):
-            status = "FAILED"
+        if any(c != 0 for c in codes):
             progress.note(f"workers ended with exit codes {codes}; see {logs}")
+            if status == "FINISHED" and finished_count(study) < progress.total:
+                status = "FAILED"  # a lost worker is fine while the others reach the budget
         tracking.end_run(client, parent, status)
     return finish_report(study, opts, name, client)

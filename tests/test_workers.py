@@ -97,18 +97,46 @@ def _logs_clean(folder) -> None:
         )
 
 
+def _kill_a_worker_mid_trial(spawner: subprocess.Popen, storage_url: str) -> int:
+    """kill -9 one of the spawner's workers while it runs a trial; the trial's number."""
+    import psutil
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        pids = {c.pid for c in psutil.Process(spawner.pid).children()}
+        try:
+            study = optuna.load_study(study_name="quickstart", storage=open_storage(storage_url))
+        except KeyError:  # not created yet
+            time.sleep(0.2)
+            continue
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.user_attrs.get("harness.pid") in pids and t.user_attrs.get("harness.heartbeat"):
+                os.kill(t.user_attrs["harness.pid"], signal.SIGKILL)
+                return t.number
+        time.sleep(0.2)
+    pytest.fail("no worker ran a trial")
+
+
 @pytest.mark.slow
 def test_three_local_workers_share_the_journal_and_sqlite(tmp_path):
     results = tmp_path / "results"
     args = [str(QUICKSTART), "--results", str(results), "--n-trials", "12", "--workers", "3"]
-    for s in TINY:
+    for s in [*TINY, "train.epochs=3", "model.width=64", "data.shots_per_class=100"]:
         args += ["--set", s]
-    proc = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "3 workers of study 'quickstart'" in proc.stdout
-    assert "Gain of the best trial" in proc.stdout  # reported once, by the spawning process
-    _check_study(str(results / "optuna.journal"), f"sqlite:///{results / 'mlflow.db'}", 12, 3)
-    _logs_clean(results / "logs" / "quickstart")
+    spawner = subprocess.Popen(
+        _cli(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
+    killed = _kill_a_worker_mid_trial(spawner, str(results / "optuna.journal"))
+    out = spawner.communicate(timeout=600)[0]
+    assert spawner.returncode == 0, out[-3000:]
+    assert "3 workers of study 'quickstart'" in out
+    assert "Gain of the best trial" in out  # reported once, by the spawning process
+    trials = _check_study(
+        str(results / "optuna.journal"), f"sqlite:///{results / 'mlflow.db'}", 12, 3
+    )
+    retried = [t for t in trials if t.user_attrs.get("harness.retry_of") == killed]
+    assert len(retried) == 1 and retried[0].state.name == "COMPLETE"
+    _logs_clean(results / "logs" / "quickstart")  # the killed worker's log just stops
     assert len(list((results / "reports" / "quickstart").glob("report.md"))) == 1
 
 
