@@ -47,3 +47,23 @@ def results_dir(tmp_path, source_cache) -> Path:
     results = tmp_path / "results"
     shutil.copytree(source_cache, results / "sources")
     return results
+
+
+def make_config(defaults: dict | None = None, **sections: dict):
+    """A strict TrialConfig for core tests: CPU, 3 epochs, lr 0.05; `defaults` then `sections`
+    merged in per section."""
+    from harness.spec import TrialConfig
+
+    tree: dict = {"name": "t", "seed": 0, "train": {"epochs": 3, "device": "cpu", "lr": 0.05}}
+    for layer in (defaults or {}, sections):
+        for key, value in layer.items():
+            tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
+    return TrialConfig.model_validate(tree)
+
+
+def fresh_model(config, num_classes: int = 5):
+    """The small CNN of `config`, initialised from its seed."""
+    from harness import finetune, models
+
+    finetune.seed_everything(config.seed)
+    return models.build_model(config.model, num_classes, config.reg.dropout)

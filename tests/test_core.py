@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_config
 from torch import nn
 
 from harness import augment, finetune, models, source
@@ -32,17 +33,6 @@ METRIC_KEYS = {
 
 
 # --- helpers ---------------------------------------------------------------------------------
-def make_config(**sections: dict) -> TrialConfig:
-    """A strict TrialConfig: CPU, 3 epochs, lr 0.05, with `sections` merged in per section."""
-    tree: dict = {"name": "t", "seed": 0, "train": {"epochs": 3, "device": "cpu", "lr": 0.05}}
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            tree[key] = {**tree.get(key, {}), **value}
-        else:
-            tree[key] = value
-    return TrialConfig.model_validate(tree)
-
-
 def fresh_model(config: TrialConfig, num_classes: int = 5, pretrained=None) -> nn.Module:
     finetune.seed_everything(config.seed)
     return models.build_model(config.model, num_classes, config.reg.dropout, pretrained=pretrained)

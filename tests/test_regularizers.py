@@ -7,26 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fresh_model, make_config
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from harness import data as hdata
 from harness import finetune, models
 from harness import regularizers as R
-from harness.spec import RegSpec, TrialConfig
-
-
-def make_config(**sections: dict) -> TrialConfig:
-    """A strict TrialConfig: CPU, 3 epochs, lr 0.05, with `sections` merged in per section."""
-    tree: dict = {"name": "t", "seed": 0, "train": {"epochs": 3, "device": "cpu", "lr": 0.05}}
-    for key, value in sections.items():
-        tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
-    return TrialConfig.model_validate(tree)
-
-
-def fresh_model(config: TrialConfig) -> nn.Module:
-    finetune.seed_everything(config.seed)
-    return models.build_model(config.model, 5, config.reg.dropout)
+from harness.spec import RegSpec
 
 
 def state(module: nn.Module) -> dict[str, torch.Tensor]:

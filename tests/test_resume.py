@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_config as base_config
 from torch import nn
 
 from harness import checkpoint, finetune, models
@@ -20,15 +21,7 @@ from harness.spec import TrialConfig
 
 def make_config(**sections: dict) -> TrialConfig:
     """A strict TrialConfig: CPU, 4 epochs, lr 0.05, width 16, with `sections` merged in."""
-    tree: dict = {
-        "name": "t",
-        "seed": 0,
-        "train": {"epochs": 4, "device": "cpu", "lr": 0.05},
-        "model": {"width": 16},
-    }
-    for key, value in sections.items():
-        tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
-    return TrialConfig.model_validate(tree)
+    return base_config({"train": {"epochs": 4}, "model": {"width": 16}}, **sections)
 
 
 def fresh_model(config: TrialConfig) -> nn.Module:

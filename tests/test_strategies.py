@@ -8,24 +8,12 @@ import hashlib
 
 import pytest
 import torch
+from conftest import fresh_model, make_config
 from torch import nn
 
 from harness import data as hdata
 from harness import finetune, models
-from harness.spec import StrategySpec, TrialConfig
-
-
-def make_config(**sections: dict) -> TrialConfig:
-    """A strict TrialConfig: CPU, 3 epochs, lr 0.05, with `sections` merged in per section."""
-    tree: dict = {"name": "t", "seed": 0, "train": {"epochs": 3, "device": "cpu", "lr": 0.05}}
-    for key, value in sections.items():
-        tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
-    return TrialConfig.model_validate(tree)
-
-
-def fresh_model(config: TrialConfig) -> nn.Module:
-    finetune.seed_everything(config.seed)
-    return models.build_model(config.model, 5, config.reg.dropout)
+from harness.spec import StrategySpec
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
