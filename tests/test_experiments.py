@@ -93,3 +93,36 @@ def test_cifar10_resnet50_offline_without_weights_is_a_clear_error(tmp_path, mon
     err = capsys.readouterr().err
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-") in err
     assert not (tmp_path / "results" / "optuna.journal").exists()  # no study was created
+
+
+def test_missing_data_root_is_an_input_error_and_creates_nothing(tmp_path, capsys):
+    experiment = REPO / "experiments" / "cifar10_resnet50.yaml"
+    results = tmp_path / "results"
+    argv = [
+        str(experiment),
+        "--results",
+        str(results),
+        "--set",
+        f"data.root={tmp_path / 'nowhere'}",
+        "--set",
+        "data.download=false",
+    ]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "data.root" in err and "nowhere" in err and "data.download: true" in err
+    assert not results.exists()
+
+
+def test_k_shot_larger_than_a_class_is_an_input_error(tmp_path, capsys):
+    argv = [
+        str(REPO / "experiments" / "quickstart.yaml"),
+        "--results",
+        str(tmp_path / "r"),
+        "--set",
+        "data.shots_per_class=170",
+        "--set",
+        "data.val_per_class=30",
+    ]
+    assert cli.main(argv) == 2
+    assert "shots_per_class" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
