@@ -374,3 +374,13 @@ def test_a_node_without_the_source_model_fetches_it_from_the_registry(results_di
         source_mod.fit = original
     (fetched,) = (other / "sources").glob("*.pt")
     assert fetched.read_bytes() == cached.read_bytes()
+
+
+def test_trial_runs_carry_system_metrics_and_tracking_cost(results_dir):
+    spec = _spec("search.system_metrics_interval=0.05", "train.epochs=6")
+    run_study(spec, StudyOptions(results=results_dir, n_trials=1, quiet=True))
+    client = _client(results_dir)
+    run = client.get_run(_trial_runs(client)[0].info.run_id)
+    system = [k for k in run.data.metrics if k.startswith("system/")]
+    assert any("cpu_utilization" in k for k in system), sorted(run.data.metrics)
+    assert run.data.metrics["tracking_ms"] > 0 and 0 < run.data.metrics["tracking_share"] < 1
