@@ -273,10 +273,10 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     monitor = tracking.system_monitor(
         run_id, spec.search.system_metrics_interval, ctx.opts.tracking()
     )
+    resume_file = resume_path(ctx.opts.results, ctx.study_name, trial.number)
     try:
         seed_everything(config.seed)
         model = model_for(config, data, pretrained)
-        resume_file = resume_path(ctx.opts.results, ctx.study_name, trial.number)
         resume = None
         if resume_from is not None:
             resume = checkpoint.load_state_file(resume_from)
@@ -315,6 +315,8 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     except Interrupted:
         status = "KILLED"
         end_tags["harness.fault"] = "interrupted"
+        if resume_from is not None and not resume_file.exists():  # before its first epoch
+            resume_from.replace(resume_file)  # the next retry resumes where this one did
         requeue(trial.study, trial.study.trials[trial.number])
         raise
     except Exception as err:
