@@ -159,7 +159,13 @@ def best_table(summary: Summary, top: int = 5) -> str:
 
 
 def ui_hint(opts) -> str:
-    cmd = ["python", "run_study.py", "ui"]
+    """The command that opens the MLflow UI on these stores, with this interpreter (the
+    project's `.venv/bin/python` when it runs from there)."""
+    try:
+        python = str(Path(sys.executable).relative_to(Path.cwd()))
+    except ValueError:
+        python = "python"
+    cmd = [python, "run_study.py", "ui"]
     if str(opts.results) != "results":
         cmd += ["--results", str(opts.results)]
     if opts.tracking_uri:
