@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -58,7 +57,6 @@ ClassList = Annotated[
 ]
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
-DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashionmnist", "imagefolder")
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "mnist": 10, "fashionmnist": 10}
 FLIP_UNSAFE = {"digits", "mnist"}  # a mirrored 2 is not a 2
 FLIP_POLICIES = {"flip_crop"}
@@ -217,7 +215,6 @@ class AugSpec(_Section):
     erasing_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5  # random_erasing
 
 
-EPOCH_METRICS = ("val_acc", "val_loss", "overfit_gap", "overfit_gap_loss", "train_acc")
 _MAXIMIZED = {"val_acc", "train_acc"}
 
 
@@ -324,10 +321,6 @@ class ParamSpec(_Section):
 
     def condition(self) -> dict[str, list]:
         return {k: v if isinstance(v, list) else [v] for k, v in (self.when or {}).items()}
-
-
-SAMPLERS = ("tpe", "random", "cmaes", "gp")
-PRUNERS = ("median", "hyperband", "none")
 
 
 class SearchSpec(_Section):
@@ -630,13 +623,3 @@ def describe_space(spec: ExperimentSpec) -> list[str]:
             text += "  when " + ", ".join(f"{k} in {v}" for k, v in p.condition().items())
         lines.append(f"  {key}: {text}")
     return lines
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def safe_name(text: str) -> str:
-    """A file-name-safe form of a name or URI: no separators, no `..`."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")
-    return cleaned.replace("..", "_") or "unnamed"

@@ -67,3 +67,29 @@ def fresh_model(config, num_classes: int = 5):
 
     finetune.seed_everything(config.seed)
     return models.build_model(config.model, num_classes, config.reg.dropout)
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """A counter of Python-level tensor -> host reads (`.item()`, `.tolist()`, `bool(t)`, ...):
+    `host_reads(fn)` runs `fn` and returns how many it made."""
+    import torch
+
+    count = {"n": 0}
+
+    def counting(original):
+        def wrapper(self, *args, **kwargs):
+            count["n"] += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+
+    def run(fn) -> int:
+        count["n"] = 0
+        fn()
+        return count["n"]
+
+    return run
