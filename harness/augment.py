@@ -224,7 +224,7 @@ def _apply_grouped(
     key = torch.where(keep, key, -1)
     key_sorted, order = torch.sort(key, stable=True)
     groups, counts = torch.unique_consecutive(key_sorted, return_counts=True)
-    order = order.to(x.device)
+    order = to_device(order, x.device)
     out = x.clone()
     start = 0
     for group, count in zip(groups.tolist(), counts.tolist(), strict=True):
@@ -241,6 +241,15 @@ def _apply_grouped(
 
 
 # --- the policies ------------------------------------------------------------------------------
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small tensor of random draws (made on the host from the seeded generator) moved to the
+    training device without waiting for it: a copy from pageable memory would synchronise the
+    host with the device on every batch; from pinned memory it is queued like a kernel."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Per-image random translation of a batch: zero-pad, then crop each image at its own offset.
 
@@ -248,7 +257,7 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     """
     n, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding,) * 4)
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(x.device)
+    offsets = to_device(torch.randint(0, 2 * padding + 1, (2, n), generator=generator), x.device)
     rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # (n, h)
     cols = offsets[1][:, None] + torch.arange(w, device=x.device)  # (n, w)
     batch = torch.arange(n, device=x.device)[:, None, None]
@@ -258,7 +267,7 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
 
 def random_flip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
     """Each image flipped left-right on its own with probability `p`."""
-    flip = (torch.rand(len(x), generator=generator) < p).to(x.device)
+    flip = to_device(torch.rand(len(x), generator=generator) < p, x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -328,7 +337,7 @@ def random_erasing(x: torch.Tensor, p: float, generator: torch.Generator) -> tor
     left = (torch.rand(n, generator=generator) * (w - bw + 1)).floor().long()
     erase = (torch.rand(n, generator=generator) < p) & fits.any(1)
     bh, bw = bh * erase, bw * erase  # not erased: an empty box
-    box = torch.stack([top, top + bh, left, left + bw]).to(x.device)  # one small transfer
+    box = to_device(torch.stack([top, top + bh, left, left + bw]), x.device)  # one transfer
     rows = torch.arange(h, device=x.device)[None, :]
     cols = torch.arange(w, device=x.device)[None, :]
     in_rows = (rows >= box[0][:, None]) & (rows < box[1][:, None])  # (n, h)
