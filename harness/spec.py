@@ -623,3 +623,9 @@ def describe_space(spec: ExperimentSpec) -> list[str]:
             text += "  when " + ", ".join(f"{k} in {v}" for k, v in p.condition().items())
         lines.append(f"  {key}: {text}")
     return lines
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe form of a name or URI: no separators, no `..`."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")
+    return cleaned.replace("..", "_") or "unnamed"
