@@ -7,6 +7,7 @@ with callbacks (metrics to MLflow, values to the pruner, progress) -> Optuna val
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -406,6 +407,17 @@ def finished_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+@contextlib.contextmanager
+def _stores_lock(results: Path):
+    """Processes of this machine sharing a results folder initialise the stores in turn: a
+    SQLite MLflow migration interrupted by a concurrent one leaves its temporary tables behind
+    (`_alembic_tmp_latest_metrics already exists`) and no retry can mend that."""
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / ".stores.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _retry(make, what: str, attempts: int = 6):
     """Store initialisation, retried: several processes creating one fresh store at once
     collide (Optuna on PostgreSQL: UniqueViolation; MLflow on SQLite: alembic CommandError)."""
@@ -502,18 +514,20 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     opts.results.mkdir(parents=True, exist_ok=True)
     name = opts.study_name or spec.name
     target = opts.n_trials or spec.search.n_trials
-    client = _retry(lambda: tracking.connect(opts.tracking()), "the MLflow store")
-    exp_id = _retry(
-        lambda: tracking.experiment_id(client, spec.name, opts.results, opts.tracking()),
-        "the MLflow experiment",
-    )
+    with _stores_lock(opts.results):
+        client = _retry(lambda: tracking.connect(opts.tracking()), "the MLflow store")
+        exp_id = _retry(
+            lambda: tracking.experiment_id(client, spec.name, opts.results, opts.tracking()),
+            "the MLflow experiment",
+        )
     notes = report.Progress(total=target, done=0, quiet=opts.quiet, bar=False)
     ctx = _Context(spec, opts, name, client, exp_id, "", notes)
     ctx.data[(spec.data.model_dump_json(), spec.split_seed)] = base_data
     _preflight(ctx, baseline_config(spec), base_data)
     for line in base_data.report.lines():
         notes.note(line)
-    study, parent, created = _open_study(spec, opts, name, client, exp_id)
+    with _stores_lock(opts.results):
+        study, parent, created = _open_study(spec, opts, name, client, exp_id)
     done = finished_count(study)
     progress = report.Progress(total=target, done=done, quiet=opts.quiet)
     ctx.parent_run_id, ctx.progress = parent, progress
