@@ -23,10 +23,22 @@ Resume: after every epoch's `on_epoch_end` calls, callbacks that also have an
 `on_checkpoint(epoch, state)` method get fit's whole state (`harness.checkpoint` lists its keys;
 built only when some callback has the method), and `fit(..., resume=state)` on a model built
 the same way continues at the next epoch exactly as an uninterrupted fit would on the CPU.
+
+Speed (`benchmarks/README.md` has the measurements): on CUDA a convolutional model trains and
+evaluates in the channels_last memory format (`train.channels_last`; the model is handed back,
+and `best_state` returned, in the default format), the forward pass and the loss run under
+bf16 autocast (`train.amp`) and the optimizer is torch's fused one. The CPU keeps NCHW, fp32
+and the single-tensor optimizer: none of them measured faster in `fit` there, and its results
+stay bit for bit what they were. `train.compile` compiles the model with
+`torch.compile`, warmed up before the first epoch on a copy of the state that is then put
+back, so the result does not change; the warm-up's time is `compile_seconds` (in the result
+and in every epoch's metrics), apart from training. Evaluation runs under inference_mode on a
+fixed clean-train subset of at most `data.eval_train_max` images.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable
@@ -63,6 +75,7 @@ class FitResult:
     seconds: float
     device: str
     threads: int
+    compile_seconds: float = 0.0  # train.compile: the warm-up's compilation, apart from training
     # per epoch, the optimizer's groups at its start: name, lr, weight_decay, params (a count)
     param_groups: list[list[dict[str, Any]]] = field(default_factory=list, repr=False)
 
@@ -77,6 +90,42 @@ def resolve_device(name: str) -> torch.device:
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# --- Speed: memory format, autocast, optimizer implementation, compilation -------------------
+def is_convolutional(model: nn.Module) -> bool:
+    """At least a tenth of the parameters are in Conv2d layers (CNNs; not vision transformers,
+    whose only convolution is a patch embedding)."""
+    total = sum(p.numel() for p in model.parameters())
+    conv = sum(
+        p.numel() for m in model.modules() if isinstance(m, nn.Conv2d) for p in m.parameters()
+    )
+    return total > 0 and conv >= 0.1 * total
+
+
+def uses_channels_last(config: TrialConfig, model: nn.Module, device: torch.device) -> bool:
+    """`train.channels_last` on CUDA for a convolutional model. The CPU stays NCHW: there it
+    measured no faster in `fit` (resnet18 at 32 px within noise; the digits studies' small CNN
+    spends its 2 steps an epoch on overheads) and it would change the CPU's results."""
+    return config.train.channels_last and device.type == "cuda" and is_convolutional(model)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when `enabled`; nothing on any other device (fp32)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def optimizer_options(device: torch.device) -> dict[str, bool]:
+    """The optimizer implementation: torch's fused kernels on CUDA; on the CPU the single-tensor
+    loop (foreach and fused measured no faster there, and it keeps results as they were)."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": False}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --- Units: the head and the stages, each frozen, unfrozen and given an lr as one ------------
@@ -170,10 +219,13 @@ def param_groups(units: Iterable[Unit], config: TrialConfig, base_lr: float) -> 
 
 
 def make_optimizer(config: TrialConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """SGD or AdamW over `groups`, fused on CUDA (`optimizer_options`, from the parameters')."""
     t, wd = config.train, config.reg.weight_decay
+    first = next((p for g in groups for p in g["params"]), None)
+    impl = optimizer_options(first.device if first is not None else torch.device("cpu"))
     if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=wd)
-    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=wd)
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=wd, **impl)
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=wd, **impl)
 
 
 def lr_factor(schedule: str, step: int, total: int) -> float:
@@ -218,6 +270,7 @@ def train_one_epoch(
     penalty_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     seen = 0
+    amp = config.train.amp
     for start in range(0, n, bs):
         idx = order[start : start + bs]
         if len(idx) < 2 <= n:  # BatchNorm cannot train on a batch of one
@@ -227,8 +280,9 @@ def train_one_epoch(
         target = yb
         if run.mixer is not None:
             xb, target = regularizers.mix_batch(run.mixer, xb, yb)
-        logits = model(xb)
-        loss = F.cross_entropy(logits, target, label_smoothing=run.label_smoothing)
+        with autocast(x.device, amp):
+            logits = model(xb)
+            loss = F.cross_entropy(logits, target, label_smoothing=run.label_smoothing)
         total = loss
         if run.penalty is not None:
             penalty = run.penalty()
@@ -248,14 +302,19 @@ def train_one_epoch(
     return loss_sum, correct, seen, penalty_sum
 
 
-@torch.no_grad()
-def evaluate(model, x, y, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss sum, correct) in eval mode, no augmentation, no dropout; still on the device."""
+@torch.inference_mode()
+def evaluate(
+    model, x, y, batch_size: int = 1024, amp: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, correct) in eval mode, no augmentation, no dropout; still on the device.
+    `amp`: bf16 autocast on CUDA (the loss is summed in fp32)."""
     model.eval()
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for start in range(0, len(x), batch_size):
-        logits = model(x[start : start + batch_size])
+        with autocast(x.device, amp):
+            logits = model(x[start : start + batch_size])
+        logits = logits.float()
         yb = y[start : start + batch_size]
         loss_sum += F.cross_entropy(logits, yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()
@@ -270,6 +329,40 @@ def _clean_train_subset(data: TaskData, limit: int, seed: int):
     g = torch.Generator().manual_seed(seed + 1)
     idx = torch.randperm(n, generator=g)[:limit].sort().values.to(data.x_train.device)
     return data.x_train[idx], data.y_train[idx]
+
+
+def _warm_up(model: nn.Module, x: torch.Tensor, config: TrialConfig, device) -> float:
+    """Compile `model` (already `model.compile()`d) by one training forward and backward on the
+    first batch and one evaluation forward, then put back every weight, buffer, gradient and
+    RNG state: the fit goes on exactly as without it. Returns the seconds it took."""
+    _sync(device)
+    started = time.perf_counter()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    grads = {p: p.grad for p in model.parameters()}
+    modes = {m: m.training for m in model.modules()}
+    rng = checkpoint.rng_state(device)
+    xb = x[: config.train.batch_size]
+    with autocast(device, config.train.amp):
+        out = model(xb)
+    if out.requires_grad:
+        out.float().sum().backward()
+    evaluate(model, xb, torch.zeros(len(xb), dtype=torch.long, device=device), amp=config.train.amp)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(state[k])
+    for p, g in grads.items():
+        p.grad = g
+    for m, training in modes.items():
+        m.training = training
+    checkpoint.set_rng_state(rng, device)
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def _uncompile(model: nn.Module) -> None:
+    """Undo `model.compile()`: later calls run eagerly again."""
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        model._compiled_call_impl = None
 
 
 def _better(value: float, best: float | None, direction: str) -> bool:
@@ -372,6 +465,9 @@ def fit(
     seed_everything(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
+    channels_last = uses_channels_last(config, model, device)
+    if channels_last:  # before the anchors, EMA and optimizer: they take the format too
+        model.to(memory_format=torch.channels_last)
     data = data.to(device)
     s, reg, train = config.strategy, config.reg, config.train
     bs, n_train = train.batch_size, len(data.x_train)
@@ -403,6 +499,9 @@ def fit(
         first = resume["epoch"] + 1
     cpu_anchors = checkpoint.by_name(model, anchors) if savers else {}  # once: they never change
     history, groups_log = progress.history, progress.groups_log
+    compile_seconds, amp = 0.0, train.amp
+    if train.compile:
+        model.compile()  # in place: the state_dict's keys and the EMA's copy stay as they were
     try:
         for epoch in range(first, train.epochs + 1):
             t_before, t = t, trainable_stages(s, epoch, n_stages)
@@ -413,11 +512,13 @@ def fit(
             groups_log.append(_describe_groups(groups))
             lr = next((g["lr"] for g in groups if g["name"].startswith("head")), groups[0]["lr"])
             set_train_mode(model, units[1 + t :], s.bn == "frozen")
+            if train.compile and epoch == first:
+                compile_seconds = _warm_up(model, data.x_train, config, device)
             run_loss, run_correct, n_seen, penalty_sum = train_one_epoch(
                 model, run, data.x_train, data.y_train, config, generator
             )
-            tr_loss, tr_correct = evaluate(scored, x_clean, y_clean)
-            va_loss, va_correct = evaluate(scored, data.x_val, data.y_val)
+            tr_loss, tr_correct = evaluate(scored, x_clean, y_clean, amp=amp)
+            va_loss, va_correct = evaluate(scored, data.x_val, data.y_val, amp=amp)
             sums = [run_loss, run_correct.float(), tr_loss, tr_correct.float(), va_loss]
             sums += [va_correct.float(), *([penalty_sum] if with_penalty else [])]
             sums = torch.stack(sums).tolist()  # the epoch's one sync with the device
@@ -439,6 +540,8 @@ def fit(
                 m["phase"] = float(epoch > s.lp_epochs)
             if s.kind == "gradual_unfreeze":
                 m["trainable_stages"] = float(t)
+            if train.compile:
+                m["compile_seconds"] = compile_seconds
             _check_loss(m["train_loss_running"], epoch, config.train.max_loss)
             history.append(m)
             if _better(m[metric], progress.best_value, direction):
@@ -458,6 +561,10 @@ def fit(
     finally:
         for p, flag in requires_grad:
             p.requires_grad_(flag)
+        if train.compile:
+            _uncompile(model)
+        if channels_last:  # handed back in the default format, as it came
+            model.to(memory_format=torch.contiguous_format)
     best_epoch, best_state = progress.best_epoch, progress.best_state
     if best_state is None:  # every epoch's metric was NaN: keep the last weights
         best_epoch = train.epochs
@@ -468,9 +575,10 @@ def fit(
         best_epoch=best_epoch,
         best=history[best_epoch - 1],
         history=history,
-        best_state={k: v.cpu() for k, v in best_state.items()},
+        best_state={k: v.cpu().contiguous() for k, v in best_state.items()},
         seconds=progress.seconds + time.perf_counter() - started,
         device=str(device),
         threads=torch.get_num_threads(),
         param_groups=groups_log,
+        compile_seconds=compile_seconds,
     )

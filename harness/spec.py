@@ -78,7 +78,7 @@ class DataSpec(_Section):
     image_size: Annotated[int, Field(ge=8, le=1024)] | None = None  # None: the model's own
     allow_duplicates: bool = False  # exact duplicates across train/val/test: error unless true
     split_seed: Annotated[int, Field(ge=0)] | None = None  # seeds the split; None: `seed`
-    eval_train_max: Annotated[int, Field(ge=1)] = 2048  # clean-train subset for the gap
+    eval_train_max: Annotated[int, Field(ge=1)] = 512  # clean-train subset for the gap
 
     @model_validator(mode="after")
     def _classes(self) -> DataSpec:
@@ -171,6 +171,9 @@ class TrainSpec(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Annotated[int, Field(ge=1)] | None = None  # CPU threads; None: torch's default
     max_loss: Annotated[float, Field(gt=0.0)] = 1.0e4  # a running train loss above: diverged
+    amp: bool = True  # bf16 autocast on CUDA; the CPU always computes in fp32
+    channels_last: bool = True  # CUDA: channels_last memory format for convolutional models
+    compile: bool = False  # torch.compile the model; its compile time is `compile_seconds`
 
 
 class StrategySpec(_Section):
