@@ -52,7 +52,7 @@ from torch import nn
 from torch.func import functional_call
 
 from harness import models
-from harness.data import load_source
+from harness.data import TaskData, load_source
 from harness.finetune import Callback, TrainingFault, lr_factor, resolve_device, seed_everything
 from harness.spec import DataSpec
 
@@ -119,21 +119,25 @@ CIFAR_FS_SPLIT = ClassSplit(
 )
 
 
-def load_pool(spec: DataSpec, split: ClassSplit) -> tuple[torch.Tensor, torch.Tensor, ClassSplit]:
+def load_pool(
+    spec: DataSpec, split: ClassSplit, size_hint: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, ClassSplit, TaskData]:
     """Every train-split image of the split's classes of `spec.dataset` (`data.root`,
-    `data.download`, `data.image_size` apply) as uint8 (N, C, H, W) and int64 labels.
+    `data.download`, `data.image_size` apply; `size_hint` sizes image-folder images when it
+    is unset) as uint8 (N, C, H, W) and int64 labels, and the data set's task it came from
+    (its `data_hash`, `mean`, `std` and `report`).
 
     Labels are positions in `split.classes` (train, then val, then test classes); the returned
     split names those labels. For `DIGITS_SPLIT` they are the digits themselves. Duplicate
     images are not refused here (a meta-learning pool has no train/test boundary inside it).
     """
     pool_spec = spec.model_copy(update={"source_classes": split.classes, "allow_duplicates": True})
-    task = load_source(pool_spec, seed=0)
+    task = load_source(pool_spec, seed=0, size_hint=size_hint)
     x = torch.cat([task.x_train, task.x_val])
     y = torch.cat([task.y_train, task.y_val])
     a, b = len(split.train), len(split.train) + len(split.val)
     labels = ClassSplit(tuple(range(a)), tuple(range(a, b)), tuple(range(b, len(split.classes))))
-    return x, y, labels
+    return x, y, labels, task
 
 
 # --- Episodes ------------------------------------------------------------------------------

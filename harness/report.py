@@ -16,6 +16,14 @@ from typing import Any
 from tqdm import tqdm
 
 
+def headline(attrs: dict[str, Any]) -> tuple[str, str]:
+    """The (accuracy, gap) pair that describes a trial: meta-learning has its own."""
+    return ("meta_val_acc", "adaptation_gap") if "meta_val_acc" in attrs else HEADLINE
+
+
+HEADLINE = ("val_acc", "overfit_gap")
+
+
 @dataclass(frozen=True)
 class TrialRow:
     number: int
@@ -72,15 +80,16 @@ class Progress:
         elif not self.quiet:
             print(text, flush=True)
 
-    def epoch_line(self, trial_number: int, epochs: int):
+    def epoch_line(self, trial_number: int, epochs: int, keys: tuple[str, str] = HEADLINE):
         bar = self.bar
+        acc, gap = keys
 
         class _Line:
             def on_epoch_end(self, epoch: int, m: dict[str, float]) -> None:
                 if bar is not None:
                     bar.set_description(
-                        f"trial {trial_number} epoch {epoch}/{epochs} val_acc {m['val_acc']:.3f} "
-                        f"gap {m['overfit_gap']:+.3f}"
+                        f"trial {trial_number} epoch {epoch}/{epochs} {acc} {m[acc]:.3f} "
+                        f"gap {m[gap]:+.3f}"
                     )
 
         return _Line()
@@ -93,8 +102,9 @@ class Progress:
                 self.bar.update(1)
         a = trial.user_attrs
         line = f"[{self.done}/{self.total}] trial {trial.number} {state}"
-        if "val_acc" in a:
-            line += f" val_acc {a['val_acc']:.4f} overfit_gap {a['overfit_gap']:+.4f}"
+        acc, gap = headline(a)
+        if acc in a:
+            line += f" {acc} {a[acc]:.4f} {gap} {a[gap]:+.4f}"
         if a.get("harness.error"):
             line += f": {a['harness.error'][:200]}"
         if a.get("harness.pruned_epoch"):
@@ -137,8 +147,9 @@ def _fmt(value: Any) -> str:
 
 def best_table(summary: Summary, top: int = 5) -> str:
     rows = summary.complete()[:top]
+    acc, gap = headline(rows[0].attrs) if rows else HEADLINE
     head = (
-        f"{'trial':>5}  {'val_acc':>7}  {'overfit_gap':>11}  {'epoch':>5}  {'ran':>3}  "
+        f"{'trial':>5}  {acc:>7}  {gap:>{max(11, len(gap))}}  {'epoch':>5}  {'ran':>3}  "
         f"{'time':>6}  {'mlflow run':<32}  params"
     )
     lines = [head]
@@ -150,8 +161,8 @@ def best_table(summary: Summary, top: int = 5) -> str:
             else " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
         )
         lines.append(
-            f"{t.number:>5}  {a.get('val_acc', float('nan')):>7.4f}  "
-            f"{a.get('overfit_gap', float('nan')):>+11.4f}  {a.get('best_epoch', '-'):>5}  "
+            f"{t.number:>5}  {a.get(acc, float('nan')):>{len(acc)}.4f}  "
+            f"{a.get(gap, float('nan')):>+{max(11, len(gap))}.4f}  {a.get('best_epoch', '-'):>5}  "
             f"{a.get('epochs_run', '-'):>3}  {a.get('seconds', float('nan')):>5.1f}s  "
             f"{a.get('mlflow_run_id', '-'):<32}  {params}"
         )
@@ -171,6 +182,45 @@ def ui_hint(opts) -> str:
     if opts.tracking_uri:
         cmd += ["--tracking-uri", opts.tracking_uri]
     return shlex.join(cmd)
+
+
+@dataclass(frozen=True)
+class SeedGroup:
+    label: str  # the setting: the sampled values but the seed
+    params: dict[str, Any]
+    metric: str  # test_acc where every trial of the study was tested, else the objective's
+    mean: float
+    std: float
+    n: int
+
+
+def seed_groups(summary: Summary) -> list[SeedGroup]:
+    """Complete trials that differ only in `seed`, grouped: a study that samples the seed
+    (a grid over settings x seeds) reports each setting as mean and spread."""
+    import statistics
+
+    rows = [t for t in summary.complete() if "seed" in t.params]
+    if not rows:
+        return []
+    tested = all(t.number in summary.test and "test_acc" in summary.test[t.number] for t in rows)
+    metric = "test_acc" if tested else headline(rows[0].attrs)[0]
+    groups: dict[tuple, list[float]] = {}
+    settings: dict[tuple, dict] = {}
+    for t in rows:
+        params = {k: v for k, v in sorted(t.params.items()) if k != "seed"}
+        key = tuple(sorted((k, str(v)) for k, v in params.items()))
+        value = summary.test[t.number]["test_acc"] if tested else t.attrs.get(metric)
+        if value is not None:
+            groups.setdefault(key, []).append(value)
+            settings[key] = params
+    out = []
+    for key, values in groups.items():
+        label = " ".join(f"{k}={_fmt(v)}" for k, v in settings[key].items()) or "(no setting)"
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(
+            SeedGroup(label, settings[key], metric, statistics.fmean(values), spread, len(values))
+        )
+    return sorted(out, key=lambda g: g.label)
 
 
 def render(summary: Summary, top: int = 5) -> str:
@@ -212,7 +262,17 @@ def render(summary: Summary, top: int = 5) -> str:
         if number is None:
             continue
         t = summary.test.get(number)
-        if t:
+        if t and "test_acc" not in t:
+            shots = sorted(int(k.split("_")[-1][:-4]) for k in t if k.startswith("meta_test_acc_"))
+            scores = ", ".join(
+                f"{k}-shot {t[f'meta_test_acc_{k}shot']:.4f} ± {t[f'meta_test_ci95_{k}shot']:.4f}"
+                for k in shots
+            )
+            out.append(
+                f"Meta-test classes ({label}, trial {number}, evaluated once; mean ± 95% "
+                f"interval): {scores}"
+            )
+        elif t:
             out.append(
                 f"Test split ({label}, trial {number}, evaluated once): "
                 f"test_acc {t['test_acc']:.4f}, test_loss {t['test_loss']:.4f}"
@@ -229,14 +289,20 @@ def render(summary: Summary, top: int = 5) -> str:
                 )
                 out.append(f"  trial {t.number}: {values}")
     if summary.seeds:
-        n = next(iter(summary.seeds.values()))["val_acc"][2]
+        n = next(iter(next(iter(summary.seeds.values())).values()))[2]
         out.append(f"\nOver {n} more training seeds (same split, same starting weights):")
         for number, m in summary.seeds.items():
             label = "baseline" if number == (base.number if base else None) else f"trial {number}"
+            (acc, a), (gap, g) = list(m.items())[:2]
             out.append(
-                f"  {label:>9}: val_acc {m['val_acc'][0]:.4f} ± {m['val_acc'][1]:.4f}, "
-                f"overfit_gap {m['overfit_gap'][0]:+.4f} ± {m['overfit_gap'][1]:.4f}"
+                f"  {label:>9}: {acc} {a[0]:.4f} ± {a[1]:.4f}, {gap} {g[0]:+.4f} ± {g[1]:.4f}"
             )
+    groups = seed_groups(summary)
+    if groups:
+        metric = groups[0].metric
+        out.append(f"\nOver seeds (each setting's complete trials; {metric} mean ± std):")
+        for g in groups:
+            out.append(f"  {g.label}: {g.mean:.4f} ± {g.std:.4f} (n={g.n})")
     if summary.files:
         out.append(f"\nReport: {summary.files[0]}")
     out.append(f"\nOpen the MLflow UI on these results: {ui_hint(summary.opts)}")
@@ -270,12 +336,15 @@ def plot_curves(curves: dict[int, dict[str, list[float]]], labels: dict[int, str
     n = len(curves)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False, sharey=True)
     for ax, (number, c) in zip(axes[0], curves.items(), strict=True):
-        epochs = list(range(1, len(c["val_acc"]) + 1))
-        ax.plot(epochs, c["train_acc"], label="train_acc (eval mode)")
-        ax.plot(epochs, c["val_acc"], label="val_acc")
-        ax.fill_between(epochs, c["val_acc"], c["train_acc"], alpha=0.2, label="overfit_gap")
+        meta = "meta_val_acc" in c
+        train, val = ("meta_train_acc", "meta_val_acc") if meta else ("train_acc", "val_acc")
+        epochs = list(range(1, len(c[val]) + 1))
+        ax.plot(epochs, c[train], label=train + ("" if meta else " (eval mode)"))
+        ax.plot(epochs, c[val], label=val)
+        gap = "adaptation_gap" if meta else "overfit_gap"
+        ax.fill_between(epochs, c[val], c[train], alpha=0.2, label=gap)
         ax.set_title(labels[number])
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("meta-epoch" if meta else "epoch")
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(fontsize=7)
     return _save(fig, path)
@@ -286,13 +355,45 @@ def plot_gap_vs_acc(summary: Summary, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(5, 4))
     rows = summary.complete()
-    ax.scatter([t.attrs["val_acc"] for t in rows], [t.attrs["overfit_gap"] for t in rows])
+    acc, gap = headline(rows[0].attrs)
+    ax.scatter([t.attrs[acc] for t in rows], [t.attrs[gap] for t in rows])
     for t in rows:
         if t.baseline:
-            ax.annotate("baseline", (t.attrs["val_acc"], t.attrs["overfit_gap"]))
-    ax.set_xlabel("val_acc (best epoch)")
-    ax.set_ylabel("overfit_gap = train_acc - val_acc")
+            ax.annotate("baseline", (t.attrs[acc], t.attrs[gap]))
+    ax.set_xlabel(f"{acc} (best epoch)")
+    ax.set_ylabel(f"{gap} = {acc.replace('val', 'train')} - {acc}")
     ax.axhline(0.0, color="grey", lw=0.5)
+    return _save(fig, path)
+
+
+def plot_labels_curve(groups: list[SeedGroup], path: Path) -> Path | None:
+    """Accuracy against labelled images per class (`data.shots_per_class`), one line per
+    other setting, mean ± std over seeds."""
+    import matplotlib.pyplot as plt
+
+    key = "data.shots_per_class"
+    lines: dict[str, list[SeedGroup]] = {}
+    for g in groups:
+        if key in g.params:
+            rest = " ".join(f"{k}={_fmt(v)}" for k, v in g.params.items() if k != key)
+            lines.setdefault(rest or "all", []).append(g)
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, gs in sorted(lines.items()):
+        gs = sorted(gs, key=lambda g: g.params[key])
+        ax.errorbar(
+            [g.params[key] for g in gs],
+            [g.mean for g in gs],
+            yerr=[g.std for g in gs],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled images per class (log scale)")
+    ax.set_ylabel(f"{groups[0].metric} (mean ± std over seeds)")
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -335,7 +436,10 @@ def write_report(study, summary: Summary, curves, labels, folder: Path) -> list[
             if summary.pareto
             else None
         ),
-        "Overfitting gap against val_acc, every complete trial": (
+        "Accuracy against labelled images per class": plot_labels_curve(
+            seed_groups(summary), folder / "labels_curve.png"
+        ),
+        "Overfitting gap against the objective's accuracy, every complete trial": (
             plot_gap_vs_acc(summary, folder / "gap_vs_acc.png") if summary.complete() else None
         ),
     }

@@ -37,6 +37,31 @@ COMPARED = (
     "train_acc_running",
 )
 OPTIONAL = ("train_penalty_running", "phase", "trainable_stages")  # when the record has them
+META_COMPARED = (
+    "meta_train_loss",
+    "meta_train_acc",
+    "meta_val_loss",
+    "meta_val_acc",
+    "meta_val_ci95",
+    "adaptation_gap",
+    "lr",
+)
+
+
+def compared_keys(config: TrialConfig) -> tuple[str, ...]:
+    """The per-epoch metrics of the trial's core that a reproduction must match."""
+    if config.task.kind == "meta":
+        return META_COMPARED
+    if config.task.kind == "multitask":
+        per_task = ["train_loss", "train_acc", "val_loss", "val_acc", "overfit_gap", "weight"]
+        if config.multitask.weighting == "uncertainty":
+            per_task.append("log_var")
+        names = ["target", *config.multitask.tasks]
+        keys = [f"{n}_{k}" for n in names for k in per_task]
+        return (*COMPARED[:7], "train_loss_running", *keys)
+    return COMPARED
+
+
 CUBLAS_WORKSPACE = ":4096:8"
 
 
@@ -162,13 +187,14 @@ def compare(
     reproduced: list[dict[str, float]],
     epochs: int,
     tolerance: Tolerance,
+    keys: tuple[str, ...] = COMPARED,
 ) -> list[Row]:
     """Rows of (epoch, metric) for epochs 1..`epochs`; a value only one side has differs."""
     extra = [k for k in OPTIONAL if k in recorded or any(k in m for m in reproduced)]
     rows = []
     for epoch in range(1, epochs + 1):
         mine = reproduced[epoch - 1] if epoch <= len(reproduced) else {}
-        for key in (*COMPARED, *extra):
+        for key in (*keys, *extra):
             a, b = recorded.get(key, {}).get(epoch), mine.get(key)
             rows.append(Row(epoch, key, a, b, tolerance.same(a, b)))
     return rows
@@ -262,6 +288,10 @@ def _starting_weights(ctx, config: TrialConfig, recorded: str | None) -> tuple[P
     kind = config.model.pretrained_kind
     if kind == "file" and recorded and Path(recorded).is_file():
         return Path(recorded), recorded
+    if kind == "mlflow" and recorded and recorded.startswith("models:/"):  # the pinned version
+        return tracking.resolve_model_uri(
+            recorded, ctx.opts.results / "pretrained" / safe_name(recorded)
+        ), recorded
     if kind == "source" and recorded and recorded.startswith("models:/"):
         key, cache = source_key(config), ctx.opts.results / "sources"
         if not ((cache / f"{key}.pt").is_file() and (cache / f"{key}.json").is_file()):
@@ -298,10 +328,10 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
     out = out or sys.stdout
     import torch
 
+    from harness import tasks
     from harness.data import DataError
-    from harness.finetune import fit, seed_everything
-    from harness.models import model_for
-    from harness.study import _Context, load_task
+    from harness.finetune import seed_everything
+    from harness.study import _Context
 
     uri = opts.tracking()
     if not _store_exists(uri):  # before connecting, which would create an empty one
@@ -322,13 +352,14 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
     else:
         threads = config.train.threads or torch.get_num_threads()
         warn(f"the record has no harness.threads tag; using {threads} threads")
-    recorded = recorded_histories(client, run, [*COMPARED, *OPTIONAL])
+    keys = compared_keys(config)
+    recorded = recorded_histories(client, run, [*keys, *OPTIONAL])
     pruned_epoch = None
     if tags.get("optuna.state") == "PRUNED":  # compared up to the pruning epoch
         pruned = tags.get("harness.pruned_epoch", "")
         last = max((max(h) for h in recorded.values() if h), default=1)
         pruned_epoch = int(pruned) if pruned.isdigit() else last
-    epochs = pruned_epoch or config.train.epochs
+    epochs = pruned_epoch or config.epochs
     tolerance = GPU_TOLERANCE if gpu else EXACT
 
     old_threads = torch.get_num_threads()
@@ -338,7 +369,7 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
             raise SpecError(f"run {run_id} ran on {device_tag}; no CUDA device is visible here")
         torch.set_num_threads(threads)
         try:
-            data = load_task(config)
+            data = tasks.load_data(config)
         except DataError as err:
             raise SpecError(f"run {run_id}: data: {err}") from None
         recorded_hash = tags.get("harness.data_hash")
@@ -386,10 +417,10 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
         status, end_tags = "FAILED", {}
         try:
             seed_everything(config.seed)
-            model = model_for(config, data, start)
+            model = tasks.build(config, data, start)
             with contextlib.suppress(_Stop):
-                fit(config, model, data, callbacks)
-            rows = compare(recorded, recorder.history, epochs, tolerance)
+                tasks.train(config, model, data, callbacks)
+            rows = compare(recorded, recorder.history, epochs, tolerance, keys)
             outcome = Outcome(run_id, new_id, trial, epochs, pruned_epoch, tolerance, tuple(rows))
             first = outcome.first_difference
             status = "FINISHED" if first is None else "FAILED"

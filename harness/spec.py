@@ -218,10 +218,22 @@ class AugSpec(_Section):
     erasing_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5  # random_erasing
 
 
-_MAXIMIZED = {"val_acc", "train_acc"}
+_MAXIMIZED = {"val_acc", "train_acc", "meta_val_acc", "meta_train_acc"}
 
-
-Metric = Literal["val_acc", "val_loss", "overfit_gap", "overfit_gap_loss", "train_acc"]
+# The core's metrics a study can optimise; meta-learning studies use the meta_* ones.
+FINETUNE_METRICS = ("val_acc", "val_loss", "overfit_gap", "overfit_gap_loss", "train_acc")
+META_METRICS = ("meta_val_acc", "meta_val_loss", "adaptation_gap", "meta_train_acc")
+Metric = Literal[
+    "val_acc",
+    "val_loss",
+    "overfit_gap",
+    "overfit_gap_loss",
+    "train_acc",
+    "meta_val_acc",
+    "meta_val_loss",
+    "adaptation_gap",
+    "meta_train_acc",
+]
 Direction = Literal["maximize", "minimize"]
 
 
@@ -269,6 +281,95 @@ class ObjectiveSpec(_Section):
     @property
     def all_directions(self) -> tuple[str, ...]:
         return self.directions or (self.direction,)
+
+
+class TaskSpec(_Section):
+    # finetune: `fit` on the target task; meta: episodic meta-learning (`meta:`); multitask:
+    # the target task plus auxiliary heads on one backbone (`multitask:`)
+    kind: Literal["finetune", "meta", "multitask"] = "finetune"
+
+
+# Class counts of the standard meta-learning splits (harness.meta: DIGITS_SPLIT, CIFAR-FS),
+# used when `meta.train_classes` and friends are not given.
+META_SPLIT_SIZES = {"digits": (4, 3, 3), "cifar100": (64, 16, 20)}
+Count = Annotated[int, Field(ge=1)]
+
+
+class MetaSpec(_Section):
+    """Episodic meta-learning (task.kind: meta): harness.meta's MetaConfig, as a file section."""
+
+    algorithm: Literal["maml", "fomaml", "reptile", "protonet"] = "protonet"
+    ways: Annotated[int, Field(ge=2)] = 3  # meta-train tasks: N-way
+    shots: Count = 1  # K-shot
+    queries: Count = 5  # query images per class
+    eval_ways: Annotated[int, Field(ge=2)] | None = None  # meta-val and meta-test; None: ways
+    eval_shots: Count | None = None  # meta-val episodes; None: shots
+    eval_queries: Count | None = None  # None: queries
+    inner_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.4  # MAML/Reptile inner SGD step
+    inner_steps: Annotated[int, Field(ge=0, le=100)] = 5
+    eval_inner_steps: Annotated[int, Field(ge=0, le=100)] | None = None  # None: inner_steps
+    meta_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    meta_optimizer: Literal["adam", "sgd"] = "adam"
+    meta_batch_size: Count = 4  # tasks per meta-step
+    meta_epochs: Count = 10
+    episodes_per_epoch: Count = 40  # meta-train tasks per meta-epoch
+    val_episodes: Count = 50  # the fixed seeded meta-val episodes scored every meta-epoch
+    schedule: Literal["constant", "cosine"] = "constant"
+    recalibrate_bn: bool = True  # BatchNorm statistics recomputed for the kept init
+    # The class split; None: the data set's standard one (digits 0-3 / 4-6 / 7-9, CIFAR-100:
+    # CIFAR-FS's 64/16/20). Give all three for other data sets.
+    train_classes: ClassList | None = None
+    val_classes: ClassList | None = None
+    test_classes: ClassList | None = None
+    test_episodes: Count = 600  # meta-test episodes, scored once for the chosen trial
+    test_shots: Annotated[
+        tuple[Count, ...], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)
+    ] = (1, 5)
+
+    @model_validator(mode="after")
+    def _split(self) -> MetaSpec:
+        given = [self.train_classes, self.val_classes, self.test_classes]
+        if any(g is not None for g in given) and any(g is None for g in given):
+            raise ValueError("train_classes, val_classes, test_classes: give all three or none")
+        if all(g is not None for g in given):
+            every = [c for g in given for c in g]
+            if len(set(every)) != len(every):
+                raise ValueError("train_classes, val_classes, test_classes: must be disjoint")
+        if not self.test_shots:
+            raise ValueError("test_shots: give at least one shot count")
+        return self
+
+    def split_sizes(self, dataset: str) -> tuple[int, int, int] | None:
+        if self.train_classes is not None:
+            return (len(self.train_classes), len(self.val_classes), len(self.test_classes))
+        return META_SPLIT_SIZES.get(dataset)
+
+
+class AuxTaskSpec(_Section):
+    """An auxiliary task: each target class belongs to one group; the group is its label."""
+
+    groups: Annotated[
+        tuple[ClassList, ...], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)
+    ]
+    weight: NonNegative = 1.0  # its loss weight under fixed weighting
+
+
+class MultiTaskSpec(_Section):
+    """Multi-task learning (task.kind: multitask): the target task (the model's head) plus a
+    head per auxiliary task on the shared backbone."""
+
+    weighting: Literal["fixed", "uncertainty"] = "fixed"  # uncertainty: Kendall et al. 2018
+    target_weight: NonNegative = 1.0  # the target task's loss weight under fixed weighting
+    tasks: dict[str, AuxTaskSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names(self) -> MultiTaskSpec:
+        for name in self.tasks:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or name == "target":
+                raise ValueError(
+                    f"tasks: {name!r}: a name of letters, digits and _ (from a letter), not target"
+                )
+        return self
 
 
 Scalar = bool | int | float | str
@@ -328,7 +429,7 @@ class ParamSpec(_Section):
 
 class SearchSpec(_Section):
     n_trials: Annotated[int, Field(ge=1)] = 20
-    sampler: Literal["tpe", "random", "cmaes", "gp", "nsga2"] = "tpe"
+    sampler: Literal["tpe", "random", "cmaes", "gp", "nsga2", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     pruner_warmup_epochs: Annotated[int, Field(ge=0)] = 2
     baseline: bool = True  # the founding document's recipe runs as trial 0
@@ -355,6 +456,24 @@ class TrialConfig(_Section):
     reg: RegSpec = RegSpec()
     aug: AugSpec = AugSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
+    task: TaskSpec = TaskSpec()
+    meta: MetaSpec = MetaSpec()
+    multitask: MultiTaskSpec = MultiTaskSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _meta_objective(cls, data: Any) -> Any:
+        """A meta-learning file without an objective optimises meta_val_acc."""
+        if isinstance(data, dict) and "objective" not in data:
+            task = data.get("task")
+            if isinstance(task, dict) and task.get("kind") == "meta":
+                data = {**data, "objective": {"metric": "meta_val_acc"}}
+        return data
+
+    @property
+    def epochs(self) -> int:
+        """Epochs of the trial's core: meta-epochs for meta-learning."""
+        return self.meta.meta_epochs if self.task.kind == "meta" else self.train.epochs
 
     @property
     def split_seed(self) -> int:
@@ -387,7 +506,93 @@ class TrialConfig(_Section):
                 f"strategy.lp_epochs: {self.strategy.lp_epochs} leaves no fine-tuning epoch "
                 f"in train.epochs {self.train.epochs}"
             )
+        metrics = self.objective.all_metrics
+        if self.task.kind == "meta":
+            self._check_meta()
+        elif any(m in META_METRICS for m in metrics):
+            raise ValueError(f"objective: {list(metrics)}: meta_* metrics need task.kind: meta")
+        if self.task.kind == "multitask":
+            self._check_multitask()
         return self
+
+    def _unused(self, section: str, allowed: tuple[str, ...] = ()) -> list[str]:
+        """The keys of `section` set away from their defaults, less `allowed`."""
+        value = getattr(self, section)
+        default = type(value)()
+        return [
+            f"{section}.{k}"
+            for k in type(value).model_fields
+            if k not in allowed and getattr(value, k) != getattr(default, k)
+        ]
+
+    def _check_meta(self) -> None:
+        bad = [m for m in self.objective.all_metrics if m not in META_METRICS]
+        if bad:
+            raise ValueError(
+                f"objective: {bad}: a meta-learning study optimises {', '.join(META_METRICS)}"
+            )
+        if self.model.pretrained == "source":
+            raise ValueError(
+                "model.pretrained: source pretrains on data.source_classes, which meta-learning "
+                "does not use; give none, imagenet, a file or a model URI"
+            )
+        unused = [
+            *self._unused("train", ("device", "threads", "max_loss")),
+            *self._unused("strategy"),
+            *self._unused("reg"),
+            *self._unused("aug"),
+        ]
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)}: no effect in a meta-learning study (task.kind: meta); "
+                "its settings are under meta:"
+            )
+        m = self.meta
+        sizes = m.split_sizes(self.data.dataset)
+        if sizes is None:
+            raise ValueError(
+                f"meta.train_classes, val_classes, test_classes: {self.data.dataset} has no "
+                "standard meta-learning split; give the three class lists"
+            )
+        eval_ways = m.eval_ways or m.ways
+        for what, n, ways in (
+            ("meta-train", sizes[0], m.ways),
+            ("meta-val", sizes[1], eval_ways),
+            ("meta-test", sizes[2], eval_ways),
+        ):
+            if ways > n:
+                raise ValueError(
+                    f"meta: {ways}-way tasks need {ways} {what} classes; the split has {n}"
+                )
+
+    def _check_multitask(self) -> None:
+        mt = self.multitask
+        if not mt.tasks:
+            raise ValueError(
+                "multitask.tasks: a multi-task study needs at least one auxiliary task"
+            )
+        unused = [
+            *self._unused("strategy"),
+            *self._unused("reg", ("weight_decay", "dropout")),
+        ]
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)}: not supported in a multi-task study (task.kind: "
+                "multitask trains every parameter; reg.weight_decay and reg.dropout apply)"
+            )
+        target = list(self.data.target_classes)
+        for name, aux in mt.tasks.items():
+            if len(aux.groups) < 2:
+                raise ValueError(f"multitask.tasks.{name}.groups: give two or more groups")
+            members = [c for g in aux.groups for c in g]
+            missing = [c for c in target if c not in members]
+            extra = [c for c in members if c not in target]
+            twice = sorted({c for c in members if members.count(c) > 1}, key=str)
+            if missing or extra or twice:
+                raise ValueError(
+                    f"multitask.tasks.{name}.groups: every target class in exactly one group "
+                    f"(missing {missing}, not target classes {extra}, repeated {twice})"
+                )
 
 
 class ExperimentSpec(TrialConfig):
@@ -395,6 +600,11 @@ class ExperimentSpec(TrialConfig):
 
     @model_validator(mode="after")
     def _multi_objective(self) -> ExperimentSpec:
+        if self.task.kind == "meta" and self.search.baseline:
+            raise ValueError(
+                "search.baseline: the founding recipe is a fine-tuning baseline; a meta-learning "
+                "study sets search.baseline: false (compare it in a transfer study instead)"
+            )
         if self.objective.metrics is None:
             if self.search.sampler == "nsga2":
                 raise ValueError("search.sampler: nsga2 is for objective.metrics (several)")
@@ -505,7 +715,12 @@ def trial_config(spec: ExperimentSpec, values: dict[str, Any]) -> TrialConfig:
 
 
 def baseline_config(spec: ExperimentSpec) -> TrialConfig:
-    return trial_config(spec, BASELINE)
+    """The founding recipe on the spec's data and model; a multi-task study's baseline is the
+    plain fine-tune of the target task (what the auxiliary tasks must beat)."""
+    values = dict(BASELINE)
+    if spec.task.kind == "multitask":
+        values["task.kind"] = "finetune"
+    return trial_config(spec, values)
 
 
 def active(param: ParamSpec, values: dict[str, Any]) -> bool:
@@ -521,7 +736,7 @@ def fixed_values(spec: ExperimentSpec) -> dict[str, Any]:
 def _check_space(spec: ExperimentSpec, where: str) -> None:
     if not spec.search.space:
         raise SpecError(f"{where}: search.space: empty; give at least one key to search")
-    known = set(leaf_keys()) - {"name"}
+    known = (set(leaf_keys()) | set(fixed_values(spec))) - {"name"}
     seen: dict[str, ParamSpec] = {}
     for key, param in spec.search.space.items():
         at = f"{where}: search.space.{key}"
@@ -563,6 +778,30 @@ def _check_space(spec: ExperimentSpec, where: str) -> None:
                     except SpecError as err:
                         raise SpecError(f"{at}: when: {cond}={value!r} is invalid: {err}") from None
         seen[key] = param
+    if spec.search.sampler == "grid":
+        _check_grid(spec, where)
+
+
+def grid_points(spec: ExperimentSpec) -> int:
+    n = 1
+    for param in spec.search.space.values():
+        n *= len(param.categorical or ())
+    return n
+
+
+def _check_grid(spec: ExperimentSpec, where: str) -> None:
+    for key, param in spec.search.space.items():
+        if param.kind != "categorical" or param.when:
+            raise SpecError(
+                f"{where}: search.space.{key}: the grid sampler needs categorical keys with no "
+                "`when` (list the values to try)"
+            )
+    most = grid_points(spec) + int(spec.search.baseline)
+    if spec.search.n_trials > most:
+        raise SpecError(
+            f"{where}: search.n_trials: {spec.search.n_trials}, but the grid has "
+            f"{grid_points(spec)} points" + (" (+ the baseline)" if spec.search.baseline else "")
+        )
 
 
 # --- Loading a file with overrides. ---

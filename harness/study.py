@@ -23,10 +23,10 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from harness import checkpoint, report, tracking, workers
+from harness import checkpoint, report, tasks, tracking, workers
 from harness.data import TaskData, load_target
-from harness.finetune import fit, resolve_device, seed_everything
-from harness.models import data_size_hint, model_for
+from harness.finetune import resolve_device, seed_everything
+from harness.models import data_size_hint
 from harness.recovery import (
     Interrupted,
     TrialWatch,
@@ -46,6 +46,7 @@ from harness.spec import (
     baseline_config,
     fixed_values,
     flatten,
+    grid_points,
     safe_name,
     spec_hash,
     trial_config,
@@ -105,6 +106,9 @@ def make_sampler(spec: ExperimentSpec, salt: int = 0) -> optuna.samplers.BaseSam
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=5),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        "grid": lambda: optuna.samplers.GridSampler(
+            {k: p.categorical for k, p in spec.search.space.items()}, seed=seed
+        ),
     }[spec.search.sampler]()
 
 
@@ -115,7 +119,7 @@ def make_pruner(spec: ExperimentSpec) -> optuna.pruners.BasePruner:
             n_startup_trials=5, n_warmup_steps=s.pruner_warmup_epochs
         )
     if s.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.train.epochs)
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.epochs)
     return optuna.pruners.NopPruner()
 
 
@@ -165,12 +169,12 @@ class _Context:
     progress: report.Progress
     data: dict[tuple, TaskData] = field(default_factory=dict)
     sources: dict[str, tuple[SourceModel, str]] = field(default_factory=dict)
-    downloads: dict[str, Path] = field(default_factory=dict)
+    downloads: dict[str, tuple[Path, str]] = field(default_factory=dict)
 
-    def data_for(self, config: TrialConfig) -> TaskData:
-        key = (config.data.model_dump_json(), config.split_seed)
+    def data_for(self, config: TrialConfig) -> TaskData | tasks.MetaPool:
+        key = data_key(config)
         if key not in self.data:
-            self.data[key] = load_task(config)
+            self.data[key] = tasks.load_data(config)
         return self.data[key]
 
     def pretrained_for(self, config: TrialConfig) -> tuple[Path | None, str]:
@@ -190,10 +194,11 @@ class _Context:
             if not path.is_file():
                 raise SpecError(f"model.pretrained: no such state_dict file {path}")
             return path, str(path.resolve())
-        if m.pretrained not in self.downloads:
-            folder = self.opts.results / "pretrained" / safe_name(m.pretrained)
-            self.downloads[m.pretrained] = tracking.resolve_model_uri(m.pretrained, folder)
-        return self.downloads[m.pretrained], m.pretrained
+        if m.pretrained not in self.downloads:  # an alias is pinned to its version once
+            pinned = tracking.pin_model_uri(m.pretrained)
+            folder = self.opts.results / "pretrained" / safe_name(pinned)
+            self.downloads[m.pretrained] = (tracking.resolve_model_uri(pinned, folder), pinned)
+        return self.downloads[m.pretrained]
 
     def source_for(self, config: TrialConfig) -> tuple[SourceModel, str] | None:
         """The pretrained source model and its registry URI (trained once, then cached)."""
@@ -250,6 +255,8 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
             resume_from = old_file
         else:  # another node's attempt, or it died before its first epoch ended
             tags["harness.resume"] = "restarted from epoch 1: no resume state on this node"
+    if config.task.kind != "finetune" and resume_from is not None:  # only fit resumes
+        resume_from, tags["harness.resume"] = None, "restarted from epoch 1: only fit resumes"
     trial.set_user_attr("harness.host", socket.gethostname())
     trial.set_user_attr("harness.pid", os.getpid())
     started = time.perf_counter()
@@ -277,7 +284,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     resume_file = resume_path(ctx.opts.results, ctx.study_name, trial.number)
     try:
         seed_everything(config.seed)
-        model = model_for(config, data, pretrained)
+        model = tasks.build(config, data, pretrained)
         resume = None
         if resume_from is not None:
             resume = checkpoint.load_state_file(resume_from)
@@ -289,15 +296,15 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
             logger,
             TrialWatch(trial, resume_file),
             pruner,
-            ctx.progress.epoch_line(trial.number, config.train.epochs),
+            ctx.progress.epoch_line(trial.number, config.epochs, tasks.HEADLINE[config.task.kind]),
         ]
-        result = fit(config, model, data, callbacks, resume=resume)
+        result = tasks.train(config, model, data, callbacks, resume=resume)
         if spec.search.keep_checkpoints != "none":
             atomic_write(
                 checkpoint_path(ctx.opts.results, ctx.study_name, trial.number),
                 lambda f: torch.save(result.best_state, f),
             )
-        for k in ("val_acc", "val_loss", "train_acc", "overfit_gap", "overfit_gap_loss"):
+        for k in tasks.SUMMARY_METRICS[config.task.kind]:
             trial.set_user_attr(k, result.best[k])
         trial.set_user_attr("best_epoch", result.best_epoch)
         trial.set_user_attr("epochs_run", len(result.history))
@@ -347,6 +354,18 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
 def load_task(config: TrialConfig) -> TaskData:
     """The target task of a config, split by its split seed, at its model's input size."""
     return load_target(config.data, config.split_seed, size_hint=data_size_hint(config))
+
+
+def data_key(config: TrialConfig) -> tuple:
+    """Trials with equal keys share their data (the split, or the meta-learning pool)."""
+    if config.task.kind == "meta":
+        return (config.data.model_dump_json(), "meta", config.meta.model_dump_json())
+    return (config.data.model_dump_json(), config.split_seed)
+
+
+def first_config(spec: ExperimentSpec) -> TrialConfig:
+    """The study's first trial: the baseline recipe, or the file's own values without one."""
+    return baseline_config(spec) if spec.search.baseline else trial_config(spec, {})
 
 
 def checkpoint_path(results: Path, study_name: str, number: int) -> Path:
@@ -475,6 +494,7 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
     study.set_user_attr("harness.spec_hash", spec_hash(spec))
     study.set_user_attr("harness.experiment", spec.name)
     study.set_user_attr("harness.objectives", list(spec.objective.all_metrics))
+    study.set_user_attr("harness.task_kind", spec.task.kind)
     if spec.search.baseline:
         study.enqueue_trial({}, user_attrs={"harness.baseline": True})
     settings = {
@@ -495,14 +515,20 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
     return study, parent, True
 
 
-def _preflight(ctx: _Context, config: TrialConfig, data: TaskData) -> None:
-    """Fetch (or pretrain) the starting weights and build the model once, before any trial:
-    a bad weights name or file is an input error (exit 2), not a study of failed trials."""
-    try:
-        pretrained, _ = ctx.pretrained_for(config)
-        model_for(config, data, pretrained)
-    except ValueError as err:
-        raise SpecError(f"{err}") from None
+def _preflight(ctx: _Context, config: TrialConfig) -> None:
+    """Fetch (or pretrain) the starting weights and build the model once, before any trial,
+    for the first trial and every `model.pretrained` the space can sample: a bad weights name,
+    file or model URI is an input error (exit 2), not a study of failed trials."""
+    configs = [config]
+    choice = ctx.spec.search.space.get("model.pretrained")
+    if choice is not None:
+        configs += [trial_config(ctx.spec, {"model.pretrained": v}) for v in choice.candidates()]
+    for c in configs:
+        try:
+            pretrained, _ = ctx.pretrained_for(c)
+            tasks.build(c, ctx.data_for(c), pretrained)
+        except ValueError as err:
+            raise SpecError(f"{err}") from None
 
 
 def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
@@ -510,10 +536,13 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     from harness.study_report import finish_report, summarize
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what failed
-    base_data = load_task(baseline_config(spec))  # bad data settings fail before any store
+    first = first_config(spec)
+    base_data = tasks.load_data(first)  # bad data settings fail before any store
     opts.results.mkdir(parents=True, exist_ok=True)
     name = opts.study_name or spec.name
     target = opts.n_trials or spec.search.n_trials
+    if spec.search.sampler == "grid":  # a grid point runs once
+        target = min(target, grid_points(spec) + int(spec.search.baseline))
     with _stores_lock(opts.results):
         client = _retry(lambda: tracking.connect(opts.tracking()), "the MLflow store")
         exp_id = _retry(
@@ -522,8 +551,8 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
         )
     notes = report.Progress(total=target, done=0, quiet=opts.quiet, bar=False)
     ctx = _Context(spec, opts, name, client, exp_id, "", notes)
-    ctx.data[(spec.data.model_dump_json(), spec.split_seed)] = base_data
-    _preflight(ctx, baseline_config(spec), base_data)
+    ctx.data[data_key(first)] = base_data
+    _preflight(ctx, first)
     for line in base_data.report.lines():
         notes.note(line)
     with _stores_lock(opts.results):

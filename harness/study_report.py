@@ -10,41 +10,51 @@ from pathlib import Path
 
 import optuna
 
-from harness import report, tracking
-from harness.finetune import evaluate, fit, resolve_device, seed_everything
-from harness.models import load_state, model_for
+from harness import report, tasks, tracking
+from harness.finetune import evaluate, resolve_device, seed_everything
+from harness.models import load_state
 from harness.spec import SpecError, TrialConfig, parse_yaml
 from harness.study import (
     StudyOptions,
     _Context,
     checkpoint_path,
-    load_task,
     open_storage,
     safe_name,
 )
 
 
 def test_once(client, results: Path, name: str, trial) -> dict[str, float] | None:
-    """The chosen trial's model on the held-out test split: evaluated once, stored on its run
-    (`test_acc`, `test_loss`, one history entry each), and read back from there afterwards."""
+    """The chosen trial's model on the held-out test data: evaluated once, stored on its run,
+    and read back from there afterwards. Fine-tuning and multi-task trials: the test split
+    (`test_acc`, `test_loss`); meta-learning trials: episodes of the meta-test classes at each
+    shot count of `meta.test_shots` (`meta_test_acc_Kshot`, `meta_test_ci95_Kshot`)."""
     run_id = trial.user_attrs.get("mlflow_run_id")
     run = client.get_run(run_id)
-    if "test_acc" in run.data.metrics:
-        return {k: run.data.metrics[k] for k in ("test_acc", "test_loss")}
+    config = TrialConfig.model_validate(parse_yaml(tracking.load_text(run_id, "config.yaml")))
+    meta = config.task.kind == "meta"
+    keys = (
+        [f"meta_test_{m}_{k}shot" for k in config.meta.test_shots for m in ("acc", "ci95")]
+        if meta
+        else ["test_acc", "test_loss"]
+    )
+    if all(k in run.data.metrics for k in keys):
+        return {k: run.data.metrics[k] for k in keys}
     path = checkpoint_path(results, name, trial.number)
     if not path.is_file():
         path = tracking.download_checkpoint(client, run_id, results / "downloads" / run_id)
     if path is None:
         return None
-    config = TrialConfig.model_validate(parse_yaml(tracking.load_text(run_id, "config.yaml")))
-    data = load_task(config)
-    model = model_for(config, data, None, load_weights=False)  # the checkpoint comes next
+    data = tasks.load_data(config)
+    model = tasks.build(config, data, None, load_weights=False)  # the checkpoint comes next
     model.load_state_dict(load_state(path))
-    device = resolve_device(config.train.device)
-    model.to(device)
-    loss, correct = evaluate(model, data.x_test.to(device), data.y_test.to(device))
-    n = len(data.y_test)
-    metrics = {"test_acc": correct.item() / n, "test_loss": loss.item() / n}
+    if meta:
+        metrics = tasks.meta_test(config, model, data)
+    else:
+        device = resolve_device(config.train.device)
+        model.to(device)
+        loss, correct = evaluate(model, data.x_test.to(device), data.y_test.to(device))
+        n = len(data.y_test)
+        metrics = {"test_acc": correct.item() / n, "test_loss": loss.item() / n}
     tracking.log_metrics_once(client, run_id, metrics)
     return metrics
 
@@ -52,7 +62,8 @@ def test_once(client, results: Path, name: str, trial) -> dict[str, float] | Non
 def seed_reruns(ctx: _Context, rows: list[report.TrialRow], n: int) -> dict[int, dict]:
     """Re-run each row's config over `n` other training seeds (same data split, same starting
     weights), as runs under the study's parent tagged `harness.rerun_of`; runs done earlier are
-    reused. Returns {trial: {metric: (mean, std, n)}} for val_acc and overfit_gap."""
+    reused. Returns {trial: {metric: (mean, std, n)}} for the trial's accuracy and gap
+    (val_acc and overfit_gap; meta-learning: meta_val_acc and adaptation_gap)."""
     import statistics
 
     out = {}
@@ -61,7 +72,7 @@ def seed_reruns(ctx: _Context, rows: list[report.TrialRow], n: int) -> dict[int,
         config = TrialConfig.model_validate(parse_yaml(tracking.load_text(run_id, "config.yaml")))
         start, _ = ctx.pretrained_for(config)
         done = tracking.finished_reruns(ctx.client, ctx.exp_id, run_id)
-        values: dict[str, list[float]] = {"val_acc": [], "overfit_gap": []}
+        values: dict[str, list[float]] = {k: [] for k in tasks.HEADLINE[config.task.kind]}
         for seed in range(config.seed + 1, config.seed + n + 1):
             if seed not in done:
                 rerun = config.model_copy(
@@ -75,8 +86,9 @@ def seed_reruns(ctx: _Context, rows: list[report.TrialRow], n: int) -> dict[int,
                 state = "FAIL"
                 try:
                     seed_everything(seed)
-                    model = model_for(rerun, data, start)
-                    result = fit(rerun, model, data, [tracking.EpochLogger(ctx.client, rid)])
+                    model = tasks.build(rerun, data, start)
+                    logger = tracking.EpochLogger(ctx.client, rid)
+                    result = tasks.train(rerun, model, data, [logger])
                     best = {k: result.best[k] for k in values}
                     tracking.log_metrics_once(
                         ctx.client, rid, {f"best_{k}": v for k, v in best.items()}
@@ -102,6 +114,8 @@ def finish_report(
     summary = summarize(study, opts, name)
     complete = summary.complete()
     chosen = [t for t in (complete[0] if complete else None, summary.baseline()) if t]
+    if any("seed" in t.params for t in complete):  # settings x seeds: every one is reported
+        chosen += [t for t in complete if t not in chosen]
     frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
     test = {}
     for row in chosen:
@@ -110,12 +124,15 @@ def finish_report(
             test[row.number] = metrics
     if complete and complete[0].number in test:
         best = complete[0]
-        metrics = {"val_acc": best.attrs["val_acc"], **test[best.number]}
+        acc = report.headline(best.attrs)[0]
+        metrics = {acc: best.attrs[acc], **test[best.number]}
         tracking.register_best(client, safe_name(name), best.attrs["mlflow_run_id"], metrics)
     shown = [*complete[:3], *(t for t in chosen if t not in complete[:3])]
     curves = {
         t.number: tracking.metric_histories(
-            client, t.attrs["mlflow_run_id"], ["train_acc", "val_acc"]
+            client,
+            t.attrs["mlflow_run_id"],
+            list(tasks.CURVES["meta" if "meta_val_acc" in t.attrs else "finetune"]),
         )
         for t in shown
     }

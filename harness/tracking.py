@@ -298,6 +298,19 @@ def register_source_model(
     return f"models:/{name}/{version.version}"
 
 
+def pin_model_uri(uri: str) -> str:
+    """`models:/NAME@ALIAS` -> `models:/NAME/VERSION` (the version the alias names now), so
+    that a run records the exact weights it started from; other URIs are returned as given."""
+    match = re.fullmatch(r"models:/([^/@]+)@([\w-]+)", uri)
+    if not match:
+        return uri
+    try:
+        version = MlflowClient().get_model_version_by_alias(match[1], match[2]).version
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(f"model.pretrained: cannot resolve {uri}: {err.message}") from None
+    return f"models:/{match[1]}/{version}"
+
+
 def resolve_model_uri(uri: str, dest: Path) -> Path:
     """A `models:/NAME/VERSION` or `runs:/RUN_ID/PATH` URI -> a local state_dict file.
 
@@ -349,17 +362,21 @@ def metric_histories(client: MlflowClient, run_id: str, keys: list[str]) -> dict
 def register_best(
     client: MlflowClient, name: str, run_id: str, metrics: dict[str, float]
 ) -> str | None:
-    """Register a trial's logged best weights as a version of the model `name` (once per run)."""
+    """Register a trial's logged best weights as a version of the model `name` (once per run)
+    and point the model's alias `best` at it: `models:/NAME@best` is the study's best model
+    (what `model.pretrained` of another study can name)."""
     if checkpoint_state(client, run_id) != "logged":
         return None
     for v in client.search_model_versions(f"name = '{name}'"):
         if v.run_id == run_id:
+            client.set_registered_model_alias(name, "best", v.version)
             return f"models:/{name}/{v.version}"
     with contextlib.suppress(mlflow.exceptions.MlflowException):  # exists already
         client.create_registered_model(name, description="Best model of the Optuna study")
     source = f"{client.get_run(run_id).info.artifact_uri}/checkpoints"
     tags = {k: f"{v:.6g}" for k, v in metrics.items()}
     version = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    client.set_registered_model_alias(name, "best", version.version)
     return f"models:/{name}/{version.version}"
 
 

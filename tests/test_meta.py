@@ -18,7 +18,7 @@ SPLIT = meta.DIGITS_SPLIT
 
 @pytest.fixture(scope="module")
 def pool():
-    x, y, split = meta.load_pool(DataSpec(), SPLIT)
+    x, y, split, _ = meta.load_pool(DataSpec(), SPLIT)
     assert split == SPLIT  # digits: the labels are the digits themselves
     return x, y
 

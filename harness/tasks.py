@@ -1,0 +1,204 @@
+"""What one trial trains, by `task.kind`: its data, its model and the core that runs it.
+
+- `finetune`: the target task's k-shot split (`data.load_target`), `finetune.fit`.
+- `meta`: a pool of every image of the meta-learning class split (`meta.load_pool`),
+  `meta.meta_fit` on episodes; the trial's weights are the meta-learned initialization.
+- `multitask`: the target task's split, `multitask.multitask_fit` with the target task (the
+  model's head) and the auxiliary tasks of `multitask.tasks`; the weights are the target model.
+
+Every core returns the same shape of result (`best`, `best_epoch`, `history`, `best_state`,
+`seconds`), reports through the same callbacks and knows neither Optuna nor MLflow; the study
+and `reproduce` call `load_data`, `build` and `train` and need not know which core ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from harness import meta, models, multitask
+from harness.data import DataReport, TaskData, load_target
+from harness.finetune import fit
+from harness.spec import TrialConfig
+
+# The per-epoch metrics that describe a trial (its user attributes, its table row), by kind.
+SUMMARY_METRICS = {
+    "finetune": ("val_acc", "val_loss", "train_acc", "overfit_gap", "overfit_gap_loss"),
+    "multitask": ("val_acc", "val_loss", "train_acc", "overfit_gap", "overfit_gap_loss"),
+    "meta": ("meta_val_acc", "meta_val_ci95", "meta_val_loss", "meta_train_acc", "adaptation_gap"),
+}
+# (accuracy, gap) shown in progress lines, tables and plots, by kind
+HEADLINE = {
+    "finetune": ("val_acc", "overfit_gap"),
+    "multitask": ("val_acc", "overfit_gap"),
+    "meta": ("meta_val_acc", "adaptation_gap"),
+}
+CURVES = {
+    "finetune": ("train_acc", "val_acc"),
+    "multitask": ("train_acc", "val_acc"),
+    "meta": ("meta_train_acc", "meta_val_acc"),
+}
+
+
+@dataclass(frozen=True)
+class MetaPool:
+    """The images of a meta-learning class split: labels are positions in `split.classes`."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    split: meta.ClassSplit  # meta-train / meta-val / meta-test labels
+    classes: tuple  # the split's classes as the data set names them, in label order
+    data_hash: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    report: DataReport = field(default_factory=DataReport)
+
+    @property
+    def channels(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.x.shape[-1]
+
+
+def class_split(config: TrialConfig) -> meta.ClassSplit:
+    m = config.meta
+    if m.train_classes is not None:
+        return meta.ClassSplit(m.train_classes, m.val_classes, m.test_classes)
+    standard = {"digits": meta.DIGITS_SPLIT, "cifar100": meta.CIFAR_FS_SPLIT}
+    if config.data.dataset not in standard:  # the spec refuses this before anything runs
+        raise ValueError(f"meta: {config.data.dataset} has no standard class split")
+    return standard[config.data.dataset]
+
+
+def load_data(config: TrialConfig) -> TaskData | MetaPool:
+    """The trial's data: the target task's split, or the meta-learning pool."""
+    size = models.data_size_hint(config)
+    if config.task.kind != "meta":
+        return load_target(config.data, config.split_seed, size_hint=size)
+    split = class_split(config)
+    x, y, labels, source = meta.load_pool(config.data, split, size_hint=size)
+    digest = hashlib.sha256(source.data_hash.encode())
+    digest.update(repr(split.classes).encode())
+    return MetaPool(
+        x, y, labels, split.classes, digest.hexdigest()[:16], source.mean, source.std, source.report
+    )
+
+
+def meta_config(config: TrialConfig) -> meta.MetaConfig:
+    m = config.meta
+    return meta.MetaConfig(
+        algorithm=m.algorithm,
+        ways=m.ways,
+        shots=m.shots,
+        queries=m.queries,
+        eval_ways=m.eval_ways,
+        eval_shots=m.eval_shots,
+        eval_queries=m.eval_queries,
+        inner_lr=m.inner_lr,
+        inner_steps=m.inner_steps,
+        eval_inner_steps=m.eval_inner_steps,
+        meta_lr=m.meta_lr,
+        meta_optimizer=m.meta_optimizer,
+        meta_batch_size=m.meta_batch_size,
+        meta_epochs=m.meta_epochs,
+        episodes_per_epoch=m.episodes_per_epoch,
+        val_episodes=m.val_episodes,
+        schedule=m.schedule,
+        seed=config.seed,
+        device=config.train.device,
+        threads=config.train.threads,
+        max_loss=config.train.max_loss,
+        recalibrate_bn=m.recalibrate_bn,
+    )
+
+
+def aux_tasks(config: TrialConfig) -> tuple[multitask.Task, ...]:
+    """The target task (labels: the data's), then one task per `multitask.tasks` entry."""
+    mt, target = config.multitask, list(config.data.target_classes)
+    tasks = [multitask.Task("target", len(target), None, mt.target_weight)]
+    for name, aux in mt.tasks.items():
+        group_of = {c: i for i, g in enumerate(aux.groups) for c in g}
+        lookup = torch.tensor([group_of[c] for c in target])
+        tasks.append(multitask.Task(name, len(aux.groups), lookup, aux.weight))
+    return tuple(tasks)
+
+
+def multitask_config(config: TrialConfig) -> multitask.MultiTaskConfig:
+    t = config.train
+    return multitask.MultiTaskConfig(
+        target="target",
+        weighting=config.multitask.weighting,
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        optimizer=t.optimizer,
+        momentum=t.momentum,
+        weight_decay=config.reg.weight_decay,
+        schedule=t.schedule,
+        head_dropout=config.reg.dropout,
+        aug=config.aug,
+        seed=config.seed,
+        device=t.device,
+        threads=t.threads,
+        eval_train_max=config.data.eval_train_max,
+        max_loss=t.max_loss,
+    )
+
+
+def head_size(config: TrialConfig, data: TaskData | MetaPool) -> int:
+    """Outputs of the model's head: the target's classes, or the most ways a meta trial uses."""
+    if config.task.kind != "meta":
+        return data.num_classes
+    m = config.meta
+    return max(m.ways, m.eval_ways or m.ways)
+
+
+def build(
+    config: TrialConfig,
+    data: TaskData | MetaPool,
+    pretrained: str | Path | None = None,
+    load_weights: bool = True,
+) -> models.ImageModel:
+    """The trial's model (`models.model_for` with the head `head_size` says)."""
+    return models.build_model(
+        config.model,
+        head_size(config, data),
+        config.reg.dropout,
+        pretrained,
+        models.Inputs.of(data),
+        stochastic_depth=config.reg.stochastic_depth,
+        image_size=config.data.image_size,
+        load_weights=load_weights,
+    )
+
+
+def train(config: TrialConfig, model, data, callbacks=(), resume: dict | None = None):
+    """Run the trial's core; its result has best, best_epoch, history, best_state, seconds.
+
+    Only fine-tuning resumes from a resume state; the other cores restart from epoch 1."""
+    kind = config.task.kind
+    if kind == "meta":
+        return meta.meta_fit(meta_config(config), model, data.x, data.y, data.split, callbacks)
+    if kind == "multitask":
+        return multitask.multitask_fit(
+            multitask_config(config), model, aux_tasks(config), data, callbacks
+        )
+    return fit(config, model, data, callbacks, resume=resume)
+
+
+def meta_test(config: TrialConfig, model, data: MetaPool) -> dict[str, float]:
+    """The meta-test score of a meta-learned init, once per shot count of `meta.test_shots`:
+    `meta_test_acc_{k}shot` and `meta_test_ci95_{k}shot` over `meta.test_episodes` episodes."""
+    mc, out = meta_config(config), {}
+    for shots in config.meta.test_shots:
+        acc, ci95 = meta.meta_test(
+            mc, model, data.x, data.y, data.split, shots=shots, episodes=config.meta.test_episodes
+        )
+        out[f"meta_test_acc_{shots}shot"] = acc
+        out[f"meta_test_ci95_{shots}shot"] = ci95
+    return out
