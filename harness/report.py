@@ -297,6 +297,27 @@ def render(summary: Summary, top: int = 5) -> str:
             out.append(
                 f"  {label:>9}: {acc} {a[0]:.4f} ± {a[1]:.4f}, {gap} {g[0]:+.4f} ± {g[1]:.4f}"
             )
+    algorithms = {}
+    for t in summary.complete():
+        algorithm = t.params.get("meta.algorithm")
+        if algorithm is not None and t.number in summary.test and algorithm not in algorithms:
+            algorithms[algorithm] = t
+    if len(algorithms) > 1:
+        out.append("\nMeta-test per algorithm (each one's best trial; mean ± 95% interval):")
+        for algorithm, t in algorithms.items():
+            scores = summary.test[t.number]
+            shots = sorted(
+                int(k.split("_")[-1][:-4]) for k in scores if k.startswith("meta_test_acc_")
+            )
+            text = ", ".join(
+                f"{k}-shot {scores[f'meta_test_acc_{k}shot']:.4f} ± "
+                f"{scores[f'meta_test_ci95_{k}shot']:.4f}"
+                for k in shots
+            )
+            out.append(
+                f"  {algorithm:>8} (trial {t.number}, meta_val_acc "
+                f"{t.attrs['meta_val_acc']:.4f}): {text}"
+            )
     groups = seed_groups(summary)
     if groups:
         metric = groups[0].metric

@@ -116,6 +116,7 @@ def finish_report(
     chosen = [t for t in (complete[0] if complete else None, summary.baseline()) if t]
     if any("seed" in t.params for t in complete):  # settings x seeds: every one is reported
         chosen += [t for t in complete if t not in chosen]
+    chosen += [t for t in best_per_algorithm(complete) if t not in chosen]
     frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
     test = {}
     for row in chosen:
@@ -153,6 +154,17 @@ def finish_report(
     if parent:
         tracking.log_report(client, parent, files)
     return dataclasses.replace(summary, files=files)
+
+
+def best_per_algorithm(complete: list[report.TrialRow]) -> list[report.TrialRow]:
+    """A meta-learning study that searches `meta.algorithm`: each algorithm's best trial
+    (`complete` is best first), so that the report meta-tests every algorithm once."""
+    best: dict[str, report.TrialRow] = {}
+    for t in complete:
+        algorithm = t.params.get("meta.algorithm")
+        if algorithm is not None and "meta_val_acc" in t.attrs:
+            best.setdefault(algorithm, t)
+    return list(best.values())
 
 
 def report_study(opts: StudyOptions, seeds: int = 0) -> report.Summary:

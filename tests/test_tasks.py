@@ -7,6 +7,7 @@ from __future__ import annotations
 import textwrap
 
 import mlflow
+import optuna
 import pytest
 import torch
 import torchvision.datasets as tvd
@@ -209,12 +210,20 @@ def test_meta_study_end_to_end(meta_study):
         assert gap == pytest.approx(
             r.data.metrics["meta_train_acc"] - r.data.metrics["meta_val_acc"]
         )
-    tested = [r for r in runs if "meta_test_acc_1shot" in r.data.metrics]
-    assert len(tested) == 1
-    m = tested[0].data.metrics
-    assert 0 < m["meta_test_acc_1shot"] <= 1 and 0 < m["meta_test_ci95_5shot"] < 0.5
+    assert "Meta-test per algorithm" in done.stdout
+    for algorithm in ("maml", "protonet"):  # each algorithm's best trial, meta-tested once
+        assert f"{algorithm:>8} (trial " in done.stdout
+    assert all("meta_test_acc_1shot" in r.data.metrics for r in runs)
+    for r in runs:
+        m = r.data.metrics
+        assert 0 < m["meta_test_acc_1shot"] <= 1 and 0 < m["meta_test_ci95_5shot"] < 0.5
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    storage = JournalStorage(JournalFileBackend(str(results / "optuna.journal")))
+    study = optuna.load_study(study_name="digits_meta", storage=storage)
+    best_run = study.best_trial.user_attrs["mlflow_run_id"]
     version = client.get_model_version_by_alias("digits_meta", "best")
-    assert version.run_id == tested[0].info.run_id
+    assert version.run_id == best_run
 
 
 @pytest.mark.slow
