@@ -292,6 +292,9 @@ def test_multitask_study_end_to_end(tmp_path, results_dir):
         assert m["val_acc"] == m["target_val_acc"]
         config = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{r.info.run_id}/config.yaml"))
         assert config["multitask"]["tasks"]["parity"]["groups"] == [[5, 7, 9], [6, 8]]
+    again = run_cli("reproduce", multi[0].info.run_id, "--results", str(results_dir), cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "parity_val_acc" in again.stdout
 
 
 @pytest.mark.slow
