@@ -223,6 +223,15 @@ def seed_groups(summary: Summary) -> list[SeedGroup]:
     return sorted(out, key=lambda g: g.label)
 
 
+def meta_scores(test: dict[str, float]) -> str:
+    """`1-shot 0.83 ± 0.02, 5-shot ...` from a trial's meta-test metrics."""
+    shots = sorted(int(k.split("_")[-1][:-4]) for k in test if k.startswith("meta_test_acc_"))
+    return ", ".join(
+        f"{k}-shot {test[f'meta_test_acc_{k}shot']:.4f} ± {test[f'meta_test_ci95_{k}shot']:.4f}"
+        for k in shots
+    )
+
+
 def render(summary: Summary, top: int = 5) -> str:
     c = summary.counts()
     head = (
@@ -263,14 +272,9 @@ def render(summary: Summary, top: int = 5) -> str:
             continue
         t = summary.test.get(number)
         if t and "test_acc" not in t:
-            shots = sorted(int(k.split("_")[-1][:-4]) for k in t if k.startswith("meta_test_acc_"))
-            scores = ", ".join(
-                f"{k}-shot {t[f'meta_test_acc_{k}shot']:.4f} ± {t[f'meta_test_ci95_{k}shot']:.4f}"
-                for k in shots
-            )
             out.append(
                 f"Meta-test classes ({label}, trial {number}, evaluated once; mean ± 95% "
-                f"interval): {scores}"
+                f"interval): {meta_scores(t)}"
             )
         elif t:
             out.append(
@@ -305,18 +309,9 @@ def render(summary: Summary, top: int = 5) -> str:
     if len(algorithms) > 1:
         out.append("\nMeta-test per algorithm (each one's best trial; mean ± 95% interval):")
         for algorithm, t in algorithms.items():
-            scores = summary.test[t.number]
-            shots = sorted(
-                int(k.split("_")[-1][:-4]) for k in scores if k.startswith("meta_test_acc_")
-            )
-            text = ", ".join(
-                f"{k}-shot {scores[f'meta_test_acc_{k}shot']:.4f} ± "
-                f"{scores[f'meta_test_ci95_{k}shot']:.4f}"
-                for k in shots
-            )
             out.append(
                 f"  {algorithm:>8} (trial {t.number}, meta_val_acc "
-                f"{t.attrs['meta_val_acc']:.4f}): {text}"
+                f"{t.attrs['meta_val_acc']:.4f}): {meta_scores(summary.test[t.number])}"
             )
     groups = seed_groups(summary)
     if groups:
