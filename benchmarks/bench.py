@@ -3,16 +3,23 @@
     python benchmarks/bench.py --quick        # CPU: digits upscaled to 32 px, resnet18, batch 128
     python benchmarks/bench.py                # CPU batch 32 and 128; with a GPU also resnet50
     python benchmarks/bench.py --device cuda  # the GPU configurations only (224 px, b32, b256)
+    python benchmarks/bench.py --quick --compile  # also the core with train.compile: true
 
 Run by hand, never as a timed test. Everything in one run uses the same device, model, data
 and batch size. Prints a readable table, then one machine-readable line per figure:
 `ratio core/ceiling X`, `ratio core/recipe X`, `ratio tracked/untracked X`, `ratio eval/epoch X`
 (with --quick exactly one per name), and a `device ...` line.
+
+The core runs with the harness's defaults for the device (on CUDA: channels_last, bf16
+autocast, fused SGD; on the CPU: NCHW, fp32, the single-tensor SGD); the ceiling runs the same
+network (the harness's model less its uint8 preprocessing) in those same settings. Steady
+state: the median over the epochs after the first (core) and over windows (ceiling).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -113,16 +120,33 @@ def recipe(s: Setup, steps: int) -> float:
 
 # --- 2. the harness core: fit, its training steps timed apart from its evaluation ---
 class _Timer:
+    """Epoch ends (a callback) and the time fit spends in `finetune.evaluate` per epoch."""
+
     def __init__(self, device: str):
-        self.device, self.marks = device, []
+        self.device, self.marks, self.evals = device, [], []
+        self._eval = 0.0
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         _sync(self.device)
         self.marks.append(time.perf_counter())
+        self.evals.append(self._eval)
+        self._eval = 0.0
+
+    def evaluate(self, original):
+        def timed(*args, **kwargs):
+            _sync(self.device)
+            started = time.perf_counter()
+            out = original(*args, **kwargs)
+            _sync(self.device)
+            self._eval += time.perf_counter() - started
+            return out
+
+        return timed
 
 
-def core(s: Setup, epochs: int, tracked: bool) -> tuple[float, float]:
-    """(training images per second, evaluation share of an epoch) in steady state."""
+def core(s: Setup, epochs: int, tracked: bool, compile: bool = False) -> tuple[float, float, float]:
+    """(training images per second, evaluation share of an epoch, compile seconds) in steady
+    state: the median over the epochs after the first."""
     n = len(s.images)
     n_val = max(s.batch, n // 20)
     task = TaskData(
@@ -143,7 +167,13 @@ def core(s: Setup, epochs: int, tracked: bool) -> tuple[float, float]:
             "seed": 0,
             "data": {"source_classes": [], "target_classes": list(range(10)), "image_size": s.size},
             "model": {"arch": s.arch, "pretrained": "none"},
-            "train": {"epochs": epochs, "batch_size": s.batch, "lr": 0.001, "device": s.device},
+            "train": {
+                "epochs": epochs,
+                "batch_size": s.batch,
+                "lr": 0.001,
+                "device": s.device,
+                "compile": compile,
+            },
         }
     )
     model = models.model_for(config, task)
@@ -156,36 +186,66 @@ def core(s: Setup, epochs: int, tracked: bool) -> tuple[float, float]:
         exp = tracking.experiment_id(client, "bench", folder, tracking.default_tracking_uri(folder))
         run = client.create_run(exp).info.run_id
         callbacks.append(tracking.EpochLogger(client, run))
-    finetune.fit(config, model, task, [*callbacks, timer])
-    epoch = float(np.median(np.diff(timer.marks)))  # steady state: epochs after the first
-    data = task.to(s.device)
-    x_clean = data.x_train[: config.data.eval_train_max]
-    y_clean = data.y_train[: config.data.eval_train_max]
-    _sync(s.device)
-    start = time.perf_counter()
-    for x, y in ((x_clean, y_clean), (data.x_val, data.y_val)):
-        loss, _ = finetune.evaluate(model, x, y)
-        loss.item()
-    evaluation = time.perf_counter() - start
-    train = max(epoch - evaluation, 1e-9)
-    return (len(task.x_train) // s.batch) * s.batch / train, evaluation / epoch
+    original = finetune.evaluate
+    finetune.evaluate = timer.evaluate(original)
+    try:
+        result = finetune.fit(config, model, task, [*callbacks, timer])
+    finally:
+        finetune.evaluate = original
+    epochs_s = np.diff(timer.marks)  # steady state: the epochs after the first
+    evals = np.array(timer.evals[1:])
+    train = float(np.median(epochs_s - evals))
+    share = float(np.median(evals / epochs_s))
+    images = sum(len(idx) for idx in _batches(len(task.x_train), s.batch))
+    return images / train, share, result.compile_seconds
+
+
+def _batches(n: int, bs: int):
+    return [range(i, min(i + bs, n)) for i in range(0, n, bs) if min(bs, n - i) >= 2]
 
 
 # --- 3. the ceiling: forward, backward, step on one batch already on the device ---
-def ceiling(s: Setup, steps: int) -> float:
-    model = torchvision.models.get_model(s.arch, num_classes=10).to(s.device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    x = torch.randn(s.batch, 3, s.size, s.size, device=s.device)
-    y = torch.randint(0, 10, (s.batch,), device=s.device)
-    for i in range(steps + 2):
-        if i == 2:
-            _sync(s.device)
-            start = time.perf_counter()
+def ceiling(s: Setup, steps: int, windows: int = 3) -> float:
+    """The harness's network (no uint8 preprocessing) in the core's settings for the device:
+    memory format, autocast, optimizer implementation. The median over `windows`."""
+    device = torch.device(s.device)
+    config = TrialConfig.model_validate(
+        {
+            "name": "bench",
+            "data": {"source_classes": [], "target_classes": list(range(10)), "image_size": s.size},
+            "model": {"arch": s.arch, "pretrained": "none"},
+            "train": {"batch_size": s.batch, "device": s.device},
+        }
+    )
+    net = models.build_model(config.model, 10, 0.0).net.to(device)
+    fmt = torch.contiguous_format
+    if finetune.uses_channels_last(config, net, device):
+        fmt = torch.channels_last
+        net = net.to(memory_format=fmt)
+    opt = torch.optim.SGD(
+        net.parameters(), lr=0.001, momentum=0.9, **finetune.optimizer_options(device)
+    )
+    x = torch.randn(s.batch, 3, s.size, s.size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (s.batch,), device=device)
+
+    def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with finetune.autocast(device, config.train.amp):
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
         opt.step()
-    _sync(s.device)
-    return steps * s.batch / (time.perf_counter() - start)
+
+    for _ in range(2):  # warm-up
+        step()
+    rates = []
+    for _ in range(windows):
+        _sync(s.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(s.device)
+        rates.append(steps * s.batch / (time.perf_counter() - start))
+    return float(np.median(rates))
 
 
 def main() -> int:
@@ -194,6 +254,7 @@ def main() -> int:
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     p.add_argument("--steps", type=int, default=20, help="timed steps of the recipe and ceiling")
     p.add_argument("--epochs", type=int, default=6, help="epochs of the core (the first warms up)")
+    p.add_argument("--compile", action="store_true", help="also the core with train.compile")
     args = p.parse_args()
     setups = []
     if args.device in ("cpu", "all"):
@@ -204,10 +265,10 @@ def main() -> int:
     print(f"{'configuration':<26} {'recipe':>9} {'core':>9} {'tracked':>9} {'ceiling':>9}  img/s")
     for s in setups:
         r = recipe(s, args.steps)
-        c, eval_share = core(s, args.epochs, tracked=False)
-        t, _ = core(s, args.epochs, tracked=True)
-        top = ceiling(s, args.steps)
-        print(f"{s.name:<26} {r:>9.1f} {c:>9.1f} {t:>9.1f} {top:>9.1f}")
+        c, eval_share, _ = core(s, args.epochs, tracked=False)
+        t, _, _ = core(s, args.epochs, tracked=True)
+        top = ceiling(s, max(args.steps // 3, 4))
+        print(f"{s.name:<26} {r:>9.1f} {c:>9.1f} {t:>9.1f} {top:>9.1f}", flush=True)
         tag = "" if args.quick else f" {s.name.replace(' ', '_')}"
         lines += [
             f"ratio core/ceiling {c / top:.3f}{tag}",
@@ -215,9 +276,20 @@ def main() -> int:
             f"ratio tracked/untracked {t / c:.3f}{tag}",
             f"ratio eval/epoch {eval_share:.3f}{tag}",
         ]
+        if args.compile:
+            k, _, compile_s = core(s, args.epochs, tracked=False, compile=True)
+            print(f"{s.name:<26} compiled core {k:.1f} img/s, compile {compile_s:.1f} s")
+            lines += [
+                f"ratio compiled/core {k / c:.3f}{tag}",
+                f"compile_seconds {compile_s:.1f}{tag}",
+            ]
     print("\n".join(lines))
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"device {name} torch {torch.__version__} threads {torch.get_num_threads()}")
+    cuda = torch.cuda.is_available() and any(s.device == "cuda" for s in setups)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(
+        f"device {name.replace(' ', '_')} torch {torch.__version__} "
+        f"threads {torch.get_num_threads()} cores {os.cpu_count()}"
+    )
     return 0
 
 

@@ -1,0 +1,351 @@
+"""The study level: pruning's saving, the bookkeeping per trial, the peak memory of a study.
+
+    python benchmarks/study_bench.py pruning [--n-trials N]    # median pruner vs none
+    python benchmarks/study_bench.py bookkeeping [--trials 300]  # ms a trial, training stubbed
+    python benchmarks/study_bench.py memory                     # peak RSS, quickstart study
+    python benchmarks/study_bench.py all
+
+Run by hand, never as a timed test. Each part prints a readable summary, then machine-readable
+lines (name, then value).
+
+- pruning: `run_study.py experiments/digits_regularization.yaml` twice in fresh results folders,
+  with the file's median pruner and with `search.pruner=none`; same sampler seed, same trial
+  count. Epochs trained (the trials' `epochs_run`) and best val_acc of each.
+- bookkeeping: the default quickstart study (`model.pretrained=none`, no source pretraining)
+  run by the harness's own `run_study` on the default stores (an Optuna journal file and an
+  MLflow SQLite database in a fresh results folder), with `fit` replaced by a stub that calls
+  the real callbacks every epoch with made-up metrics and offers a resume state of the real
+  model's weights. The time of every call into the sampler and pruner (sampling), the Optuna
+  storage (storage), `harness.tracking` and the EpochLogger (tracking), and the resume state,
+  best-weights file and retention (checkpoint) is summed per trial, each call's own time
+  (nested calls counted where they belong); `other` is the rest of the trial (configuration,
+  model build, Optuna's loop). Reported at 10 trials (trials 1-10) and at N (the last 10).
+- memory: `run_study.py experiments/quickstart.yaml` (the default study, as a user types it) in
+  a fresh results folder; the peak resident set size of that process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _run_cli(*args: str) -> float:
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, str(REPO / "run_study.py"), *args],
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - started
+
+
+# --- pruning: median pruner vs none -----------------------------------------------------------
+def _study_figures(results: Path, name: str) -> dict[str, float]:
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    from optuna.trial import TrialState
+
+    storage = JournalStorage(JournalFileBackend(str(results / "optuna.journal")))
+    study = optuna.load_study(study_name=name, storage=storage)
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    complete = [t for t in finished if t.state == TrialState.COMPLETE]
+    epochs = sum(t.user_attrs.get("epochs_run", len(t.intermediate_values)) for t in finished)
+    return {
+        "trials": len(finished),
+        "pruned": len(finished) - len(complete),
+        "epochs": epochs,
+        "best_val_acc": max(t.value for t in complete),
+    }
+
+
+def pruning(n_trials: int | None) -> list[str]:
+    from harness.spec import load_spec
+
+    experiment = REPO / "experiments" / "digits_regularization.yaml"
+    spec = load_spec(experiment, [])
+    n = n_trials or spec.search.n_trials
+    figures = {}
+    for pruner in ("median", "none"):
+        results = Path(tempfile.mkdtemp(prefix=f"bench-prune-{pruner}-"))
+        args = [str(experiment), "--results", str(results), "--quiet", "--n-trials", str(n)]
+        seconds = _run_cli(*args, "--set", f"search.pruner={pruner}")
+        figures[pruner] = {**_study_figures(results, spec.name), "seconds": seconds}
+        print(f"{pruner:>6}: {json.dumps(figures[pruner])}", flush=True)
+    med, none = figures["median"], figures["none"]
+    return [
+        f"pruning trials {n}",
+        f"pruning epochs_median {med['epochs']}",
+        f"pruning epochs_none {none['epochs']}",
+        f"pruning best_val_acc_median {med['best_val_acc']:.4f}",
+        f"pruning best_val_acc_none {none['best_val_acc']:.4f}",
+        f"ratio epochs median/none {med['epochs'] / none['epochs']:.3f}",
+        f"pruning val_acc_points median-none {100 * (med['best_val_acc'] - none['best_val_acc']):+.2f}",  # noqa: E501
+        f"pruning seconds_median {med['seconds']:.1f}",
+        f"pruning seconds_none {none['seconds']:.1f}",
+    ]
+
+
+# --- bookkeeping per trial --------------------------------------------------------------------
+class Clock:
+    """Each wrapped call's own time (less the wrapped calls inside it), by category and trial."""
+
+    def __init__(self):
+        self.trial = -1  # the trial in progress; -1: the study's set-up
+        self.stack: list[float] = []  # per open call: time spent in wrapped calls inside it
+        self.spent: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.starts: list[float] = []
+
+    def wrap(self, fn, category: str):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            self.stack.append(0.0)
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - started
+                inner = self.stack.pop()
+                self.spent[self.trial][category] += elapsed - inner
+                if self.stack:
+                    self.stack[-1] += elapsed
+
+        return timed
+
+    def wrap_methods(self, obj, category: str, names=None) -> None:
+        for name in names or [n for n in dir(obj) if not n.startswith("_")]:
+            attr = getattr(obj, name, None)
+            if callable(attr) and not isinstance(attr, type):
+                setattr(obj, name, self.wrap(attr, category))
+
+
+def _stub_fit(clock: Clock):
+    """fit without training: the real callbacks every epoch, made-up metrics (better near
+    lr 1e-2), and a resume state holding the model's weights."""
+    import torch
+
+    from harness import checkpoint, finetune
+
+    def fit(config, model, data, callbacks=(), resume=None):
+        callbacks = list(callbacks)
+        savers = [c for c in callbacks if callable(getattr(c, "on_checkpoint", None))]
+        weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        quality = max(0.0, 1.0 - abs(math.log10(config.train.lr) + 2.0) / 3.0)
+        history = []
+        for epoch in range(1, config.train.epochs + 1):
+            acc = 0.2 + 0.7 * quality * (1.0 - math.exp(-epoch / 5.0))
+            m = {
+                "train_loss": 1.6 - acc,
+                "train_acc": min(acc + 0.05, 1.0),
+                "val_loss": 1.65 - acc,
+                "val_acc": acc,
+                "train_loss_running": 1.6 - acc,
+                "train_acc_running": acc,
+                "lr": config.train.lr,
+            }
+            m["overfit_gap"] = m["train_acc"] - m["val_acc"]
+            m["overfit_gap_loss"] = m["val_loss"] - m["train_loss"]
+            history.append(m)
+            for cb in callbacks:  # their own time is the trial's, not the stub's
+                clock.wrap(cb.on_epoch_end, "other")(epoch, m)
+            if savers:
+                state = {k: None for k in checkpoint.KEYS}
+                state.update(
+                    version=checkpoint.VERSION,
+                    config=checkpoint.config_key(config),
+                    epoch=epoch,
+                    model=weights,
+                    history=history,
+                    best_state=weights,
+                    generator=torch.Generator().get_state(),
+                )
+                for cb in savers:
+                    clock.wrap(cb.on_checkpoint, "other")(epoch, state)
+        best_epoch = max(range(len(history)), key=lambda i: history[i]["val_acc"]) + 1
+        return finetune.FitResult(
+            best_epoch=best_epoch,
+            best=history[best_epoch - 1],
+            history=history,
+            best_state=weights,
+            seconds=0.0,
+            device="cpu",
+            threads=torch.get_num_threads(),
+        )
+
+    return fit
+
+
+def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
+    import optuna
+
+    from harness import checkpoint, study, study_report, tracking
+    from harness.spec import load_spec
+
+    clock = Clock()
+    results = Path(tempfile.mkdtemp(prefix="bench-bookkeeping-"))
+    spec = load_spec(
+        REPO / "experiments" / "quickstart.yaml",
+        [f"search.n_trials={n_trials}", "model.pretrained=none"],
+    )
+    # the training stand-in, wherever the study finds `fit`
+    stub = clock.wrap(_stub_fit(clock), "stub")
+    if hasattr(study, "fit"):
+        study.fit = stub
+    try:  # where the study calls fit through harness.tasks
+        from harness import tasks
+
+        tasks.fit = stub
+    except ImportError:
+        pass
+    # sampling (sampler and pruner) and storage
+    open_storage, make_sampler, make_pruner = (
+        study.open_storage,
+        study.make_sampler,
+        study.make_pruner,
+    )
+
+    def storage(url):
+        s = open_storage(url)
+        clock.wrap_methods(s, "storage")
+        return s
+
+    def sampler(*a, **k):
+        s = make_sampler(*a, **k)
+        clock.wrap_methods(
+            s,
+            "sampling",
+            [
+                "infer_relative_search_space",
+                "sample_relative",
+                "sample_independent",
+                "before_trial",
+                "after_trial",
+            ],
+        )
+        return s
+
+    def pruner(*a, **k):
+        p = make_pruner(*a, **k)
+        clock.wrap_methods(p, "sampling", ["prune"])
+        return p
+
+    study.open_storage, study.make_sampler, study.make_pruner = storage, sampler, pruner
+    # tracking: every function of harness.tracking, the epoch logger, the system monitor
+    monitor = tracking.system_monitor
+
+    def system_monitor(*a, **k):
+        m = monitor(*a, **k)
+        m.finish = clock.wrap(m.finish, "tracking")
+        return m
+
+    tracking.system_monitor = system_monitor
+    for name in dir(tracking):
+        fn = getattr(tracking, name)
+        ours = getattr(fn, "__module__", "") == "harness.tracking" and name[0] != "_"
+        if ours and callable(fn) and not isinstance(fn, type):
+            setattr(tracking, name, clock.wrap(fn, "tracking"))
+    for name in ("on_epoch_end", "flush"):
+        setattr(
+            tracking.EpochLogger, name, clock.wrap(getattr(tracking.EpochLogger, name), "tracking")
+        )
+    # checkpoint: the resume state, the best weights' file, the retention policy
+    checkpoint.save_state = clock.wrap(checkpoint.save_state, "checkpoint")
+    study.atomic_write = clock.wrap(study.atomic_write, "checkpoint")
+    study.apply_retention = clock.wrap(study.apply_retention, "checkpoint")
+    # the trials' boundaries
+    objective = study._objective
+
+    def timed_objective(ctx, trial):
+        clock.trial = trial.number
+        clock.starts.append(time.perf_counter())
+        return objective(ctx, trial)
+
+    study._objective = timed_objective
+
+    def finish(*a, **k):
+        clock.starts.append(time.perf_counter())  # the end of the last trial
+        clock.trial = -2
+
+    study_report.finish_report = study_report.summarize = finish
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    started = time.perf_counter()
+    study.run_study(spec, study.StudyOptions(results=results, quiet=True))
+    wall = time.perf_counter() - started
+    totals = [b - a for a, b in zip(clock.starts, clock.starts[1:], strict=False)]
+    n = len(totals)
+    print(f"{n} trials of the stubbed quickstart study in {wall:.1f} s; results in {results}")
+    categories = ("sampling", "storage", "tracking", "checkpoint")
+    lines = []
+    for label, trials in (
+        (f"at_{window}", range(1, 1 + window)),
+        (f"at_{n}", range(n - window, n)),
+    ):
+        trials = [i for i in trials if 0 <= i < n]
+        mean = {c: 1000 * sum(clock.spent[i][c] for i in trials) / len(trials) for c in categories}
+        stub = 1000 * sum(clock.spent[i]["stub"] for i in trials) / len(trials)
+        total = 1000 * sum(totals[i] for i in trials) / len(trials) - stub
+        other = total - sum(mean.values())
+        print(
+            f"{label:>7} (trials {trials[0]}-{trials[-1]}): {total:7.1f} ms a trial = "
+            + " + ".join(f"{c} {v:.1f}" for c, v in mean.items())
+            + f" + other {other:.1f}   (the stub's own time, {stub:.1f} ms, left out)"
+        )
+        lines.append(f"bookkeeping_ms {label} {total:.1f}")
+        lines += [f"bookkeeping_ms {label} {c} {v:.1f}" for c, v in mean.items()]
+        lines.append(f"bookkeeping_ms {label} other {other:.1f}")
+    mean_all = 1000 * (sum(totals) - sum(clock.spent[i]["stub"] for i in range(n))) / n
+    lines.append(f"bookkeeping_ms mean_of_{n} {mean_all:.1f}")
+    return lines
+
+
+# --- memory of the default study ----------------------------------------------------------------
+def memory() -> list[str]:
+    results = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    seconds = _run_cli(str(REPO / "experiments" / "quickstart.yaml"), "--results", str(results))
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak_kb <= before:
+        print("note: an earlier child process had a higher peak; this figure is that one's")
+    print(f"quickstart study: {seconds:.1f} s, peak RSS {peak_kb / 1024:.0f} MiB ({results})")
+    return [f"memory peak_rss_mib quickstart {peak_kb / 1024:.0f}", f"memory seconds {seconds:.1f}"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("part", choices=["pruning", "bookkeeping", "memory", "all"])
+    p.add_argument("--n-trials", type=int, help="pruning: trials of each study (default: file's)")
+    p.add_argument("--trials", type=int, default=300, help="bookkeeping: trials of the study")
+    args = p.parse_args()
+    lines = []
+    if args.part in ("memory", "all"):  # first: the peak of the first child process is its own
+        lines += memory()
+    if args.part in ("pruning", "all"):
+        lines += pruning(args.n_trials)
+    if args.part in ("bookkeeping", "all"):
+        lines += bookkeeping(args.trials)
+    import torch
+
+    print("\n".join(lines))
+    print(
+        f"device cpu torch {torch.__version__} threads {torch.get_num_threads()} "
+        f"cores {os.cpu_count()}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
