@@ -28,7 +28,7 @@ Speed (`benchmarks/README.md` has the measurements): on CUDA a convolutional mod
 evaluates in the channels_last memory format (`train.channels_last`; the model is handed back,
 and `best_state` returned, in the default format), the forward pass and the loss run under
 bf16 autocast (`train.amp`) and the optimizer is torch's fused one. The CPU keeps NCHW, fp32
-and the single-tensor optimizer: none of them measured faster in `fit` there, and its results
+and the single-tensor optimizer: none of them measured clearly faster there, and its results
 stay bit for bit what they were. `train.compile` compiles the model with
 `torch.compile`, warmed up before the first epoch on a copy of the state that is then put
 back, so the result does not change; the warm-up's time is `compile_seconds` (in the result
@@ -104,9 +104,9 @@ def is_convolutional(model: nn.Module) -> bool:
 
 
 def uses_channels_last(config: TrialConfig, model: nn.Module, device: torch.device) -> bool:
-    """`train.channels_last` on CUDA for a convolutional model. The CPU stays NCHW: there it
-    measured no faster in `fit` (resnet18 at 32 px within noise; the digits studies' small CNN
-    spends its 2 steps an epoch on overheads) and it would change the CPU's results."""
+    """`train.channels_last` on CUDA for a convolutional model. The CPU stays NCHW: there
+    resnet18 at 32 px measured within noise of it, the small CNN's gain alone is lost in the
+    overheads of the digits studies' 2 steps an epoch, and it would change the CPU's results."""
     return config.train.channels_last and device.type == "cuda" and is_convolutional(model)
 
 
