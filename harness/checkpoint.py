@@ -95,9 +95,10 @@ def set_rng_state(state: dict[str, torch.Tensor | None], device: torch.device) -
 
 
 def config_key(config: TrialConfig) -> str:
-    """The config as sorted JSON, less what may change between a run and its resume."""
+    """The config as sorted JSON, less what may change between a run and its resume (where it
+    runs, and `compile`, which does not change the result)."""
     tree = config.model_dump(mode="json")
-    for key in ("device", "threads"):
+    for key in ("device", "threads", "compile"):
         tree["train"].pop(key, None)
     return json.dumps(tree, sort_keys=True)
 
@@ -119,8 +120,15 @@ def check_state(state: dict, config: TrialConfig) -> None:
         raise ValueError(f"resume: the state lacks {missing}")
     if state["config"] != config_key(config):
         saved, now = _flat(json.loads(state["config"])), _flat(json.loads(config_key(config)))
-        diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-        raise ValueError(f"resume: the state was saved with another config (differs in {diff})")
+        # a key added to the config since the state was saved, at its default, is no change
+        default = _flat(json.loads(config_key(type(config)(name=config.name))))
+        diff = sorted(
+            k
+            for k in saved.keys() | now.keys()
+            if saved.get(k) != now.get(k) and not (k not in saved and now[k] == default.get(k))
+        )
+        if diff:
+            raise ValueError(f"resume: the state was saved with another config (differs in {diff})")
 
 
 @dataclass

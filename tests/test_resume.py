@@ -227,6 +227,26 @@ def test_resume_refuses_another_config(task):
     assert done.history == cb.states[2]["history"]  # nothing left to train
 
 
+def test_resume_accepts_a_state_saved_before_a_config_key_was_added(task):
+    """A state saved by an older harness lacks the keys added since; at their defaults they
+    are no change. The same key away from its default is one."""
+    import json
+
+    config = make_config(train={"epochs": 2})
+    model = fresh_model(config)
+    cb = Checkpoints(model)
+    finetune.fit(config, model, task, callbacks=[cb])
+    old = dict(cb.states[2])
+    tree = json.loads(old["config"])
+    del tree["train"]["amp"], tree["multitask"]  # as saved before those keys existed
+    old["config"] = json.dumps(tree, sort_keys=True)
+    done = finetune.fit(config, fresh_model(config), task, resume=old)
+    assert done.history == cb.states[2]["history"]
+    changed = make_config(train={"epochs": 2, "amp": False})
+    with pytest.raises(ValueError, match=r"train\.amp"):
+        finetune.fit(changed, fresh_model(changed), task, resume=old)
+
+
 # --- writing and loading ---------------------------------------------------------------------
 def test_crash_while_writing_keeps_the_previous_state(task, tmp_path, monkeypatch):
     config = make_config(train={"epochs": 2})

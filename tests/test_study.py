@@ -9,6 +9,7 @@ from conftest import QUICKSTART, TINY
 from mlflow import MlflowClient
 
 import harness.study as study_mod
+from harness import tasks
 from harness.spec import SpecError, load_spec
 from harness.study import StudyOptions, open_storage, run_study, suggest
 
@@ -42,7 +43,7 @@ def test_pruned_and_failed_trials_are_recorded_truthfully(results_dir, monkeypat
         lambda s: optuna.pruners.ThresholdPruner(lower=1.5, n_warmup_steps=2),
     )
     calls = []
-    real_fit = study_mod.fit
+    real_fit = tasks.fit
 
     def flaky_fit(config, model, data, callbacks, resume=None):
         calls.append(config)
@@ -50,7 +51,7 @@ def test_pruned_and_failed_trials_are_recorded_truthfully(results_dir, monkeypat
             raise RuntimeError("injected failure")
         return real_fit(config, model, data, callbacks, resume=resume)
 
-    monkeypatch.setattr(study_mod, "fit", flaky_fit)
+    monkeypatch.setattr(tasks, "fit", flaky_fit)
     summary = run_study(spec, StudyOptions(results=results_dir, n_trials=3, quiet=True))
 
     states = [t.state for t in summary.trials]
@@ -94,7 +95,7 @@ def test_a_study_whose_trials_all_fail_stops(results_dir, monkeypatch):
     def broken_fit(*args, **kwargs):
         raise RuntimeError("always broken")
 
-    monkeypatch.setattr(study_mod, "fit", broken_fit)
+    monkeypatch.setattr(tasks, "fit", broken_fit)
     summary = run_study(_spec(), StudyOptions(results=results_dir, n_trials=2, quiet=True))
     assert [t.state for t in summary.trials] == ["FAIL", "FAIL"]
     client = _client(results_dir)
