@@ -220,7 +220,14 @@ def seed_groups(summary: Summary) -> list[SeedGroup]:
         out.append(
             SeedGroup(label, settings[key], metric, statistics.fmean(values), spread, len(values))
         )
-    return sorted(out, key=lambda g: g.label)
+    return sorted(out, key=lambda g: [_order(v) for v in g.params.values()])
+
+
+def _order(value: Any) -> tuple:
+    """Numbers in numeric order (1, 5, 20), before strings in theirs."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
 
 
 def meta_scores(test: dict[str, float]) -> str:

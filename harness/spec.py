@@ -442,6 +442,12 @@ class SearchSpec(_Section):
     # true: per-epoch metrics go through MLflow's async logging queue. Measured on the local
     # SQLite store it costs more (the queue's flush adds ~0.9 s a run): off by default.
     async_logging: bool = False
+    # Trials to run first, each a mapping of searched keys to values (the other keys are
+    # sampled), e.g. one trial per algorithm: Optuna's enqueue_trial, once per study.
+    enqueue: Annotated[
+        tuple[dict[str, Scalar], ...],
+        BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v),
+    ] = ()
 
 
 class TrialConfig(_Section):
@@ -780,6 +786,23 @@ def _check_space(spec: ExperimentSpec, where: str) -> None:
         seen[key] = param
     if spec.search.sampler == "grid":
         _check_grid(spec, where)
+    for i, values in enumerate(spec.search.enqueue):
+        at = f"{where}: search.enqueue[{i}]"
+        for key, value in values.items():
+            param = spec.search.space.get(key)
+            if param is None:
+                raise SpecError(f"{at}: {key} is not a key of search.space")
+            if param.kind == "categorical" and value not in param.categorical:
+                raise SpecError(f"{at}: {key}={value!r} is not one of {param.categorical}")
+            if param.kind != "categorical" and not (
+                isinstance(value, int | float)
+                and param.candidates()[0] <= value <= param.candidates()[1]
+            ):
+                raise SpecError(f"{at}: {key}={value!r} is outside {param.candidates()}")
+        try:
+            trial_config(spec, dict(values))
+        except SpecError as err:
+            raise SpecError(f"{at}: {err}") from None
 
 
 def grid_points(spec: ExperimentSpec) -> int:

@@ -385,6 +385,11 @@ def keep_set(study: optuna.Study, policy: str, k: int) -> set[int]:
     maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     ranked = sorted(complete, key=lambda t: (-t.values[0] if maximize else t.values[0], t.number))
     keep = {t.number for t in ranked[:k]}
+    best_of: dict[str, int] = {}  # and each meta-learning algorithm's best, tested at the end
+    for t in ranked:
+        if "meta.algorithm" in t.params:
+            best_of.setdefault(t.params["meta.algorithm"], t.number)
+    keep |= set(best_of.values())
     if len(study.directions) > 1:  # and the whole Pareto front
         keep |= {t.number for t in study.best_trials}
     return keep | {t.number for t in complete if t.user_attrs.get("harness.baseline")}
@@ -497,6 +502,8 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
     study.set_user_attr("harness.task_kind", spec.task.kind)
     if spec.search.baseline:
         study.enqueue_trial({}, user_attrs={"harness.baseline": True})
+    for values in spec.search.enqueue:
+        study.enqueue_trial(dict(values))
     settings = {
         "study.name": name,
         "study.storage": tracking.redact(opts.storage_url()),

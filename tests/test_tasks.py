@@ -133,6 +133,19 @@ def test_multitask_baseline_is_the_plain_recipe():
     assert base.task.kind == "finetune" and base.train.lr == 0.001
 
 
+@pytest.mark.parametrize(
+    ("enqueue", "message"),
+    [
+        ("[{meta.algorithm: snail}]", r"meta.algorithm='snail' is not one of"),
+        ("[{meta.meta_lr: 5.0}]", r"meta.meta_lr=5.0 is outside \[0.0001, 0.01\]"),
+        ("[{train.lr: 0.1}]", "train.lr is not a key of search.space"),
+    ],
+)
+def test_enqueued_trials_are_checked(enqueue, message):
+    with pytest.raises(SpecError, match=rf"search.enqueue\[0\]: {message}"):
+        load_spec(META_FILE, [f"search.enqueue={enqueue}"])
+
+
 def test_grid_sampler_needs_categorical_keys_and_a_budget_within_the_grid(tmp_path):
     spec = load_spec(COMPARE_FILE)
     assert spec.search.n_trials == 3 * 3 * 5 + 1
@@ -174,21 +187,13 @@ def _client(results, experiment: str):
 
 @pytest.fixture(scope="module")
 def meta_study(tmp_path_factory):
-    """digits_meta.yaml, tiny: a grid of two trials (MAML and ProtoNets), into a fresh
-    results folder."""
+    """digits_meta.yaml, tiny: its first two trials, the enqueued ProtoNets and MAML ones."""
     folder = tmp_path_factory.mktemp("meta")
-    text = META_FILE.read_text().replace(
-        "meta.algorithm: {categorical: [protonet, maml, fomaml, reptile]}",
-        "meta.algorithm: {categorical: [maml, protonet]}",
-    )
-    assert "[maml, protonet]" in text
-    path = folder / "digits_meta.yaml"
-    path.write_text(text)
     results = folder / "results"
-    args = [str(path), "--results", str(results), "--n-trials", "2", "--quiet"]
+    args = [str(META_FILE), "--results", str(results), "--n-trials", "2", "--quiet"]
     pinned = ["meta.inner_lr=0.4", "meta.inner_steps=1", "meta.meta_lr=0.001"]
     pinned += ["meta.meta_batch_size=2", "meta.shots=1", "meta.ways=3"]
-    for s in [*META_TINY, "search.sampler=grid", "search.n_trials=2", *pinned]:
+    for s in [*META_TINY, *pinned]:
         args += ["--set", s]
     return results, run_cli(*args, cwd=folder)
 
