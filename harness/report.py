@@ -414,6 +414,9 @@ def plot_labels_curve(groups: list[SeedGroup], path: Path) -> Path | None:
             label=label,
         )
     ax.set_xscale("log")
+    shots = sorted({g.params[key] for g in groups if key in g.params})
+    ax.set_xticks(shots, [str(k) for k in shots])
+    ax.minorticks_off()
     ax.set_xlabel("labelled images per class (log scale)")
     ax.set_ylabel(f"{groups[0].metric} (mean ± std over seeds)")
     ax.legend(fontsize=7)
