@@ -170,6 +170,7 @@ class _Context:
     data: dict[tuple, TaskData] = field(default_factory=dict)
     sources: dict[str, tuple[SourceModel, str]] = field(default_factory=dict)
     downloads: dict[str, tuple[Path, str]] = field(default_factory=dict)
+    logged: set[str] = field(default_factory=set)  # runs whose best weights are in MLflow
 
     def data_for(self, config: TrialConfig) -> TaskData | tasks.MetaPool:
         key = data_key(config)
@@ -415,11 +416,14 @@ def apply_retention(ctx: _Context, study: optuna.Study) -> None:
 def _retain(ctx: _Context, t, kept: bool) -> None:
     path = checkpoint_path(ctx.opts.results, ctx.study_name, t.number)
     run_id = t.user_attrs.get("mlflow_run_id")
-    if kept:
-        if path.is_file() and tracking.checkpoint_state(ctx.client, run_id) != "logged":
-            tracking.log_checkpoint(ctx.client, run_id, path)
+    if kept:  # asked of MLflow once per run and process: not every kept run at every trial
+        if path.is_file() and run_id not in ctx.logged:
+            if tracking.checkpoint_state(ctx.client, run_id) != "logged":
+                tracking.log_checkpoint(ctx.client, run_id, path)
+            ctx.logged.add(run_id)
     elif path.is_file():
         path.unlink()
+        ctx.logged.discard(run_id)
         if tracking.checkpoint_state(ctx.client, run_id) == "logged":
             tracking.delete_checkpoint(ctx.client, run_id)
         else:  # fell out before it was ever logged

@@ -420,7 +420,8 @@ def yaml_text(tree: dict) -> str:
     import yaml
 
     buf = io.StringIO()
-    yaml.safe_dump(tree, buf, sort_keys=False)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's, where PyYAML has it
+    yaml.dump(tree, buf, Dumper=dumper, sort_keys=False)
     return buf.getvalue()
 
 
