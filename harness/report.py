@@ -15,13 +15,37 @@ from typing import Any
 
 from tqdm import tqdm
 
+# By task kind: the (accuracy, gap) pair that describes a trial, and its (train, val) curves.
+HEADLINE = {
+    "finetune": ("val_acc", "overfit_gap"),
+    "multitask": ("val_acc", "overfit_gap"),
+    "meta": ("meta_val_acc", "adaptation_gap"),
+}
+CURVES = {
+    "finetune": ("train_acc", "val_acc"),
+    "multitask": ("train_acc", "val_acc"),
+    "meta": ("meta_train_acc", "meta_val_acc"),
+}
+
+
+def kind_of(values: dict[str, Any]) -> str:
+    """A trial's kind as far as its metrics tell: meta-learning's are named meta_*."""
+    return "meta" if "meta_val_acc" in values else "finetune"
+
 
 def headline(attrs: dict[str, Any]) -> tuple[str, str]:
-    """The (accuracy, gap) pair that describes a trial: meta-learning has its own."""
-    return ("meta_val_acc", "adaptation_gap") if "meta_val_acc" in attrs else HEADLINE
+    return HEADLINE[kind_of(attrs)]
 
 
-HEADLINE = ("val_acc", "overfit_gap")
+def best_per_algorithm(rows: list[TrialRow]) -> list[TrialRow]:
+    """A meta-learning study that searches `meta.algorithm`: each algorithm's best trial
+    (`rows` best first), meta-tested once so that the report compares the algorithms."""
+    best: dict[str, TrialRow] = {}
+    for t in rows:
+        algorithm = t.params.get("meta.algorithm")
+        if algorithm is not None and kind_of(t.attrs) == "meta":
+            best.setdefault(algorithm, t)
+    return list(best.values())
 
 
 @dataclass(frozen=True)
@@ -80,7 +104,9 @@ class Progress:
         elif not self.quiet:
             print(text, flush=True)
 
-    def epoch_line(self, trial_number: int, epochs: int, keys: tuple[str, str] = HEADLINE):
+    def epoch_line(
+        self, trial_number: int, epochs: int, keys: tuple[str, str] = HEADLINE["finetune"]
+    ):
         bar = self.bar
         acc, gap = keys
 
@@ -147,7 +173,7 @@ def _fmt(value: Any) -> str:
 
 def best_table(summary: Summary, top: int = 5) -> str:
     rows = summary.complete()[:top]
-    acc, gap = headline(rows[0].attrs) if rows else HEADLINE
+    acc, gap = headline(rows[0].attrs) if rows else HEADLINE["finetune"]
     head = (
         f"{'trial':>5}  {acc:>7}  {gap:>{max(11, len(gap))}}  {'epoch':>5}  {'ran':>3}  "
         f"{'time':>6}  {'mlflow run':<32}  params"
@@ -308,16 +334,12 @@ def render(summary: Summary, top: int = 5) -> str:
             out.append(
                 f"  {label:>9}: {acc} {a[0]:.4f} ± {a[1]:.4f}, {gap} {g[0]:+.4f} ± {g[1]:.4f}"
             )
-    algorithms = {}
-    for t in summary.complete():
-        algorithm = t.params.get("meta.algorithm")
-        if algorithm is not None and t.number in summary.test and algorithm not in algorithms:
-            algorithms[algorithm] = t
-    if len(algorithms) > 1:
+    tested = [t for t in best_per_algorithm(summary.complete()) if t.number in summary.test]
+    if len(tested) > 1:
         out.append("\nMeta-test per algorithm (each one's best trial; mean ± 95% interval):")
-        for algorithm, t in algorithms.items():
+        for t in tested:
             out.append(
-                f"  {algorithm:>8} (trial {t.number}, meta_val_acc "
+                f"  {t.params['meta.algorithm']:>8} (trial {t.number}, meta_val_acc "
                 f"{t.attrs['meta_val_acc']:.4f}): {meta_scores(summary.test[t.number])}"
             )
     groups = seed_groups(summary)
@@ -359,12 +381,11 @@ def plot_curves(curves: dict[int, dict[str, list[float]]], labels: dict[int, str
     n = len(curves)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False, sharey=True)
     for ax, (number, c) in zip(axes[0], curves.items(), strict=True):
-        meta = "meta_val_acc" in c
-        train, val = ("meta_train_acc", "meta_val_acc") if meta else ("train_acc", "val_acc")
+        kind = kind_of(c)
+        (train, val), gap, meta = CURVES[kind], HEADLINE[kind][1], kind == "meta"
         epochs = list(range(1, len(c[val]) + 1))
         ax.plot(epochs, c[train], label=train + ("" if meta else " (eval mode)"))
         ax.plot(epochs, c[val], label=val)
-        gap = "adaptation_gap" if meta else "overfit_gap"
         ax.fill_between(epochs, c[val], c[train], alpha=0.2, label=gap)
         ax.set_title(labels[number])
         ax.set_xlabel("meta-epoch" if meta else "epoch")

@@ -24,9 +24,8 @@ import torch
 from optuna.trial import TrialState
 
 from harness import checkpoint, report, tasks, tracking, workers
-from harness.data import TaskData, load_target
+from harness.data import TaskData
 from harness.finetune import resolve_device, seed_everything
-from harness.models import data_size_hint
 from harness.recovery import (
     Interrupted,
     TrialWatch,
@@ -297,7 +296,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
             logger,
             TrialWatch(trial, resume_file),
             pruner,
-            ctx.progress.epoch_line(trial.number, config.epochs, tasks.HEADLINE[config.task.kind]),
+            ctx.progress.epoch_line(trial.number, config.epochs, report.HEADLINE[config.task.kind]),
         ]
         result = tasks.train(config, model, data, callbacks, resume=resume)
         if spec.search.keep_checkpoints != "none":
@@ -350,11 +349,6 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
             run_id,
             {"tracking_ms": 1000 * cost, "tracking_share": cost / max(done - started, 1e-9)},
         )
-
-
-def load_task(config: TrialConfig) -> TaskData:
-    """The target task of a config, split by its split seed, at its model's input size."""
-    return load_target(config.data, config.split_seed, size_hint=data_size_hint(config))
 
 
 def data_key(config: TrialConfig) -> tuple:

@@ -72,7 +72,7 @@ def seed_reruns(ctx: _Context, rows: list[report.TrialRow], n: int) -> dict[int,
         config = TrialConfig.model_validate(parse_yaml(tracking.load_text(run_id, "config.yaml")))
         start, _ = ctx.pretrained_for(config)
         done = tracking.finished_reruns(ctx.client, ctx.exp_id, run_id)
-        values: dict[str, list[float]] = {k: [] for k in tasks.HEADLINE[config.task.kind]}
+        values: dict[str, list[float]] = {k: [] for k in report.HEADLINE[config.task.kind]}
         for seed in range(config.seed + 1, config.seed + n + 1):
             if seed not in done:
                 rerun = config.model_copy(
@@ -116,7 +116,7 @@ def finish_report(
     chosen = [t for t in (complete[0] if complete else None, summary.baseline()) if t]
     if any("seed" in t.params for t in complete):  # settings x seeds: every one is reported
         chosen += [t for t in complete if t not in chosen]
-    chosen += [t for t in best_per_algorithm(complete) if t not in chosen]
+    chosen += [t for t in report.best_per_algorithm(complete) if t not in chosen]
     frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
     test = {}
     for row in chosen:
@@ -133,7 +133,7 @@ def finish_report(
         t.number: tracking.metric_histories(
             client,
             t.attrs["mlflow_run_id"],
-            list(tasks.CURVES["meta" if "meta_val_acc" in t.attrs else "finetune"]),
+            list(report.CURVES[report.kind_of(t.attrs)]),
         )
         for t in shown
     }
@@ -154,17 +154,6 @@ def finish_report(
     if parent:
         tracking.log_report(client, parent, files)
     return dataclasses.replace(summary, files=files)
-
-
-def best_per_algorithm(complete: list[report.TrialRow]) -> list[report.TrialRow]:
-    """A meta-learning study that searches `meta.algorithm`: each algorithm's best trial
-    (`complete` is best first), so that the report meta-tests every algorithm once."""
-    best: dict[str, report.TrialRow] = {}
-    for t in complete:
-        algorithm = t.params.get("meta.algorithm")
-        if algorithm is not None and "meta_val_acc" in t.attrs:
-            best.setdefault(algorithm, t)
-    return list(best.values())
 
 
 def report_study(opts: StudyOptions, seeds: int = 0) -> report.Summary:

@@ -30,17 +30,6 @@ SUMMARY_METRICS = {
     "multitask": ("val_acc", "val_loss", "train_acc", "overfit_gap", "overfit_gap_loss"),
     "meta": ("meta_val_acc", "meta_val_ci95", "meta_val_loss", "meta_train_acc", "adaptation_gap"),
 }
-# (accuracy, gap) shown in progress lines, tables and plots, by kind
-HEADLINE = {
-    "finetune": ("val_acc", "overfit_gap"),
-    "multitask": ("val_acc", "overfit_gap"),
-    "meta": ("meta_val_acc", "adaptation_gap"),
-}
-CURVES = {
-    "finetune": ("train_acc", "val_acc"),
-    "multitask": ("train_acc", "val_acc"),
-    "meta": ("meta_train_acc", "meta_val_acc"),
-}
 
 
 @dataclass(frozen=True)
