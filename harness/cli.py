@@ -125,8 +125,10 @@ def _reproduce_parser() -> argparse.ArgumentParser:
         description="Re-run one COMPLETE or PRUNED trial from its MLflow record alone (its "
         "config.yaml, seed, data split, CPU thread count, device, starting weights) as a new run "
         "tagged harness.reproduces=RUN_ID, and compare the per-epoch metrics: bit for bit on the "
-        "CPU, within a stated tolerance on a GPU. Exit 0: they match; 1: they differ (the first "
-        "difference is named); 2: refused (unknown run, data split hash differs, ...).",
+        "recording CPU model with its thread count and torch version, within a stated tolerance "
+        "on another CPU, other library versions or a GPU. Exit 0: they match (bit for bit or "
+        "within tolerance, the verdict says which); 1: they differ (the first difference is "
+        "named); 2: refused (unknown run, data split hash differs, ...).",
     )
     p.add_argument("run_id", help="the trial's MLflow run id (Optuna user attribute mlflow_run_id)")
     _common(p)

@@ -69,6 +69,19 @@ def _git(*args: str) -> str:
         return "unknown"
 
 
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name ('AMD EPYC 7B13', 'Intel(R) Xeon(R) ...'): bit-for-bit results
+    hold within one model. The architecture alone when the OS does not say."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model Name", "Hardware")) and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def provenance_tags(device: str, threads: int) -> dict[str, str]:
     """Where a result came from: code, libraries, device, CPU threads (CPU results depend on it)."""
     import optuna
@@ -86,7 +99,7 @@ def provenance_tags(device: str, threads: int) -> dict[str, str]:
         "harness.version.mlflow": mlflow.__version__,
         "harness.device": device,
         "harness.threads": str(threads),
-        "harness.cpu": platform.processor() or platform.machine(),
+        "harness.cpu": cpu_model(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         tags["harness.device"] = f"{device} ({torch.cuda.get_device_name()})"

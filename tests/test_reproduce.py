@@ -123,8 +123,80 @@ def test_a_differing_value_exits_1_naming_the_metric_and_epoch(study, capsys, mo
 
     new = _reproductions(_client(results), run_id)[0]
     assert new.info.status == "FAILED"
-    assert new.data.tags["harness.reproduce_result"] == "differ"
+    assert new.data.tags["harness.reproduce_result"] == "differs"
     assert new.data.tags["harness.reproduce_first_difference"] == verdict
+
+
+def _perturbed(real, **relative):
+    """recorded_histories, with each named metric's epoch-2 value moved by a relative amount
+    (what another CPU's summation order does to the last digits)."""
+
+    def histories(client, run, keys):
+        out = real(client, run, keys)
+        for key, amount in relative.items():
+            out[key][2] = out[key][2] * (1 + amount)
+        return out
+
+    return histories
+
+
+def test_another_cpu_model_reproduces_within_the_stated_tolerance(study, capsys, monkeypatch):
+    """The middle verdict: recorded on another CPU model (its harness.cpu tag changed through
+    MLflow's client), values a few parts in 1e6 apart: exit 0, `within_tolerance`, both machines
+    named; the same differences on the recording CPU are `differs`."""
+    results, runs = study
+    run_id = runs[2].info.run_id
+    client = _client(results)
+    recorded_cpu = runs[2].data.tags["harness.cpu"]
+    monkeypatch.setattr(
+        reproduce_mod,
+        "recorded_histories",
+        _perturbed(reproduce_mod.recorded_histories, val_loss=3e-6, train_loss=-2e-6),
+    )
+    assert main(["reproduce", run_id, "--results", str(results)]) == 1  # same CPU: bit for bit
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("differs: first at epoch 2")
+
+    client.set_tag(run_id, "harness.cpu", "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz")
+    try:
+        assert main(["reproduce", run_id, "--results", str(results)]) == 0
+    finally:
+        client.set_tag(run_id, "harness.cpu", recorded_cpu)
+    out = capsys.readouterr().out
+    verdict = out.strip().splitlines()[-1]
+    assert verdict.startswith("reproduced within tolerance (rel 0.001, abs 0.0001, accuracies ")
+    threads = runs[2].data.tags["harness.threads"]
+    assert (
+        f"recorded on Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz, {threads} threads" in verdict
+    )
+    assert f"re-run on {recorded_cpu}, {threads} threads" in verdict
+    assert "largest relative difference 3e-06 (val_loss, epoch 2)" in verdict
+    new = _reproductions(client, run_id)[0]
+    assert new.info.status == "FINISHED"
+    assert new.data.tags["harness.reproduce_result"] == "within_tolerance"
+    assert new.data.tags["harness.reproduce_largest_rel_difference"] == "3e-06"
+
+    # beyond the tolerance on another CPU: differs, exit 1
+    monkeypatch.setattr(
+        reproduce_mod,
+        "recorded_histories",
+        _perturbed(reproduce_mod.recorded_histories, val_loss=0.01),
+    )
+    client.set_tag(run_id, "harness.cpu", "another CPU")
+    try:
+        assert main(["reproduce", run_id, "--results", str(results)]) == 1
+    finally:
+        client.set_tag(run_id, "harness.cpu", recorded_cpu)
+    assert "differs: first at epoch 2, metric val_loss" in capsys.readouterr().out
+    assert _reproductions(client, run_id)[0].data.tags["harness.reproduce_result"] == "differs"
+
+
+def test_the_cross_machine_tolerance_allows_one_example_on_accuracies():
+    tol = reproduce_mod.cross_machine_tolerance(50)
+    assert tol.same(0.50, 0.52, "val_acc") and not tol.same(0.50, 0.5401, "val_acc")
+    assert tol.same(0.1, 0.14, "overfit_gap")  # one example on each side of the gap
+    assert not tol.same(1.0, 1.02, "val_loss") and tol.same(1.0, 1.0009, "val_loss")
+    assert tol.same(0.0, 5e-5, "overfit_gap_loss")  # a loss gap near 0: the absolute floor
+    assert not reproduce_mod.EXACT.same(0.5, 0.52, "val_acc")
 
 
 def test_code_and_version_changes_are_warned_about(study, capsys, monkeypatch):
@@ -253,7 +325,7 @@ def test_compare_exactly_on_the_cpu_and_within_the_tolerance_on_a_gpu():
     rows = {(r.epoch, r.metric): r for r in reproduce_mod.compare(recorded, reproduced, 2, gpu)}
     assert rows[1, "val_loss"].same
     assert not gpu.same(0.5, 0.5 * (1 + 2e-4))
-    assert gpu.describe() == "within rel 0.0001, abs 1e-06"
+    assert gpu.describe() == "within tolerance (rel 0.0001, abs 1e-06)"
 
 
 def test_a_resumed_trial_takes_its_earlier_epochs_from_the_attempt_it_retried(monkeypatch):
