@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from harness.loop import BestEpoch
 from harness.spec import TrialConfig
 
 if TYPE_CHECKING:  # harness.finetune imports this module
@@ -132,14 +133,12 @@ def check_state(state: dict, config: TrialConfig) -> None:
 
 
 @dataclass
-class Progress:
+class FitProgress:
     """What fit keeps across epochs besides the model, its Run and the generators."""
 
+    best: BestEpoch  # the best epoch so far; its state on fit's device
     history: list[dict[str, float]] = field(default_factory=list)
     groups_log: list[list[dict[str, Any]]] = field(default_factory=list)
-    best_value: float | None = None
-    best_epoch: int = 0
-    best_state: dict[str, torch.Tensor] | None = None  # on fit's device
     seconds: float = 0.0  # training seconds before this call to fit (a resumed fit's)
 
 
@@ -155,7 +154,7 @@ def capture(
     config: TrialConfig,
     model: nn.Module,
     run: Run,
-    progress: Progress,
+    progress: FitProgress,
     generator: torch.Generator,
     device: torch.device,
     anchors: dict[str, torch.Tensor],
@@ -178,9 +177,9 @@ def capture(
         "rng": rng_state(device),
         "history": [dict(m) for m in progress.history],
         "param_groups": [[dict(g) for g in groups] for groups in progress.groups_log],
-        "best_value": progress.best_value,
-        "best_epoch": progress.best_epoch,
-        "best_state": cpu_tree(progress.best_state, copy=False),  # replaced, never written to
+        "best_value": progress.best.value,
+        "best_epoch": progress.best.epoch,
+        "best_state": cpu_tree(progress.best.state, copy=False),  # replaced, never written to
     }
 
 
@@ -188,7 +187,7 @@ def restore(
     state: dict,
     model: nn.Module,
     run: Run,
-    progress: Progress,
+    progress: FitProgress,
     generator: torch.Generator,
     device: torch.device,
     anchors: dict[int, torch.Tensor],
@@ -213,8 +212,8 @@ def restore(
     best = state["best_state"]
     progress.history = [dict(m) for m in state["history"]]
     progress.groups_log = [[dict(g) for g in groups] for groups in state["param_groups"]]
-    progress.best_value, progress.best_epoch = state["best_value"], state["best_epoch"]
-    progress.best_state = (
+    progress.best.value, progress.best.epoch = state["best_value"], state["best_epoch"]
+    progress.best.state = (
         None if best is None else {k: v.to(device, copy=True) for k, v in best.items()}
     )
     progress.seconds = state["seconds"]

@@ -38,32 +38,31 @@ fixed clean-train subset of at most `data.eval_train_max` images.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from harness import checkpoint, models, regularizers
+from harness import checkpoint, loop, models, regularizers
 from harness.augment import augment
 from harness.data import TaskData
+from harness.loop import (
+    Callback,
+    autocast,
+    check_loss,
+    lr_factor,
+    optimizer_options,
+    split_decay,
+    sync,
+    uses_channels_last,
+)
 from harness.regularizers import Mixer, Penalty
 from harness.spec import RegSpec, StrategySpec, TrialConfig
-
-NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
-
-
-class Callback(Protocol):
-    """Optionally also `on_checkpoint(epoch: int, state: dict) -> None`: the resume state after
-    the epoch (CPU tensors, shared by every such callback: read it, do not change it)."""
-
-    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -78,54 +77,6 @@ class FitResult:
     compile_seconds: float = 0.0  # train.compile: the warm-up's compilation, apart from training
     # per epoch, the optimizer's groups at its start: name, lr, weight_decay, params (a count)
     param_groups: list[list[dict[str, Any]]] = field(default_factory=list, repr=False)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device: cuda was asked for, but no CUDA device is visible")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-# --- Speed: memory format, autocast, optimizer implementation, compilation -------------------
-def is_convolutional(model: nn.Module) -> bool:
-    """At least a tenth of the parameters are in Conv2d layers (CNNs; not vision transformers,
-    whose only convolution is a patch embedding)."""
-    total = sum(p.numel() for p in model.parameters())
-    conv = sum(
-        p.numel() for m in model.modules() if isinstance(m, nn.Conv2d) for p in m.parameters()
-    )
-    return total > 0 and conv >= 0.1 * total
-
-
-def uses_channels_last(config: TrialConfig, model: nn.Module, device: torch.device) -> bool:
-    """`train.channels_last` on CUDA for a convolutional model. The CPU stays NCHW: there
-    resnet18 at 32 px measured within noise of it, the small CNN's gain alone is lost in the
-    overheads of the digits studies' 2 steps an epoch, and it would change the CPU's results."""
-    return config.train.channels_last and device.type == "cuda" and is_convolutional(model)
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when `enabled`; nothing on any other device (fp32)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def optimizer_options(device: torch.device) -> dict[str, bool]:
-    """The optimizer implementation: torch's fused kernels on CUDA; on the CPU the single-tensor
-    loop (foreach and fused measured no faster there, and it keeps results as they were)."""
-    return {"fused": True} if device.type == "cuda" else {"foreach": False}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --- Units: the head and the stages, each frozen, unfrozen and given an lr as one ------------
@@ -143,14 +94,9 @@ class Unit:
 
 
 def _unit(name: str, depth: int, modules: list[nn.Module], taken: set[int]) -> Unit:
-    decay, no_decay = [], []
-    for module in modules:
-        for pname, p in module.named_parameters(recurse=False):
-            if id(p) in taken:  # shared with a unit before, or frozen before fit
-                continue
-            taken.add(id(p))
-            (no_decay if isinstance(module, NORMS) or pname == "bias" else decay).append(p)
-    return Unit(name, depth, tuple(modules), tuple(decay), tuple(no_decay))
+    """`taken`: parameters shared with a unit before, or frozen before fit (left out)."""
+    decay, rest = split_decay(modules, taken)
+    return Unit(name, depth, tuple(modules), tuple(decay), tuple(rest))
 
 
 def model_units(model: nn.Module) -> list[Unit]:
@@ -226,13 +172,6 @@ def make_optimizer(config: TrialConfig, groups: list[dict]) -> torch.optim.Optim
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=wd, **impl)
     return torch.optim.AdamW(groups, lr=t.lr, weight_decay=wd, **impl)
-
-
-def lr_factor(schedule: str, step: int, total: int) -> float:
-    """The schedule's multiplier of each group's base lr at `step` of `total`."""
-    if schedule == "constant":
-        return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
 @dataclass
@@ -321,21 +260,11 @@ def evaluate(
     return loss_sum, correct
 
 
-def _clean_train_subset(data: TaskData, limit: int, seed: int):
-    """A fixed subset of the train split (all of it when small) for the eval-mode train metric."""
-    n = len(data.x_train)
-    if n <= limit:
-        return data.x_train, data.y_train
-    g = torch.Generator().manual_seed(seed + 1)
-    idx = torch.randperm(n, generator=g)[:limit].sort().values.to(data.x_train.device)
-    return data.x_train[idx], data.y_train[idx]
-
-
 def _warm_up(model: nn.Module, x: torch.Tensor, config: TrialConfig, device) -> float:
     """Compile `model` (already `model.compile()`d) by one training forward and backward on the
     first batch and one evaluation forward, then put back every weight, buffer, gradient and
     RNG state: the fit goes on exactly as without it. Returns the seconds it took."""
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     grads = {p: p.grad for p in model.parameters()}
@@ -355,7 +284,7 @@ def _warm_up(model: nn.Module, x: torch.Tensor, config: TrialConfig, device) -> 
     for m, training in modes.items():
         m.training = training
     checkpoint.set_rng_state(rng, device)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - started
 
 
@@ -363,14 +292,6 @@ def _uncompile(model: nn.Module) -> None:
     """Undo `model.compile()`: later calls run eagerly again."""
     if getattr(model, "_compiled_call_impl", None) is not None:
         model._compiled_call_impl = None
-
-
-def _better(value: float, best: float | None, direction: str) -> bool:
-    if math.isnan(value):
-        return False
-    if best is None:
-        return True
-    return value > best if direction == "maximize" else value < best
 
 
 def _freeze(units: list[Unit], t: int, reg: RegSpec, anchors: dict) -> Penalty | None:
@@ -423,24 +344,6 @@ def _replay_phases(run: Run, config: TrialConfig, units, epochs: int, steps_per_
     return t
 
 
-class TrainingFault(RuntimeError):
-    """The training itself went wrong (`kind`: nan or diverged); the same config would again."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-
-def _check_loss(loss: float, epoch: int, bound: float) -> None:
-    if not math.isfinite(loss):
-        raise TrainingFault("nan", f"the training loss is {loss} at epoch {epoch}")
-    if loss > bound:
-        raise TrainingFault(
-            "diverged",
-            f"the training loss {loss:.4g} passed train.max_loss {bound:g} at epoch {epoch}",
-        )
-
-
 def fit(
     config: TrialConfig,
     model: nn.Module,
@@ -459,10 +362,7 @@ def fit(
         checkpoint.check_state(resume, config)
     callbacks = list(callbacks)
     savers = [cb for cb in callbacks if callable(getattr(cb, "on_checkpoint", None))]
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    device = resolve_device(config.train.device)
-    seed_everything(config.seed)
+    device = loop.start(config)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
     channels_last = uses_channels_last(config, model, device)
@@ -470,10 +370,9 @@ def fit(
         model.to(memory_format=torch.channels_last)
     data = data.to(device)
     s, reg, train = config.strategy, config.reg, config.train
-    bs, n_train = train.batch_size, len(data.x_train)
-    steps_per_epoch = sum(1 for i in range(0, n_train, bs) if min(bs, n_train - i) >= 2) or 1
-    x_clean, y_clean = _clean_train_subset(data, config.data.eval_train_max, config.seed)
-    metric, direction = config.objective.metric, config.objective.direction
+    steps_per_epoch = loop.steps_per_epoch(len(data.x_train), train.batch_size)
+    clean = loop.clean_subset(len(data.x_train), config.data.eval_train_max, config.seed, device)
+    x_clean, y_clean = data.x_train[clean], data.y_train[clean]
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]  # restored at the end
     units = model_units(model)
     n_stages = len(units) - 1
@@ -492,7 +391,7 @@ def fit(
     )
     scored = run.ema.module if run.ema is not None else model  # what is evaluated and kept
     with_penalty = any(c > 0 for c in (reg.l1, reg.l2, reg.l2_sp, reg.l2_sp_head))
-    progress, first = checkpoint.Progress(), 1
+    progress, first = checkpoint.FitProgress(best=loop.BestEpoch.of(config)), 1
     if resume is not None:  # the optimizer's groups as they were, then every state
         t = _replay_phases(run, config, units, resume["epoch"], steps_per_epoch)
         checkpoint.restore(resume, model, run, progress, generator, device, anchors)
@@ -542,13 +441,9 @@ def fit(
                 m["trainable_stages"] = float(t)
             if train.compile:
                 m["compile_seconds"] = compile_seconds
-            _check_loss(m["train_loss_running"], epoch, config.train.max_loss)
+            check_loss(m["train_loss_running"], epoch, train)
             history.append(m)
-            if _better(m[metric], progress.best_value, direction):
-                progress.best_value, progress.best_epoch = m[metric], epoch
-                progress.best_state = {
-                    k: v.detach().clone() for k, v in scored.state_dict().items()
-                }
+            progress.best.update(epoch, m, lambda: loop.copy_state(scored))
             for cb in callbacks:
                 cb.on_epoch_end(epoch, m)
             if savers:
@@ -565,10 +460,9 @@ def fit(
             _uncompile(model)
         if channels_last:  # handed back in the default format, as it came
             model.to(memory_format=torch.contiguous_format)
-    best_epoch, best_state = progress.best_epoch, progress.best_state
+    best_epoch, best_state = progress.best.epoch, progress.best.state
     if best_state is None:  # every epoch's metric was NaN: keep the last weights
-        best_epoch = train.epochs
-        best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
+        best_epoch, best_state = train.epochs, loop.copy_state(scored)
     model.load_state_dict(best_state)
     model.eval()
     return FitResult(

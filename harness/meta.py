@@ -4,7 +4,10 @@ Reptile, first-order MAML, second-order MAML and Prototypical Networks; `meta_te
 Knows neither Optuna nor MLflow. Like `finetune.fit`, `meta_fit` reports each meta-epoch
 through callbacks (`on_epoch_end(epoch, metrics)`; an exception from one, a pruner's decision,
 propagates), reads the device once per meta-epoch, keeps the best meta-epoch's weights (by
-`meta_val_acc`) and is deterministic under `MetaConfig.seed` on the CPU for a thread count.
+the objective's metric and direction, `loop.BestEpoch`) and is deterministic under the trial's
+seed on the CPU for a thread count. It reads the trial's `meta:` section (`MetaSpec`), and of
+`train:` the device, threads and max_loss; meta-learning runs in fp32 (the spec refuses the
+other `train:` keys in a meta study).
 
 Classes are split three ways, disjoint (`ClassSplit`): meta-train classes (the episodes that
 train), meta-val classes (a fixed seeded set of episodes scores every meta-epoch: selection and
@@ -38,7 +41,6 @@ Decisions:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -51,10 +53,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from harness import models
+from harness import loop, models
 from harness.data import TaskData, load_source
-from harness.finetune import Callback, TrainingFault, lr_factor, resolve_device, seed_everything
-from harness.spec import DataSpec
+from harness.loop import Callback, lr_factor
+from harness.spec import DataSpec, MetaSpec, TrialConfig
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "protonet")
 VAL_STREAM, TEST_STREAM = 1_000_003, 2_000_003  # seed offsets of the val and test episodes
@@ -229,71 +231,7 @@ def fixed_episodes(x, y, classes, ways, shots, queries, seed, n) -> list[Episode
     return EpisodeSampler(x, y, classes, ways, shots, queries, seed).episodes(n)
 
 
-# --- Configuration and result --------------------------------------------------------------
-@dataclass(frozen=True)
-class MetaConfig:
-    """Everything `meta_fit` and `meta_test` need; plain values, so a study can build one."""
-
-    algorithm: str = "protonet"  # maml (second order), fomaml, reptile, protonet
-    ways: int = 3  # meta-train tasks: N-way
-    shots: int = 1  # K-shot
-    queries: int = 5  # query images per class
-    eval_ways: int | None = None  # meta-val episodes (and meta_test's default); None: `ways`
-    eval_shots: int | None = None  # None: `shots`
-    eval_queries: int | None = None  # None: `queries`
-    inner_lr: float = 0.4  # MAML/Reptile: the inner loop's SGD step
-    inner_steps: int = 5  # inner SGD steps at meta-train time
-    eval_inner_steps: int | None = None  # at evaluation; None: `inner_steps`
-    meta_lr: float = 1e-3  # the meta optimizer's lr (Reptile with sgd: the outer step size)
-    meta_optimizer: str = "adam"  # adam, sgd (no momentum)
-    meta_batch_size: int = 4  # tasks per meta-step
-    meta_epochs: int = 10
-    episodes_per_epoch: int = 40  # meta-train tasks per meta-epoch (a last meta-batch may be short)
-    val_episodes: int = 50  # the fixed meta-val episodes scored every meta-epoch
-    schedule: str = "constant"  # the meta lr: constant, or cosine (per meta-step, to 0)
-    seed: int = 0  # the train episodes; val and test episodes use seed streams of their own
-    device: str = "auto"  # auto, cpu, cuda
-    threads: int | None = None  # CPU threads (torch.set_num_threads); None: torch's default
-    max_loss: float = 1e4  # a meta-train loss above it: TrainingFault("diverged")
-    recalibrate_bn: bool = True  # recompute BatchNorm running statistics for the kept weights
-
-    def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"MetaConfig.algorithm: {self.algorithm!r}, not one of {ALGORITHMS}")
-        if self.meta_optimizer not in ("adam", "sgd"):
-            raise ValueError(f"MetaConfig.meta_optimizer: {self.meta_optimizer!r}: adam or sgd")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"MetaConfig.schedule: {self.schedule!r}: constant or cosine")
-        counts = ("ways", "shots", "queries", "meta_batch_size", "meta_epochs")
-        for name in (*counts, "episodes_per_epoch", "val_episodes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"MetaConfig.{name}: must be >= 1, not {getattr(self, name)}")
-        for name in ("eval_ways", "eval_shots", "eval_queries"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"MetaConfig.{name}: must be >= 1, not {value}")
-        if self.inner_steps < 0 or (self.eval_inner_steps or 0) < 0:
-            raise ValueError("MetaConfig.inner_steps, eval_inner_steps: must be >= 0")
-        if self.inner_lr <= 0 or self.meta_lr <= 0:
-            raise ValueError("MetaConfig.inner_lr, meta_lr: must be > 0")
-
-    @property
-    def val_shape(self) -> tuple[int, int, int]:
-        """(ways, shots, queries) of evaluation episodes."""
-        return (
-            self.eval_ways or self.ways,
-            self.eval_shots or self.shots,
-            self.eval_queries or self.queries,
-        )
-
-    @property
-    def test_inner_steps(self) -> int:
-        return self.inner_steps if self.eval_inner_steps is None else self.eval_inner_steps
-
-    def replace(self, **changes) -> MetaConfig:
-        return dataclasses.replace(self, **changes)
-
-
+# --- Result ----------------------------------------------------------------------------------
 METRICS = (
     "meta_train_acc",
     "meta_train_loss",
@@ -442,15 +380,15 @@ def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _check_head(config: MetaConfig, model: nn.Module) -> None:
-    if config.algorithm == "protonet":
+def _check_head(m: MetaSpec, model: nn.Module) -> None:
+    if m.algorithm == "protonet":
         return
-    head = [m for m in models.head_module(model).modules() if isinstance(m, nn.Linear)]
-    ways = max(config.ways, config.val_shape[0])
+    head = [x for x in models.head_module(model).modules() if isinstance(x, nn.Linear)]
+    ways = max(m.ways, m.val_shape[0])
     if not head or head[-1].out_features < ways:
         out = head[-1].out_features if head else None
         raise ValueError(
-            f"meta_fit: {config.algorithm} needs a head with {ways} outputs (build the model "
+            f"meta_fit: {m.algorithm} needs a head with {ways} outputs (build the model "
             f"with num_classes = ways); this one has {out}"
         )
 
@@ -464,7 +402,7 @@ def _batch_stats_mode(model: nn.Module) -> None:
             module.eval()
 
 
-def evaluate_episode(config: MetaConfig, model: nn.Module, episode: Episode, ways: int):
+def evaluate_episode(config: MetaSpec, model: nn.Module, episode: Episode, ways: int):
     """(query loss, query correct count) after adaptation, on the device. BatchNorm uses batch
     statistics (train mode), dropout is off; the model's parameters are unchanged."""
     _batch_stats_mode(model)
@@ -563,17 +501,7 @@ def _subset_of_classes(x, y, classes, limit: int, seed: int) -> torch.Tensor:
 
 
 # --- meta_fit and meta_test ----------------------------------------------------------------
-def _check_loss(loss: float, epoch: int, bound: float) -> None:
-    """As fit: a NaN or infinite loss, or one above `bound`, is a `finetune.TrainingFault`."""
-    if not math.isfinite(loss):
-        raise TrainingFault("nan", f"the meta-train loss is {loss} at meta-epoch {epoch}")
-    if loss > bound:
-        raise TrainingFault(
-            "diverged", f"the meta-train loss {loss:.4g} passed max_loss {bound:g} at {epoch}"
-        )
-
-
-def _make_optimizer(config: MetaConfig, model: nn.Module) -> torch.optim.Optimizer:
+def _make_optimizer(config: MetaSpec, model: nn.Module) -> torch.optim.Optimizer:
     params = list(_trainable(model).values())
     if config.meta_optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.meta_lr)
@@ -581,7 +509,7 @@ def _make_optimizer(config: MetaConfig, model: nn.Module) -> torch.optim.Optimiz
 
 
 def meta_fit(
-    config: MetaConfig,
+    config: TrialConfig,
     model: nn.Module,
     data_x: torch.Tensor,
     data_y: torch.Tensor,
@@ -598,55 +526,50 @@ def meta_fit(
     - meta_val_acc, and lr (the meta lr at the epoch's start).
     """
     started = time.perf_counter()
-    callbacks = list(callbacks)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
-    _check_head(config, model)
+    callbacks, m = list(callbacks), config.meta
+    device = loop.start(config)
+    _check_head(m, model)
     model.to(device)
     x, y = data_x.to(device), data_y.to(device)
-    sampler = EpisodeSampler(
-        x, y, split.train, config.ways, config.shots, config.queries, config.seed
-    )
-    v_ways, v_shots, v_queries = config.val_shape
+    sampler = EpisodeSampler(x, y, split.train, m.ways, m.shots, m.queries, config.seed)
+    v_ways, v_shots, v_queries = m.val_shape
     val = fixed_episodes(
-        x, y, split.val, v_ways, v_shots, v_queries, config.seed + VAL_STREAM, config.val_episodes
+        x, y, split.val, v_ways, v_shots, v_queries, config.seed + VAL_STREAM, m.val_episodes
     )
-    optimizer = _make_optimizer(config, model)
-    mb = config.meta_batch_size
-    steps_per_epoch = math.ceil(config.episodes_per_epoch / mb)
-    total_steps = config.meta_epochs * steps_per_epoch
+    optimizer = _make_optimizer(m, model)
+    mb = m.meta_batch_size
+    steps_per_epoch = math.ceil(m.episodes_per_epoch / mb)
+    total_steps = m.meta_epochs * steps_per_epoch
     history: list[dict[str, float]] = []
-    best_value, best_epoch, best_state = None, 0, None
+    best = loop.BestEpoch.of(config)
     step = 0
 
     def set_lr() -> float:
-        lr = config.meta_lr * lr_factor(config.schedule, step, total_steps)
+        lr = m.meta_lr * lr_factor(m.schedule, step, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         return lr
 
-    for epoch in range(1, config.meta_epochs + 1):
+    for epoch in range(1, m.meta_epochs + 1):
         lr = set_lr()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
-        n_query, left = 0, config.episodes_per_epoch
+        n_query, left = 0, m.episodes_per_epoch
         while left > 0:
             batch = sampler.episodes(min(mb, left))
             left -= len(batch)
             set_lr()
-            b_loss, b_correct, b_n = _meta_step(config, model, batch, optimizer)
+            b_loss, b_correct, b_n = _meta_step(m, model, batch, optimizer)
             step += 1
             loss_sum += b_loss
             correct += b_correct
             n_query += b_n
-        accs, losses = evaluate_episodes(config, model, val, v_ways)
+        accs, losses = evaluate_episodes(m, model, val, v_ways)
         val_acc, ci95 = _mean_ci95(accs)
-        n_train_eps = config.episodes_per_epoch
+        n_train_eps = m.episodes_per_epoch
         sums = [loss_sum / n_train_eps, correct.float() / n_query, val_acc, losses.mean(), ci95]
         tr_loss, tr_acc, va_acc, va_loss, va_ci = torch.stack(sums).tolist()  # the one sync
-        m = {
+        metrics = {
             "meta_train_acc": tr_acc,
             "meta_train_loss": tr_loss,
             "meta_val_acc": va_acc,
@@ -655,18 +578,16 @@ def meta_fit(
             "adaptation_gap": tr_acc - va_acc,
             "lr": lr,
         }
-        _check_loss(tr_loss, epoch, config.max_loss)
-        history.append(m)
-        if not math.isnan(va_acc) and (best_value is None or va_acc > best_value):
-            best_value, best_epoch = va_acc, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        loop.check_loss(tr_loss, epoch, config.train, "meta-train loss")
+        history.append(metrics)
+        best.update(epoch, metrics, lambda: loop.copy_state(model))
         for cb in callbacks:
-            cb.on_epoch_end(epoch, m)
-    if best_state is None:  # every meta-val accuracy was NaN: keep the last weights
-        best_epoch = config.meta_epochs
-        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            cb.on_epoch_end(epoch, metrics)
+    best_epoch, best_state = best.epoch, best.state
+    if best_state is None:  # every epoch's metric was NaN: keep the last weights
+        best_epoch, best_state = m.meta_epochs, loop.copy_state(model)
     model.load_state_dict(best_state)
-    if config.recalibrate_bn:
+    if m.recalibrate_bn:
         recalibrate_bn(model, _subset_of_classes(x, y, split.train, 2048, config.seed))
     model.eval()
     return MetaResult(
@@ -681,7 +602,7 @@ def meta_fit(
 
 
 def meta_test(
-    config: MetaConfig,
+    config: TrialConfig,
     model: nn.Module,
     data_x: torch.Tensor,
     data_y: torch.Tensor,
@@ -693,14 +614,15 @@ def meta_test(
     classes: Sequence[int] | None = None,
 ) -> tuple[float, float]:
     """(mean query accuracy, 95% half-width) over `episodes` seeded meta-test episodes of
-    `split.test` (or `classes`) after adaptation as `config` says; ways/shots/queries default
-    to the config's evaluation shape. Reported once, after the study picked its trial."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    d_ways, d_shots, d_queries = config.val_shape
+    `split.test` (or `classes`) after adaptation as the trial's `meta:` says; ways/shots/queries
+    default to its evaluation shape. Reported once, after the study picked its trial."""
+    m = config.meta
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    device = loop.resolve_device(config.train.device)
+    d_ways, d_shots, d_queries = m.val_shape
     ways, shots, queries = ways or d_ways, shots or d_shots, queries or d_queries
-    _check_head(config.replace(ways=ways, eval_ways=ways), model)
+    _check_head(m.model_copy(update={"ways": ways, "eval_ways": ways}), model)
     model.to(device)
     x, y = data_x.to(device), data_y.to(device)
     test = fixed_episodes(
@@ -713,9 +635,9 @@ def meta_test(
         config.seed + TEST_STREAM,
         episodes,
     )
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = loop.copy_state(model)
     try:
-        accs, _ = evaluate_episodes(config, model, test, ways)
+        accs, _ = evaluate_episodes(m, model, test, ways)
     finally:  # train-mode forwards moved the running statistics: put them back
         model.load_state_dict(state)
         model.eval()

@@ -1,12 +1,17 @@
 """Multi-task core: one shared backbone, several classification heads, fixed or uncertainty
 loss weighting (Kendall et al. 2018), `multitask_fit`.
 
-Knows neither Optuna nor MLflow. Like `finetune.fit` it reports each epoch through callbacks
-(`on_epoch_end(epoch, metrics)`; an exception from one, a pruner's decision, propagates), reads
-the device once per epoch, keeps the best epoch's weights (by the target task's `val_acc`) and
-is deterministic under `MultiTaskConfig.seed` on the CPU for a thread count.
+Knows neither Optuna nor MLflow. Built on `harness.loop` like `finetune.fit`: it reports
+each epoch through callbacks (`on_epoch_end(epoch, metrics)`; an exception from one, a pruner's
+decision, propagates), reads the device once per epoch, keeps the best epoch's weights (by the
+objective's metric and direction, measured on the target task) and is deterministic under the
+trial's seed on the CPU for a thread count. It reads the trial's `train:` (epochs, batch, lr,
+optimizer, schedule, device, threads, max_loss, and on CUDA amp and channels_last as `fit`
+does), `reg.weight_decay` and `reg.dropout` (before each new head), `aug:`,
+`data.eval_train_max` and `multitask.weighting`; `train.compile` is refused by the spec.
 
-The model is any `ImageModel` (`models.build_model`) whose head has the target task's classes:
+The model is any `ImageModel` (`models.build_model`) whose head has the target task's classes
+(the first of `tasks`):
 that head serves the target task, so after `multitask_fit` the model is an ordinary harness
 model for the target task (evaluate it, save it, fine-tune it with `fit`). Every other task
 gets a new head (dropout, then a linear layer) on the backbone's pooled features (the input of
@@ -25,7 +30,6 @@ its optimum s_i = log L_i, so a task with a larger loss gets a smaller weight ex
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import models
+from harness import loop, models
 from harness.augment import augment
 from harness.data import TaskData
-from harness.finetune import Callback, TrainingFault, lr_factor, resolve_device, seed_everything
-from harness.spec import AugSpec
+from harness.loop import Callback, autocast, lr_factor
+from harness.spec import TrialConfig
 
 Labels = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor | Mapping[str, torch.Tensor] | None
 
@@ -89,36 +93,6 @@ def digit_tasks(classes: Sequence[int | str] = tuple(range(10))) -> tuple[Task, 
         Task("parity", 2, torch.tensor([d % 2 for d in digits])),
         Task("gt4", 2, torch.tensor([int(d > 4) for d in digits])),
     )
-
-
-@dataclass(frozen=True)
-class MultiTaskConfig:
-    target: str  # the task whose val accuracy is `val_acc` (the objective); the model's head
-    weighting: str = "fixed"  # fixed (Task.weight) or uncertainty (learned log-variances)
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 0.05
-    optimizer: str = "sgd"  # sgd (with momentum) or adamw
-    momentum: float = 0.9
-    weight_decay: float = 0.0  # not on biases, norm parameters and log-variances
-    schedule: str = "constant"  # or cosine, per step
-    head_dropout: float = 0.0  # before each new head
-    aug: AugSpec = field(default_factory=AugSpec)  # training batches (harness.augment)
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
-    eval_train_max: int = 2048  # the fixed clean-train subset for the train metrics and gaps
-    max_loss: float = 1e4
-
-    def __post_init__(self) -> None:
-        if self.weighting not in ("fixed", "uncertainty"):
-            raise ValueError(f"MultiTaskConfig.weighting: {self.weighting!r}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"MultiTaskConfig.optimizer: {self.optimizer!r}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"MultiTaskConfig.schedule: {self.schedule!r}")
-        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
-            raise ValueError("MultiTaskConfig: epochs >= 1, batch_size >= 2, lr > 0")
 
 
 def uncertainty_loss(losses: torch.Tensor, log_vars: torch.Tensor) -> torch.Tensor:
@@ -182,40 +156,36 @@ def _forward(model, heads: MultiTaskHeads, store, x, target: str) -> dict[str, t
     return out
 
 
-def _optimizer(config: MultiTaskConfig, model: nn.Module, heads: MultiTaskHeads):
-    decay, no_decay = [], []
-    for module in (*model.modules(), *heads.heads.modules()):
-        for pname, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
-                norm = isinstance(module, nn.modules.batchnorm._NormBase | nn.LayerNorm)
-                (no_decay if norm or pname == "bias" else decay).append(p)
+def _optimizer(config: TrialConfig, model: nn.Module, heads: MultiTaskHeads, device):
+    """SGD (momentum) or AdamW; no weight decay on norm parameters, biases and log-variances
+    (`loop.split_decay`, the rule `fit` uses); fused on CUDA."""
+    t, wd = config.train, config.reg.weight_decay
+    params = [*model.modules(), *heads.heads.modules()]
+    decay, no_decay = loop.split_decay(
+        params, {id(p) for p in model.parameters() if not p.requires_grad}
+    )
     if heads.log_vars.requires_grad:
         no_decay.append(heads.log_vars)
     groups = [
-        {"params": decay, "weight_decay": config.weight_decay, "base_lr": config.lr},
-        {"params": no_decay, "weight_decay": 0.0, "base_lr": config.lr},
+        {"params": decay, "weight_decay": wd, "base_lr": t.lr},
+        {"params": no_decay, "weight_decay": 0.0, "base_lr": t.lr},
     ]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    return torch.optim.AdamW(groups, lr=config.lr)
+    impl = loop.optimizer_options(device)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, **impl)
+    return torch.optim.AdamW(groups, lr=t.lr, **impl)
 
 
-def _clean_subset(n: int, limit: int, seed: int, device) -> torch.Tensor:
-    """The indices of fit's fixed clean-train subset (the same rule and seed)."""
-    if n <= limit:
-        return torch.arange(n, device=device)
-    g = torch.Generator().manual_seed(seed + 1)
-    return torch.randperm(n, generator=g)[:limit].sort().values.to(device)
-
-
-@torch.no_grad()
-def _evaluate(model, heads, store, x, labels: dict[str, torch.Tensor], target, batch=1024):
+@torch.inference_mode()
+def _evaluate(model, heads, store, x, labels: dict[str, torch.Tensor], target, amp, batch=1024):
     """Per task (loss sum, correct) in eval mode, stacked: (2 * tasks,) on the device."""
     model.eval()
     heads.eval()
     sums = torch.zeros(2 * len(labels), device=x.device)
     for start in range(0, len(x), batch):
-        out = _forward(model, heads, store, x[start : start + batch], target)
+        with autocast(x.device, amp):
+            out = _forward(model, heads, store, x[start : start + batch], target)
+        out = {k: v.float() for k, v in out.items()}
         for i, (name, y) in enumerate(labels.items()):
             yb = y[start : start + batch]
             sums[2 * i] += F.cross_entropy(out[name], yb, reduction="sum")
@@ -224,14 +194,14 @@ def _evaluate(model, heads, store, x, labels: dict[str, torch.Tensor], target, b
 
 
 def multitask_fit(
-    config: MultiTaskConfig,
+    config: TrialConfig,
     model: nn.Module,
     tasks: Sequence[Task],
     data: TaskData,
     callbacks: Iterable[Callback] = (),
 ) -> MultiTaskResult:
-    """Train `model` (its head: the target task's) and a head per other task on `data`'s train
-    split; end with the best epoch's weights (by the target's val accuracy) loaded.
+    """Train `model` (its head: the target task's, `tasks[0]`) and a head per other task on
+    `data`'s train split; end with the best epoch's weights loaded.
 
     Each epoch the callbacks get, per task T: `T_train_loss`, `T_train_acc` (eval mode on the
     clean train subset, as fit), `T_val_loss`, `T_val_acc`, `T_overfit_gap` (train acc - val
@@ -241,117 +211,121 @@ def multitask_fit(
     epoch's steps) and `lr`.
     """
     started = time.perf_counter()
-    callbacks = list(callbacks)
+    callbacks, train = list(callbacks), config.train
     names = [t.name for t in tasks]
-    if len(set(names)) != len(names) or config.target not in names:
-        raise ValueError(f"multitask_fit: task names {names} must be unique and hold the target")
-    target = next(t for t in tasks if t.name == config.target)
+    if not tasks or len(set(names)) != len(names):
+        raise ValueError(f"multitask_fit: task names {names} must be unique, the target first")
+    target, ordered = tasks[0], list(tasks)  # log_vars[0]: the target
     head = _linear_of(models.head_module(model))
     if head.out_features != target.num_classes:
         raise ValueError(
             f"multitask_fit: the model's head has {head.out_features} outputs; the target task "
             f"{target.name} has {target.num_classes} classes"
         )
-    ordered = [target, *(t for t in tasks if t is not target)]  # log_vars[0]: the target
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
+    uncertainty = config.multitask.weighting == "uncertainty"
+    device = loop.start(config)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
+    channels_last = loop.uses_channels_last(config, model, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     data = data.to(device)
-    heads = MultiTaskHeads(
-        head.in_features, ordered[1:], config.head_dropout, config.weighting == "uncertainty"
-    ).to(device)
+    heads = MultiTaskHeads(head.in_features, ordered[1:], config.reg.dropout, uncertainty).to(
+        device
+    )
     train_y = {t.name: t.targets(data.y_train, "train") for t in ordered}
     val_y = {t.name: t.targets(data.y_val, "val") for t in ordered}
-    clean = _clean_subset(len(data.x_train), config.eval_train_max, config.seed, device)
+    clean = loop.clean_subset(len(data.x_train), config.data.eval_train_max, config.seed, device)
     x_clean, clean_y = data.x_train[clean], {k: v[clean] for k, v in train_y.items()}
     weights = torch.tensor([t.weight for t in ordered], device=device)
-    optimizer = _optimizer(config, model, heads)
-    n, bs = len(data.x_train), config.batch_size
-    steps_per_epoch = sum(1 for i in range(0, n, bs) if min(bs, n - i) >= 2) or 1
-    total = config.epochs * steps_per_epoch
+    optimizer = _optimizer(config, model, heads, device)
+    n, bs = len(data.x_train), train.batch_size
+    total = train.epochs * loop.steps_per_epoch(n, bs)
     history: list[dict[str, float]] = []
-    best_value, best_epoch, best = None, 0, None
+    best = loop.BestEpoch.of(config)
     step = 0
-    with _features(model) as store:
-        for epoch in range(1, config.epochs + 1):
-            lr = config.lr * lr_factor(config.schedule, step, total)
-            model.train()
-            heads.train()
-            running = torch.zeros((), device=device)
-            seen = 0
-            order = torch.randperm(n, generator=generator).to(device)
-            for start in range(0, n, bs):
-                idx = order[start : start + bs]
-                if len(idx) < 2 <= n:  # BatchNorm cannot train on a batch of one
-                    continue
-                xb = augment(data.x_train[idx], config.aug, generator)
-                out = _forward(model, heads, store, xb, target.name)
-                losses = torch.stack([F.cross_entropy(out[k], y[idx]) for k, y in train_y.items()])
-                if config.weighting == "uncertainty":
-                    loss = uncertainty_loss(losses, heads.log_vars)
-                else:
-                    loss = (weights * losses).sum()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * lr_factor(config.schedule, step, total)
-                optimizer.step()
-                step += 1
-                running += loss.detach() * len(idx)
-                seen += len(idx)
-            tr = _evaluate(model, heads, store, x_clean, clean_y, target.name)
-            va = _evaluate(model, heads, store, data.x_val, val_y, target.name)
-            log_vars = heads.log_vars.detach()
-            used = torch.exp(-log_vars) if config.weighting == "uncertainty" else weights
-            sums = torch.cat([tr, va, running.view(1), log_vars, used]).tolist()  # one sync
-            k, n_clean, n_val = len(ordered), len(x_clean), len(data.x_val)
-            m: dict[str, float] = {}
-            for i, t in enumerate(ordered):
-                m[f"{t.name}_train_loss"] = sums[2 * i] / n_clean
-                m[f"{t.name}_train_acc"] = sums[2 * i + 1] / n_clean
-                m[f"{t.name}_val_loss"] = sums[2 * k + 2 * i] / n_val
-                m[f"{t.name}_val_acc"] = sums[2 * k + 2 * i + 1] / n_val
-                m[f"{t.name}_overfit_gap"] = m[f"{t.name}_train_acc"] - m[f"{t.name}_val_acc"]
-                m[f"{t.name}_weight"] = sums[4 * k + 1 + k + i]
-                if config.weighting == "uncertainty":
-                    m[f"{t.name}_log_var"] = sums[4 * k + 1 + i]
-            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "overfit_gap"):
-                m[key] = m[f"{target.name}_{key}"]
-            m["overfit_gap_loss"] = m["val_loss"] - m["train_loss"]
-            m["train_loss_running"] = sums[4 * k] / max(seen, 1)
-            m["lr"] = lr
-            loss_now = m["train_loss_running"]
-            if not math.isfinite(loss_now):
-                raise TrainingFault("nan", f"the training loss is {loss_now} at epoch {epoch}")
-            if loss_now > config.max_loss:
-                raise TrainingFault(
-                    "diverged", f"the training loss {loss_now:.4g} passed max_loss at {epoch}"
-                )
-            history.append(m)
-            if not math.isnan(m["val_acc"]) and (best_value is None or m["val_acc"] > best_value):
-                best_value, best_epoch = m["val_acc"], epoch
-                best = (_copy(model.state_dict()), _copy(heads.state_dict()))
-            for cb in callbacks:
-                cb.on_epoch_end(epoch, m)
-    if best is None:
-        best_epoch, best = config.epochs, (_copy(model.state_dict()), _copy(heads.state_dict()))
-    model.load_state_dict(best[0])
-    heads.load_state_dict(best[1])
+    try:
+        with _features(model) as store:
+            for epoch in range(1, train.epochs + 1):
+                lr = train.lr * lr_factor(train.schedule, step, total)
+                model.train()
+                heads.train()
+                running = torch.zeros((), device=device)
+                seen = 0
+                order = torch.randperm(n, generator=generator).to(device)
+                for start in range(0, n, bs):
+                    idx = order[start : start + bs]
+                    if len(idx) < 2 <= n:  # BatchNorm cannot train on a batch of one
+                        continue
+                    xb = augment(data.x_train[idx], config.aug, generator)
+                    with autocast(device, train.amp):
+                        out = _forward(model, heads, store, xb, target.name)
+                        losses = torch.stack(
+                            [F.cross_entropy(out[k].float(), y[idx]) for k, y in train_y.items()]
+                        )
+                    if uncertainty:
+                        loss = uncertainty_loss(losses, heads.log_vars)
+                    else:
+                        loss = (weights * losses).sum()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for group in optimizer.param_groups:
+                        group["lr"] = group["base_lr"] * lr_factor(train.schedule, step, total)
+                    optimizer.step()
+                    step += 1
+                    running += loss.detach() * len(idx)
+                    seen += len(idx)
+                tr = _evaluate(model, heads, store, x_clean, clean_y, target.name, train.amp)
+                va = _evaluate(model, heads, store, data.x_val, val_y, target.name, train.amp)
+                log_vars = heads.log_vars.detach()
+                used = torch.exp(-log_vars) if uncertainty else weights
+                sums = torch.cat([tr, va, running.view(1), log_vars, used]).tolist()  # one sync
+                m = _metrics(ordered, sums, len(x_clean), len(data.x_val), uncertainty)
+                m["train_loss_running"] = sums[4 * len(ordered)] / max(seen, 1)
+                m["lr"] = lr
+                loop.check_loss(m["train_loss_running"], epoch, train)
+                history.append(m)
+                best.update(epoch, m, lambda: (loop.copy_state(model), loop.copy_state(heads)))
+                for cb in callbacks:
+                    cb.on_epoch_end(epoch, m)
+    finally:
+        if channels_last:  # handed back in the default format, as it came
+            model.to(memory_format=torch.contiguous_format)
+    best_epoch, kept = best.epoch, best.state
+    if kept is None:  # every epoch's metric was NaN: keep the last weights
+        best_epoch, kept = train.epochs, (loop.copy_state(model), loop.copy_state(heads))
+    model.load_state_dict(kept[0])
+    heads.load_state_dict(kept[1])
     model.eval()
     heads.eval()
     return MultiTaskResult(
         best_epoch=best_epoch,
         best=history[best_epoch - 1],
         history=history,
-        best_state={k: v.cpu() for k, v in best[0].items()},
+        best_state={k: v.cpu().contiguous() for k, v in kept[0].items()},
         heads=heads,
         seconds=time.perf_counter() - started,
         device=str(device),
         threads=torch.get_num_threads(),
     )
+
+
+def _metrics(ordered, sums: list[float], n_clean: int, n_val: int, uncertainty: bool):
+    """The epoch's per-task metrics and the target's under the plain names, from the sums."""
+    k, m = len(ordered), {}
+    for i, t in enumerate(ordered):
+        m[f"{t.name}_train_loss"] = sums[2 * i] / n_clean
+        m[f"{t.name}_train_acc"] = sums[2 * i + 1] / n_clean
+        m[f"{t.name}_val_loss"] = sums[2 * k + 2 * i] / n_val
+        m[f"{t.name}_val_acc"] = sums[2 * k + 2 * i + 1] / n_val
+        m[f"{t.name}_overfit_gap"] = m[f"{t.name}_train_acc"] - m[f"{t.name}_val_acc"]
+        m[f"{t.name}_weight"] = sums[4 * k + 1 + k + i]
+        if uncertainty:
+            m[f"{t.name}_log_var"] = sums[4 * k + 1 + i]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "overfit_gap"):
+        m[key] = m[f"{ordered[0].name}_{key}"]
+    m["overfit_gap_loss"] = m["val_loss"] - m["train_loss"]
+    return m
 
 
 def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

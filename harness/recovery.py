@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from harness import checkpoint, tracking
 from harness.data import DataError
-from harness.finetune import TrainingFault
+from harness.loop import TrainingFault
 from harness.spec import safe_name
 
 

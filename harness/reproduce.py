@@ -412,7 +412,7 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
 
     from harness import tasks
     from harness.data import DataError
-    from harness.finetune import seed_everything
+    from harness.loop import seed_everything
     from harness.study import _Context
 
     uri = opts.tracking()

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from harness.data import load_source
-from harness.finetune import fit, seed_everything
+from harness.finetune import fit
+from harness.loop import seed_everything
 from harness.models import data_size_hint, model_for
 from harness.spec import TrialConfig
 

@@ -296,7 +296,7 @@ Count = Annotated[int, Field(ge=1)]
 
 
 class MetaSpec(_Section):
-    """Episodic meta-learning (task.kind: meta): harness.meta's MetaConfig, as a file section."""
+    """Episodic meta-learning (task.kind: meta): what `meta.meta_fit` reads."""
 
     algorithm: Literal["maml", "fomaml", "reptile", "protonet"] = "protonet"
     ways: Annotated[int, Field(ge=2)] = 3  # meta-train tasks: N-way
@@ -325,6 +325,19 @@ class MetaSpec(_Section):
     test_shots: Annotated[
         tuple[Count, ...], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)
     ] = (1, 5)
+
+    @property
+    def val_shape(self) -> tuple[int, int, int]:
+        """(ways, shots, queries) of evaluation episodes."""
+        return (
+            self.eval_ways or self.ways,
+            self.eval_shots or self.shots,
+            self.eval_queries or self.queries,
+        )
+
+    @property
+    def test_inner_steps(self) -> int:
+        return self.inner_steps if self.eval_inner_steps is None else self.eval_inner_steps
 
     @model_validator(mode="after")
     def _split(self) -> MetaSpec:
@@ -576,6 +589,11 @@ class TrialConfig(_Section):
         if not mt.tasks:
             raise ValueError(
                 "multitask.tasks: a multi-task study needs at least one auxiliary task"
+            )
+        if self.train.compile:
+            raise ValueError(
+                "train.compile: not supported in a multi-task study (task.kind: multitask); "
+                "remove it (train.amp and train.channels_last apply on CUDA)"
             )
         unused = [
             *self._unused("strategy"),

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from harness import checkpoint, report, tasks, tracking, workers
 from harness.data import TaskData
-from harness.finetune import resolve_device, seed_everything
+from harness.loop import resolve_device, seed_everything
 from harness.recovery import (
     Interrupted,
     TrialWatch,

@@ -11,7 +11,8 @@ from pathlib import Path
 import optuna
 
 from harness import report, tasks, tracking
-from harness.finetune import evaluate, resolve_device, seed_everything
+from harness.finetune import evaluate
+from harness.loop import resolve_device, seed_everything
 from harness.models import load_state
 from harness.spec import SpecError, TrialConfig, parse_yaml
 from harness.study import (

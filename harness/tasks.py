@@ -78,34 +78,6 @@ def load_data(config: TrialConfig) -> TaskData | MetaPool:
     )
 
 
-def meta_config(config: TrialConfig) -> meta.MetaConfig:
-    m = config.meta
-    return meta.MetaConfig(
-        algorithm=m.algorithm,
-        ways=m.ways,
-        shots=m.shots,
-        queries=m.queries,
-        eval_ways=m.eval_ways,
-        eval_shots=m.eval_shots,
-        eval_queries=m.eval_queries,
-        inner_lr=m.inner_lr,
-        inner_steps=m.inner_steps,
-        eval_inner_steps=m.eval_inner_steps,
-        meta_lr=m.meta_lr,
-        meta_optimizer=m.meta_optimizer,
-        meta_batch_size=m.meta_batch_size,
-        meta_epochs=m.meta_epochs,
-        episodes_per_epoch=m.episodes_per_epoch,
-        val_episodes=m.val_episodes,
-        schedule=m.schedule,
-        seed=config.seed,
-        device=config.train.device,
-        threads=config.train.threads,
-        max_loss=config.train.max_loss,
-        recalibrate_bn=m.recalibrate_bn,
-    )
-
-
 def aux_tasks(config: TrialConfig) -> tuple[multitask.Task, ...]:
     """The target task (labels: the data's), then one task per `multitask.tasks` entry."""
     mt, target = config.multitask, list(config.data.target_classes)
@@ -115,28 +87,6 @@ def aux_tasks(config: TrialConfig) -> tuple[multitask.Task, ...]:
         lookup = torch.tensor([group_of[c] for c in target])
         tasks.append(multitask.Task(name, len(aux.groups), lookup, aux.weight))
     return tuple(tasks)
-
-
-def multitask_config(config: TrialConfig) -> multitask.MultiTaskConfig:
-    t = config.train
-    return multitask.MultiTaskConfig(
-        target="target",
-        weighting=config.multitask.weighting,
-        epochs=t.epochs,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        optimizer=t.optimizer,
-        momentum=t.momentum,
-        weight_decay=config.reg.weight_decay,
-        schedule=t.schedule,
-        head_dropout=config.reg.dropout,
-        aug=config.aug,
-        seed=config.seed,
-        device=t.device,
-        threads=t.threads,
-        eval_train_max=config.data.eval_train_max,
-        max_loss=t.max_loss,
-    )
 
 
 def head_size(config: TrialConfig, data: TaskData | MetaPool) -> int:
@@ -172,21 +122,25 @@ def train(config: TrialConfig, model, data, callbacks=(), resume: dict | None = 
     Only fine-tuning resumes from a resume state; the other cores restart from epoch 1."""
     kind = config.task.kind
     if kind == "meta":
-        return meta.meta_fit(meta_config(config), model, data.x, data.y, data.split, callbacks)
+        return meta.meta_fit(config, model, data.x, data.y, data.split, callbacks)
     if kind == "multitask":
-        return multitask.multitask_fit(
-            multitask_config(config), model, aux_tasks(config), data, callbacks
-        )
+        return multitask.multitask_fit(config, model, aux_tasks(config), data, callbacks)
     return fit(config, model, data, callbacks, resume=resume)
 
 
 def meta_test(config: TrialConfig, model, data: MetaPool) -> dict[str, float]:
     """The meta-test score of a meta-learned init, once per shot count of `meta.test_shots`:
     `meta_test_acc_{k}shot` and `meta_test_ci95_{k}shot` over `meta.test_episodes` episodes."""
-    mc, out = meta_config(config), {}
+    out = {}
     for shots in config.meta.test_shots:
         acc, ci95 = meta.meta_test(
-            mc, model, data.x, data.y, data.split, shots=shots, episodes=config.meta.test_episodes
+            config,
+            model,
+            data.x,
+            data.y,
+            data.split,
+            shots=shots,
+            episodes=config.meta.test_episodes,
         )
         out[f"meta_test_acc_{shots}shot"] = acc
         out[f"meta_test_ci95_{shots}shot"] = ci95

@@ -63,9 +63,9 @@ def make_config(defaults: dict | None = None, **sections: dict):
 
 def fresh_model(config, num_classes: int = 5):
     """The small CNN of `config`, initialised from its seed."""
-    from harness import finetune, models
+    from harness import loop, models
 
-    finetune.seed_everything(config.seed)
+    loop.seed_everything(config.seed)
     return models.build_model(config.model, num_classes, config.reg.dropout)
 
 

@@ -15,7 +15,7 @@ import torch
 from conftest import make_config
 from torch import nn
 
-from harness import augment, finetune, models, source
+from harness import augment, finetune, loop, models, source
 from harness import data as hdata
 from harness.spec import TrialConfig
 
@@ -34,7 +34,7 @@ METRIC_KEYS = {
 
 # --- helpers ---------------------------------------------------------------------------------
 def fresh_model(config: TrialConfig, num_classes: int = 5, pretrained=None) -> nn.Module:
-    finetune.seed_everything(config.seed)
+    loop.seed_everything(config.seed)
     return models.build_model(config.model, num_classes, config.reg.dropout, pretrained=pretrained)
 
 

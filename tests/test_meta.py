@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from harness import finetune, meta, models
-from harness.spec import DataSpec, ModelSpec
+from harness import loop, meta, models
+from harness.spec import DataSpec, ModelSpec, TrialConfig
 
 SPLIT = meta.DIGITS_SPLIT
 
@@ -23,8 +23,15 @@ def pool():
     return x, y
 
 
+def meta_config(seed: int = 0, objective: dict | None = None, **keys) -> TrialConfig:
+    """A meta-learning TrialConfig on the CPU: its `meta:` section is `keys`."""
+    tree = {"name": "t", "seed": seed, "task": {"kind": "meta"}, "meta": keys}
+    tree |= {"model": {"pretrained": "none", "width": 8}, "train": {"device": "cpu"}}
+    return TrialConfig.model_validate(tree | ({"objective": objective} if objective else {}))
+
+
 def small_model(ways: int = 3, seed: int = 0) -> models.ImageModel:
-    finetune.seed_everything(seed)
+    loop.seed_everything(seed)
     return models.build_model(ModelSpec(pretrained="none", width=8), ways)
 
 
@@ -200,15 +207,14 @@ class Recorder:
 @pytest.mark.parametrize("algorithm", list(CONFIGS))
 def test_meta_fit_end_to_end(pool, algorithm):
     x, y = pool
-    config = meta.MetaConfig(
+    config = meta_config(
+        seed=3,
         algorithm=algorithm,
         meta_epochs=2,
         episodes_per_epoch=6,
         meta_batch_size=3,
         val_episodes=12,
         queries=4,
-        device="cpu",
-        seed=3,
         **CONFIGS[algorithm],
     )
     runs = []
@@ -239,9 +245,7 @@ def test_meta_fit_end_to_end(pool, algorithm):
 
 def test_protonet_learns_and_callbacks_can_stop_it(pool):
     x, y = pool
-    config = meta.MetaConfig(
-        meta_epochs=3, episodes_per_epoch=12, val_episodes=5, queries=5, device="cpu"
-    )
+    config = meta_config(meta_epochs=3, episodes_per_epoch=12, val_episodes=5, queries=5)
     result = meta.meta_fit(config, small_model(), x, y, SPLIT)
     losses = [m["meta_train_loss"] for m in result.history]
     assert losses[-1] < losses[0]
@@ -257,14 +261,12 @@ def test_protonet_learns_and_callbacks_can_stop_it(pool):
 def test_maml_needs_a_head_of_ways_outputs(pool):
     x, y = pool
     with pytest.raises(ValueError, match="head with 3 outputs"):
-        meta.meta_fit(meta.MetaConfig(algorithm="maml", device="cpu"), small_model(2), x, y, SPLIT)
+        meta.meta_fit(meta_config(algorithm="maml"), small_model(2), x, y, SPLIT)
 
 
 def test_meta_learned_init_loads_as_pretrained(pool, tmp_path):
     x, y = pool
-    config = meta.MetaConfig(
-        algorithm="fomaml", meta_epochs=1, episodes_per_epoch=2, val_episodes=2, device="cpu"
-    )
+    config = meta_config(algorithm="fomaml", meta_epochs=1, episodes_per_epoch=2, val_episodes=2)
     model = small_model()
     result = meta.meta_fit(config, model, x, y, SPLIT)
     assert all(k.startswith("net.") for k in result.best_state)

@@ -9,18 +9,21 @@ import pytest
 import torch
 
 from harness import data as hdata
-from harness import finetune, models
+from harness import finetune, loop, models
 from harness import multitask as mt
 from harness.spec import TrialConfig
 
 
-def trial(**train) -> TrialConfig:
+def trial(weighting: str = "fixed", seed: int = 0, **train) -> TrialConfig:
+    """The core reads train:, reg:, aug:, data.eval_train_max and multitask.weighting."""
     return TrialConfig.model_validate(
         {
             "name": "mt",
+            "seed": seed,
             "model": {"pretrained": "none", "width": 8},
             "train": {"epochs": 3, "device": "cpu", "lr": 0.05, **train},
             "data": {"target_classes": list(range(10)), "shots_per_class": 30},
+            "multitask": {"weighting": weighting},
         }
     )
 
@@ -31,7 +34,7 @@ def digits() -> hdata.TaskData:
 
 
 def fresh(config: TrialConfig, classes: int = 10) -> models.ImageModel:
-    finetune.seed_everything(config.seed)
+    loop.seed_everything(config.seed)
     return models.build_model(config.model, classes)
 
 
@@ -76,7 +79,7 @@ def test_one_task_is_exactly_fit(digits):
     expected = finetune.fit(config, fresh(config), digits)
     model = fresh(config)
     result = mt.multitask_fit(
-        mt.MultiTaskConfig(target="digit", epochs=3, lr=0.05, device="cpu"),
+        config,
         model,
         [mt.Task("digit", 10)],
         digits,
@@ -96,9 +99,7 @@ class Recorder:
 
 @pytest.mark.parametrize("weighting", ["fixed", "uncertainty"])
 def test_three_tasks(digits, weighting):
-    config = mt.MultiTaskConfig(
-        target="digit", weighting=weighting, epochs=4, lr=0.05, device="cpu", seed=1
-    )
+    config = trial(weighting, seed=1, epochs=4)
     tasks = mt.digit_tasks(digits.classes)
     runs = []
     for _ in range(2):
@@ -138,10 +139,8 @@ def test_uncertainty_gives_a_noisy_task_a_larger_log_variance(digits):
     noise = {"train": torch.randint(0, 10, (len(digits.y_train),), generator=g)}
     noise["val"] = torch.randint(0, 10, (len(digits.y_val),), generator=g)
     tasks = [mt.digit_tasks()[1], mt.Task("noise", 10, noise)]
-    config = mt.MultiTaskConfig(
-        target="parity", weighting="uncertainty", epochs=6, lr=0.05, device="cpu"
-    )
-    finetune.seed_everything(0)
+    config = trial("uncertainty", epochs=6)
+    loop.seed_everything(0)
     model = models.build_model(trial().model, 2)
     result = mt.multitask_fit(config, model, tasks, digits)
     last = result.history[-1]
@@ -153,8 +152,31 @@ def test_uncertainty_gives_a_noisy_task_a_larger_log_variance(digits):
 def test_target_head_must_fit(digits):
     with pytest.raises(ValueError, match="head has 5 outputs"):
         mt.multitask_fit(
-            mt.MultiTaskConfig(target="digit", device="cpu"),
+            trial(),
             fresh(trial(), 5),
             mt.digit_tasks(),
             digits,
         )
+
+
+def test_weight_decay_skips_every_norm_and_bias_as_fit_does():
+    """One rule (loop.split_decay) for both cores: GroupNorm and RMSNorm too, which the
+    multi-task core once decayed."""
+    from torch import nn
+
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.LayerNorm(4), nn.RMSNorm(4), nn.Linear(4, 2)
+    )
+    heads = mt.MultiTaskHeads(4, [mt.Task("aux", 2)], 0.0, learned=True)
+    config = trial()
+    config = config.model_copy(update={"reg": config.reg.model_copy(update={"weight_decay": 0.1})})
+    opt = mt._optimizer(config, net, heads, torch.device("cpu"))
+    decay, rest = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    weights = {id(net[0].weight), id(net[4].weight), id(heads.heads["aux"][1].weight)}
+    assert decay == weights
+    norms = {id(p) for m in net[1:4] for p in m.parameters()}
+    biases = {id(net[0].bias), id(net[4].bias), id(heads.heads["aux"][1].bias)}
+    assert rest == norms | biases | {id(heads.log_vars)}
+    fit_decay, fit_rest = loop.split_decay([*net.modules(), *heads.heads.modules()])
+    assert {id(p) for p in fit_decay} == decay

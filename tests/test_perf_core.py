@@ -12,7 +12,7 @@ from conftest import fresh_model, make_config
 from torch import nn
 
 from harness import data as hdata
-from harness import finetune
+from harness import finetune, loop
 from harness.spec import DataSpec, SpecError, TrainSpec, TrialConfig
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -33,11 +33,11 @@ def test_default_clean_train_subset_is_bounded():
 
 
 def test_clean_train_subset_is_fixed_and_bounded(task):
-    x, y = finetune._clean_train_subset(task, 30, seed=0)
-    again, _ = finetune._clean_train_subset(task, 30, seed=0)
-    assert len(x) == len(y) == 30 and torch.equal(x, again)
-    whole, _ = finetune._clean_train_subset(task, 10_000, seed=0)
-    assert torch.equal(whole, task.x_train)  # a small split is measured whole
+    n = len(task.x_train)
+    idx = loop.clean_subset(n, 30, seed=0, device="cpu")
+    again = loop.clean_subset(n, 30, seed=0, device="cpu")
+    assert len(idx) == 30 and len(set(idx.tolist())) == 30 and torch.equal(idx, again)
+    assert torch.equal(loop.clean_subset(n, 10_000, 0, "cpu"), torch.arange(n))  # small: whole
 
 
 def test_fit_measures_train_metrics_on_the_subset(task):
@@ -67,13 +67,13 @@ def test_channels_last_only_for_convolutional_models_on_cuda():
     cnn = fresh_model(config)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.Linear(64, 5))
     patch = nn.Sequential(nn.Conv2d(1, 4, 2), nn.Flatten(), nn.Linear(4 * 7 * 7, 5000))
-    assert finetune.is_convolutional(cnn)
-    assert not finetune.is_convolutional(mlp)
-    assert not finetune.is_convolutional(patch)  # a patch embedding alone: not a CNN
-    assert finetune.uses_channels_last(config, cnn, CUDA)
-    assert not finetune.uses_channels_last(config, cnn, CPU)  # the CPU stays NCHW
+    assert loop.is_convolutional(cnn)
+    assert not loop.is_convolutional(mlp)
+    assert not loop.is_convolutional(patch)  # a patch embedding alone: not a CNN
+    assert loop.uses_channels_last(config, cnn, CUDA)
+    assert not loop.uses_channels_last(config, cnn, CPU)  # the CPU stays NCHW
     off = make_config(train={"channels_last": False})
-    assert not finetune.uses_channels_last(off, cnn, CUDA)
+    assert not loop.uses_channels_last(off, cnn, CUDA)
 
 
 def test_channels_last_gives_the_same_predictions(task):
@@ -92,10 +92,10 @@ def test_channels_last_gives_the_same_predictions(task):
 
 
 def test_autocast_is_bf16_on_cuda_and_off_on_the_cpu():
-    assert isinstance(finetune.autocast(CPU, True), contextlib.nullcontext)
-    assert isinstance(finetune.autocast(CUDA, False), contextlib.nullcontext)
+    assert isinstance(loop.autocast(CPU, True), contextlib.nullcontext)
+    assert isinstance(loop.autocast(CUDA, False), contextlib.nullcontext)
     if torch.cuda.is_available():
-        ctx = finetune.autocast(CUDA, True)
+        ctx = loop.autocast(CUDA, True)
         assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
 
 
@@ -111,8 +111,8 @@ def test_new_train_fields_are_validated():
 
 # --- the optimizer's implementation ----------------------------------------------------------
 def test_optimizer_is_fused_on_cuda_single_tensor_on_the_cpu():
-    assert finetune.optimizer_options(CUDA) == {"fused": True}
-    assert finetune.optimizer_options(CPU) == {"foreach": False}
+    assert loop.optimizer_options(CUDA) == {"fused": True}
+    assert loop.optimizer_options(CPU) == {"foreach": False}
     for name in ("sgd", "adamw"):
         config = make_config(train={"optimizer": name})
         groups = [{"name": "all", "params": list(fresh_model(config).parameters())}]

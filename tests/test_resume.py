@@ -13,7 +13,7 @@ import torch
 from conftest import make_config as base_config
 from torch import nn
 
-from harness import checkpoint, finetune, models
+from harness import checkpoint, finetune, loop, models
 from harness import data as hdata
 from harness.checkpoint import load_state_file, save_state
 from harness.spec import TrialConfig
@@ -25,7 +25,7 @@ def make_config(**sections: dict) -> TrialConfig:
 
 
 def fresh_model(config: TrialConfig) -> nn.Module:
-    finetune.seed_everything(config.seed)
+    loop.seed_everything(config.seed)
     return models.build_model(config.model, 5, config.reg.dropout)
 
 
