@@ -32,7 +32,6 @@ Its keys:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from harness.files import atomic_write
 from harness.loop import BestEpoch
 from harness.spec import TrialConfig
 
@@ -222,33 +222,9 @@ def restore(
 
 
 def save_state(state: dict, path: str | Path) -> None:
-    """Write `state` to `path` atomically: a temporary file in the same folder, flushed and
-    fsynced, then renamed over `path`. A failure leaves the previous file and no temporary."""
-    from harness.source import atomic_write  # harness.source imports harness.finetune
-
-    path = Path(path)
-    tmp: list[str] = []
-
-    def write(f) -> None:
-        tmp.append(f.name)
-        torch.save(state, f)
-
-    try:
-        atomic_write(path, write)
-    except BaseException:
-        for name in tmp:
-            Path(name).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Write `state` to `path` atomically (`files.atomic_write`): a failure leaves the previous
+    file and no temporary."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_state_file(path: str | Path) -> dict:

@@ -1,9 +1,14 @@
-"""The pretrained source model: trained once per source setting, cached under the results folder.
+"""The pretrained source model: trained once per source recipe, cached under the results folder.
 
-The cache key is a hash of everything that decides the weights (data set, source classes,
-architecture, width, pretraining recipe, seed). A file lock makes a second process that needs
-the same model wait for the first instead of training it again; the file is written to a
-temporary name and renamed, so a reader never sees half a checkpoint.
+The recipe is built from exactly what decides the weights (`source_settings`: data set and
+where it is read, source classes, image size, split seed, architecture and width, the
+`model.source_*` recipe, seed) and from nothing else of the trial, and the cache key is the hash
+of those settings: two studies that differ anywhere else (regularizers, strategy, objective,
+target classes, ...) share one model, and they provably would train the same one. Where the
+training runs (`train.device`, `train.threads`) is not part of the recipe: it changes the last
+bits, not the recipe. A file lock makes a second process that needs the same model wait for the
+first instead of training it again; the file is written to a temporary name and renamed, so a
+reader never sees half a checkpoint.
 """
 
 from __future__ import annotations
@@ -11,13 +16,13 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from harness.data import load_source
+from harness.files import atomic_write
 from harness.finetune import fit
 from harness.loop import seed_everything
 from harness.models import data_size_hint, model_for
@@ -34,17 +39,20 @@ class SourceModel:
 
 
 def source_settings(config: TrialConfig) -> dict:
+    """Everything that decides the source model's weights, and nothing else."""
     d, m = config.data, config.model
     return {
         "dataset": d.dataset,
+        "root": None if d.dataset == "digits" else str(Path(d.root).resolve()),
+        "download": d.download,
+        "allow_duplicates": d.allow_duplicates,
         "source_classes": list(d.source_classes),
+        "image_size": d.image_size,
         "arch": m.arch,
         "width": m.width,
         "epochs": m.source_epochs,
         "lr": m.source_lr,
         "batch_size": m.source_batch_size,
-        "root": str(Path(d.root).resolve()) if d.dataset == "imagefolder" else None,
-        "image_size": d.image_size,
         "seed": config.seed,
         "split_seed": config.split_seed,
     }
@@ -58,38 +66,44 @@ def source_key(config: TrialConfig) -> str:
     )
 
 
-def pretrain_config(config: TrialConfig) -> TrialConfig:
-    """The source task's recipe: full training from scratch, SGD with momentum, cosine schedule."""
-    m = config.model
-    return config.model_copy(
-        update={
-            "train": config.train.model_copy(
-                update={
-                    "epochs": m.source_epochs,
-                    "lr": m.source_lr,
-                    "optimizer": "sgd",
-                    "momentum": 0.9,
-                    "batch_size": m.source_batch_size,
-                    "schedule": "cosine",
-                }
-            ),
-            "strategy": config.strategy.model_copy(update={"kind": "full"}),
-            "reg": config.reg.model_copy(
-                update={"weight_decay": 5e-4, "dropout": 0.0, "stochastic_depth": 0.0}
-            ),
-            "aug": config.aug.model_copy(update={"policy": "none"}),
+def recipe(settings: dict, device: str = "auto", threads: int | None = None) -> TrialConfig:
+    """The source task's training config, from `source_settings` alone: full training from
+    scratch, SGD with momentum 0.9, a cosine schedule, weight decay 5e-4, no augmentation or
+    other regularizer, the best epoch by val_acc; every other key at its default."""
+    s = settings
+    if len(s["source_classes"]) < 2:
+        raise ValueError(
+            f"data.source_classes: {s['source_classes']}: the source task needs 2 or more classes"
+        )
+    data = {k: s[k] for k in ("dataset", "download", "allow_duplicates", "source_classes")}
+    data |= {"image_size": s["image_size"], "split_seed": s["split_seed"]}
+    data |= {"target_classes": s["source_classes"]}  # unused by the source task; valid
+    if s["root"] is not None:
+        data["root"] = s["root"]
+    return TrialConfig.model_validate(
+        {
+            "name": "source",
+            "seed": s["seed"],
+            "data": data,
+            "model": {"arch": s["arch"], "width": s["width"], "pretrained": "none"},
+            "train": {
+                "epochs": s["epochs"],
+                "lr": s["lr"],
+                "batch_size": s["batch_size"],
+                "optimizer": "sgd",
+                "momentum": 0.9,
+                "schedule": "cosine",
+                "device": device,
+                "threads": threads,
+            },
+            "reg": {"weight_decay": 5e-4},
         }
     )
 
 
-def atomic_write(path: Path, write) -> None:
-    """`write(file)` into a temporary file beside `path`, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def pretrain_config(config: TrialConfig) -> TrialConfig:
+    """The source recipe of `config`'s study, run where `config` runs."""
+    return recipe(source_settings(config), config.train.device, config.train.threads)
 
 
 def get_source_model(config: TrialConfig, cache_dir: Path, fetch=None) -> SourceModel:
@@ -114,7 +128,7 @@ def get_source_model(config: TrialConfig, cache_dir: Path, fetch=None) -> Source
             atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
             return SourceModel(key, path, meta["settings"], metrics, trained_now=False)
         pre = pretrain_config(config)
-        data = load_source(config.data, config.split_seed, size_hint=data_size_hint(config))
+        data = load_source(pre.data, pre.split_seed, size_hint=data_size_hint(pre))
         seed_everything(pre.seed)
         model = model_for(pre, data)
         result = fit(pre, model, data)

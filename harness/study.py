@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 
 from harness import checkpoint, report, tasks, tracking, workers
 from harness.data import TaskData
+from harness.files import atomic_write
 from harness.loop import resolve_device, seed_everything
 from harness.recovery import (
     Interrupted,
@@ -35,7 +36,7 @@ from harness.recovery import (
     requeue,
     resume_path,
 )
-from harness.source import SourceModel, atomic_write, get_source_model, source_key
+from harness.source import SourceModel, get_source_model, source_key
 from harness.spec import (
     BASELINE,
     ExperimentSpec,
@@ -301,7 +302,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         result = tasks.train(config, model, data, callbacks, resume=resume)
         if spec.search.keep_checkpoints != "none":
             atomic_write(
-                checkpoint_path(ctx.opts.results, ctx.study_name, trial.number),
+                best_weights_path(ctx.opts.results, ctx.study_name, trial.number),
                 lambda f: torch.save(result.best_state, f),
             )
         for k in tasks.SUMMARY_METRICS[config.task.kind]:
@@ -342,6 +343,13 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
             for number in (trial.number, retry_of):
                 if number is not None:
                     resume_path(ctx.opts.results, ctx.study_name, number).unlink(missing_ok=True)
+            # best weights of an attempt that is not COMPLETE (this one failing after writing
+            # them, the attempt this one retried) are never retained: they go too
+            for number in (retry_of, None if state == "COMPLETE" else trial.number):
+                if number is not None:
+                    best_weights_path(ctx.opts.results, ctx.study_name, number).unlink(
+                        missing_ok=True
+                    )
         done = time.perf_counter()
         cost = setup_seconds + logger.seconds + (done - ending)
         tracking.log_metrics_once(
@@ -363,8 +371,9 @@ def first_config(spec: ExperimentSpec) -> TrialConfig:
     return baseline_config(spec) if spec.search.baseline else trial_config(spec, {})
 
 
-def checkpoint_path(results: Path, study_name: str, number: int) -> Path:
-    """Where a complete trial's best weights live while the retention policy keeps them."""
+def best_weights_path(results: Path, study_name: str, number: int) -> Path:
+    """Where a complete trial's best weights live while the retention policy keeps them (the
+    resume state, `recovery.resume_path`, is another file)."""
     folder = results / "checkpoints" / safe_name(study_name)
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"trial-{number}-best.pt"
@@ -396,7 +405,7 @@ def apply_retention(ctx: _Context, study: optuna.Study) -> None:
     Run after every trial, so that disk use stays bounded by the policy as the study goes on.
     """
     search = ctx.spec.search
-    folder = checkpoint_path(ctx.opts.results, ctx.study_name, 0).parent
+    folder = best_weights_path(ctx.opts.results, ctx.study_name, 0).parent
     with open(folder / ".retention.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the workers sharing this results folder, in turn
         keep = keep_set(study, search.keep_checkpoints, search.top_k)
@@ -408,7 +417,7 @@ def apply_retention(ctx: _Context, study: optuna.Study) -> None:
 
 
 def _retain(ctx: _Context, t, kept: bool) -> None:
-    path = checkpoint_path(ctx.opts.results, ctx.study_name, t.number)
+    path = best_weights_path(ctx.opts.results, ctx.study_name, t.number)
     run_id = t.user_attrs.get("mlflow_run_id")
     if kept:  # asked of MLflow once per run and process: not every kept run at every trial
         if path.is_file() and run_id not in ctx.logged:

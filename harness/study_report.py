@@ -18,7 +18,7 @@ from harness.spec import SpecError, TrialConfig, parse_yaml
 from harness.study import (
     StudyOptions,
     _Context,
-    checkpoint_path,
+    best_weights_path,
     open_storage,
     safe_name,
 )
@@ -40,7 +40,7 @@ def test_once(client, results: Path, name: str, trial) -> dict[str, float] | Non
     )
     if all(k in run.data.metrics for k in keys):
         return {k: run.data.metrics[k] for k in keys}
-    path = checkpoint_path(results, name, trial.number)
+    path = best_weights_path(results, name, trial.number)
     if not path.is_file():
         path = tracking.download_checkpoint(client, run_id, results / "downloads" / run_id)
     if path is None:

@@ -477,3 +477,43 @@ def test_running_metrics_count_only_the_images_trained_on(task):
     for m in result.history:
         assert m["train_acc_running"] * 99 == pytest.approx(round(m["train_acc_running"] * 99))
         assert m["train_acc_running"] * 100 != pytest.approx(round(m["train_acc_running"] * 100))
+
+
+def test_the_source_recipe_is_only_what_decides_its_weights():
+    """Two studies that differ outside the source recipe share one key and provably train the
+    same model (their recipes are equal); each field of the recipe changes the key."""
+    base = make_config(model={"source_epochs": 5})
+    others = [
+        make_config(model={"source_epochs": 5}, reg={"label_smoothing": 0.2}),
+        make_config(model={"source_epochs": 5}, reg={"mixup_alpha": 0.4, "l1": 1e-4, "l2": 0.1}),
+        make_config(model={"source_epochs": 5}, reg={"ema_decay": 0.9, "l2_sp": 0.1}),
+        make_config(model={"source_epochs": 5}, strategy={"kind": "lp_ft", "bn": "frozen"}),
+        make_config(model={"source_epochs": 5}, strategy={"layer_decay": 0.5}),
+        make_config(
+            model={"source_epochs": 5}, objective={"metric": "val_loss", "direction": "minimize"}
+        ),
+        make_config(model={"source_epochs": 5}, data={"eval_train_max": 7, "shots_per_class": 3}),
+        make_config(model={"source_epochs": 5}, aug={"policy": "crop"}, train={"lr": 0.3}),
+    ]
+    for other in others:
+        assert source.source_key(other) == source.source_key(base)
+        assert source.pretrain_config(other) == source.pretrain_config(base)
+    pre = source.pretrain_config(base)
+    assert pre.reg == type(pre.reg)(weight_decay=5e-4)  # no regularizer of the trial's
+    assert pre.strategy == type(pre.strategy)() and pre.aug == type(pre.aug)()
+    assert pre.objective == type(pre.objective)()
+    assert (pre.train.epochs, pre.train.optimizer, pre.train.schedule) == (5, "sgd", "cosine")
+    changed = [
+        make_config(model={"source_epochs": 6}),
+        make_config(model={"source_epochs": 5, "source_lr": 0.1}),
+        make_config(model={"source_epochs": 5, "source_batch_size": 16}),
+        make_config(model={"source_epochs": 5, "width": 16}),
+        make_config(model={"source_epochs": 5}, seed=1),
+        make_config(model={"source_epochs": 5}, data={"split_seed": 4}),
+        make_config(model={"source_epochs": 5}, data={"image_size": 16}),
+        make_config(
+            model={"source_epochs": 5}, data={"source_classes": [0, 1], "target_classes": [5, 6]}
+        ),
+    ]
+    keys = {source.source_key(c) for c in changed}
+    assert len(keys) == len(changed) and source.source_key(base) not in keys
