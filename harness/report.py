@@ -15,26 +15,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-# By task kind: the (accuracy, gap) pair that describes a trial, and its (train, val) curves.
-HEADLINE = {
-    "finetune": ("val_acc", "overfit_gap"),
-    "multitask": ("val_acc", "overfit_gap"),
-    "meta": ("meta_val_acc", "adaptation_gap"),
-}
-CURVES = {
-    "finetune": ("train_acc", "val_acc"),
-    "multitask": ("train_acc", "val_acc"),
-    "meta": ("meta_train_acc", "meta_val_acc"),
-}
+from harness.metrics import KINDS
 
 
 def kind_of(values: dict[str, Any]) -> str:
     """A trial's kind as far as its metrics tell: meta-learning's are named meta_*."""
-    return "meta" if "meta_val_acc" in values else "finetune"
+    return "meta" if KINDS["meta"].headline[0] in values else "finetune"
 
 
 def headline(attrs: dict[str, Any]) -> tuple[str, str]:
-    return HEADLINE[kind_of(attrs)]
+    """(accuracy, gap) of a trial, by its kind (harness.metrics)."""
+    return KINDS[kind_of(attrs)].headline
 
 
 def best_per_algorithm(rows: list[TrialRow]) -> list[TrialRow]:
@@ -105,7 +96,7 @@ class Progress:
             print(text, flush=True)
 
     def epoch_line(
-        self, trial_number: int, epochs: int, keys: tuple[str, str] = HEADLINE["finetune"]
+        self, trial_number: int, epochs: int, keys: tuple[str, str] = KINDS["finetune"].headline
     ):
         bar = self.bar
         acc, gap = keys
@@ -173,7 +164,7 @@ def _fmt(value: Any) -> str:
 
 def best_table(summary: Summary, top: int = 5) -> str:
     rows = summary.complete()[:top]
-    acc, gap = headline(rows[0].attrs) if rows else HEADLINE["finetune"]
+    acc, gap = headline(rows[0].attrs) if rows else KINDS["finetune"].headline
     head = (
         f"{'trial':>5}  {acc:>7}  {gap:>{max(11, len(gap))}}  {'epoch':>5}  {'ran':>3}  "
         f"{'time':>6}  {'mlflow run':<32}  params"
@@ -382,7 +373,7 @@ def plot_curves(curves: dict[int, dict[str, list[float]]], labels: dict[int, str
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False, sharey=True)
     for ax, (number, c) in zip(axes[0], curves.items(), strict=True):
         kind = kind_of(c)
-        (train, val), gap, meta = CURVES[kind], HEADLINE[kind][1], kind == "meta"
+        (train, val), gap, meta = KINDS[kind].curves, KINDS[kind].headline[1], kind == "meta"
         epochs = list(range(1, len(c[val]) + 1))
         ax.plot(epochs, c[train], label=train + ("" if meta else " (eval mode)"))
         ax.plot(epochs, c[val], label=val)

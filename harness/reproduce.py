@@ -23,44 +23,18 @@ from pathlib import Path
 from typing import TextIO
 
 from harness import report, tracking
+from harness.metrics import KINDS, OPTIONAL_EPOCH, multitask_epoch
 from harness.spec import SpecError, TrialConfig, flatten, parse_yaml
 
-# The core's per-epoch metrics compared (not system metrics or timings), in table order.
-COMPARED = (
-    "train_loss",
-    "train_acc",
-    "val_loss",
-    "val_acc",
-    "overfit_gap",
-    "overfit_gap_loss",
-    "lr",
-    "train_loss_running",
-    "train_acc_running",
-)
-OPTIONAL = ("train_penalty_running", "phase", "trainable_stages")  # when the record has them
-META_COMPARED = (
-    "meta_train_loss",
-    "meta_train_acc",
-    "meta_val_loss",
-    "meta_val_acc",
-    "meta_val_ci95",
-    "adaptation_gap",
-    "lr",
-)
+OPTIONAL = OPTIONAL_EPOCH  # compared where the record or the re-run has them
 
 
 def compared_keys(config: TrialConfig) -> tuple[str, ...]:
     """The per-epoch metrics of the trial's core that a reproduction must match."""
-    if config.task.kind == "meta":
-        return META_COMPARED
     if config.task.kind == "multitask":
-        per_task = ["train_loss", "train_acc", "val_loss", "val_acc", "overfit_gap", "weight"]
-        if config.multitask.weighting == "uncertainty":
-            per_task.append("log_var")
         names = ["target", *config.multitask.tasks]
-        keys = [f"{n}_{k}" for n in names for k in per_task]
-        return (*COMPARED[:7], "train_loss_running", *keys)
-    return COMPARED
+        return multitask_epoch(names, config.multitask.weighting == "uncertainty")
+    return KINDS[config.task.kind].epoch
 
 
 CUBLAS_WORKSPACE = ":4096:8"
@@ -260,7 +234,7 @@ def compare(
     reproduced: list[dict[str, float]],
     epochs: int,
     tolerance: Tolerance,
-    keys: tuple[str, ...] = COMPARED,
+    keys: tuple[str, ...] = KINDS["finetune"].epoch,
 ) -> list[Row]:
     """Rows of (epoch, metric) for epochs 1..`epochs`; a value only one side has differs."""
     extra = [k for k in OPTIONAL if k in recorded or any(k in m for m in reproduced)]

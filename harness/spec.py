@@ -24,6 +24,9 @@ from pydantic import (
     model_validator,
 )
 
+from harness.metrics import KINDS, OBJECTIVES
+from harness.metrics import direction as better_direction
+
 
 class SpecError(ValueError):
     """A bad experiment file or override; the message names the file, the key and the problem."""
@@ -218,22 +221,9 @@ class AugSpec(_Section):
     erasing_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5  # random_erasing
 
 
-_MAXIMIZED = {"val_acc", "train_acc", "meta_val_acc", "meta_train_acc"}
-
-# The core's metrics a study can optimise; meta-learning studies use the meta_* ones.
-FINETUNE_METRICS = ("val_acc", "val_loss", "overfit_gap", "overfit_gap_loss", "train_acc")
-META_METRICS = ("meta_val_acc", "meta_val_loss", "adaptation_gap", "meta_train_acc")
-Metric = Literal[
-    "val_acc",
-    "val_loss",
-    "overfit_gap",
-    "overfit_gap_loss",
-    "train_acc",
-    "meta_val_acc",
-    "meta_val_loss",
-    "adaptation_gap",
-    "meta_train_acc",
-]
+# The core's metrics a study can optimise (harness.metrics); meta-learning's are meta_*.
+META_METRICS = KINDS["meta"].objectives
+Metric = Literal[OBJECTIVES]
 Direction = Literal["maximize", "minimize"]
 
 
@@ -269,7 +259,7 @@ class ObjectiveSpec(_Section):
                 raise ValueError("metric: with metrics, leave it out (the first metric is used)")
             pairs = list(zip(self.metrics, self.directions, strict=True))
         for metric, direction in pairs:
-            wanted = "maximize" if metric in _MAXIMIZED else "minimize"
+            wanted = better_direction(metric)
             if direction != wanted:
                 raise ValueError(f"direction: {metric} should be {wanted}d, not {direction}d")
         return self
@@ -486,7 +476,7 @@ class TrialConfig(_Section):
         if isinstance(data, dict) and "objective" not in data:
             task = data.get("task")
             if isinstance(task, dict) and task.get("kind") == "meta":
-                data = {**data, "objective": {"metric": "meta_val_acc"}}
+                data = {**data, "objective": {"metric": KINDS["meta"].headline[0]}}
         return data
 
     @property

@@ -27,6 +27,7 @@ from harness import checkpoint, report, tasks, tracking, workers
 from harness.data import TaskData
 from harness.files import atomic_write
 from harness.loop import resolve_device, seed_everything
+from harness.metrics import KINDS
 from harness.recovery import (
     Interrupted,
     TrialWatch,
@@ -297,7 +298,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
             logger,
             TrialWatch(trial, resume_file),
             pruner,
-            ctx.progress.epoch_line(trial.number, config.epochs, report.HEADLINE[config.task.kind]),
+            ctx.progress.epoch_line(trial.number, config.epochs, KINDS[config.task.kind].headline),
         ]
         result = tasks.train(config, model, data, callbacks, resume=resume)
         if spec.search.keep_checkpoints != "none":
@@ -305,7 +306,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
                 best_weights_path(ctx.opts.results, ctx.study_name, trial.number),
                 lambda f: torch.save(result.best_state, f),
             )
-        for k in tasks.SUMMARY_METRICS[config.task.kind]:
+        for k in KINDS[config.task.kind].summary:
             trial.set_user_attr(k, result.best[k])
         trial.set_user_attr("best_epoch", result.best_epoch)
         trial.set_user_attr("epochs_run", len(result.history))

@@ -13,6 +13,7 @@ import optuna
 from harness import report, tasks, tracking
 from harness.finetune import evaluate
 from harness.loop import resolve_device, seed_everything
+from harness.metrics import KINDS, best_name
 from harness.models import load_state
 from harness.spec import SpecError, TrialConfig, parse_yaml
 from harness.study import (
@@ -72,8 +73,9 @@ def seed_reruns(ctx: _Context, rows: list[report.TrialRow], n: int) -> dict[int,
         run_id = row.attrs["mlflow_run_id"]
         config = TrialConfig.model_validate(parse_yaml(tracking.load_text(run_id, "config.yaml")))
         start, _ = ctx.pretrained_for(config)
-        done = tracking.finished_reruns(ctx.client, ctx.exp_id, run_id)
-        values: dict[str, list[float]] = {k: [] for k in report.HEADLINE[config.task.kind]}
+        keys = KINDS[config.task.kind].headline
+        done = tracking.finished_reruns(ctx.client, ctx.exp_id, run_id, keys)
+        values: dict[str, list[float]] = {k: [] for k in keys}
         for seed in range(config.seed + 1, config.seed + n + 1):
             if seed not in done:
                 rerun = config.model_copy(
@@ -92,7 +94,7 @@ def seed_reruns(ctx: _Context, rows: list[report.TrialRow], n: int) -> dict[int,
                     result = tasks.train(rerun, model, data, [logger])
                     best = {k: result.best[k] for k in values}
                     tracking.log_metrics_once(
-                        ctx.client, rid, {f"best_{k}": v for k, v in best.items()}
+                        ctx.client, rid, {best_name(k): v for k, v in best.items()}
                     )
                     done[seed] = best
                     state = "COMPLETE"
@@ -134,7 +136,7 @@ def finish_report(
         t.number: tracking.metric_histories(
             client,
             t.attrs["mlflow_run_id"],
-            list(report.CURVES[report.kind_of(t.attrs)]),
+            list(KINDS[report.kind_of(t.attrs)].curves),
         )
         for t in shown
     }

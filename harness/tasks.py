@@ -24,13 +24,6 @@ from harness.data import DataReport, TaskData, load_target
 from harness.finetune import fit
 from harness.spec import TrialConfig
 
-# The per-epoch metrics that describe a trial (its user attributes, its table row), by kind.
-SUMMARY_METRICS = {
-    "finetune": ("val_acc", "val_loss", "train_acc", "overfit_gap", "overfit_gap_loss"),
-    "multitask": ("val_acc", "val_loss", "train_acc", "overfit_gap", "overfit_gap_loss"),
-    "meta": ("meta_val_acc", "meta_val_ci95", "meta_val_loss", "meta_train_acc", "adaptation_gap"),
-}
-
 
 @dataclass(frozen=True)
 class MetaPool:

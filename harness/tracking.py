@@ -25,6 +25,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from harness.metrics import best_name
+
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 TrackingError = mlflow.exceptions.MlflowException  # what the tracking store raises
 _REPO = Path(__file__).resolve().parent.parent
@@ -409,18 +411,19 @@ def start_rerun(client: MlflowClient, exp_id: str, parent_id: str, of_run: str, 
     return run.info.run_id
 
 
-def finished_reruns(client: MlflowClient, exp_id: str, of_run: str) -> dict[int, dict]:
-    """{seed: {val_acc, overfit_gap}} of the finished reruns of a trial run."""
+def finished_reruns(
+    client: MlflowClient, exp_id: str, of_run: str, keys: tuple[str, ...]
+) -> dict[int, dict]:
+    """{seed: {key: value}} of the finished reruns of a trial run that logged every one of
+    `keys` (as `best_KEY`, harness.metrics.best_name)."""
     runs = client.search_runs(
         [exp_id], filter_string=f"tags.`harness.rerun_of` = '{of_run}'", max_results=1000
     )
+    names = {k: best_name(k) for k in keys}
     return {
-        int(r.data.params["seed"]): {
-            "val_acc": r.data.metrics["best_val_acc"],
-            "overfit_gap": r.data.metrics["best_overfit_gap"],
-        }
+        int(r.data.params["seed"]): {k: r.data.metrics[n] for k, n in names.items()}
         for r in runs
-        if r.info.status == "FINISHED" and "best_val_acc" in r.data.metrics
+        if r.info.status == "FINISHED" and all(n in r.data.metrics for n in names.values())
     }
 
 

@@ -5,6 +5,7 @@ not complete leaves no best-weights file."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import sys
 import pytest
 from conftest import QUICKSTART, REPO, TINY
 
-from harness import tasks
+from harness import metrics
 from harness.files import atomic_write
 
 
@@ -80,8 +81,9 @@ def test_an_attempt_that_fails_after_writing_its_best_weights_leaves_none(result
     from harness.spec import load_spec
     from harness.study import StudyOptions, best_weights_path, run_study
 
-    real = dict(tasks.SUMMARY_METRICS)
-    monkeypatch.setitem(tasks.SUMMARY_METRICS, "finetune", (*real["finetune"], "no_such_metric"))
+    real = metrics.KINDS["finetune"]
+    summary = (*real.summary, "no_such_metric")
+    monkeypatch.setitem(metrics.KINDS, "finetune", dataclasses.replace(real, summary=summary))
     written = []
     import harness.study as study_mod
 

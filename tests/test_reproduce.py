@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 import harness.reproduce as reproduce_mod
 import harness.study as study_mod
 from harness.cli import main
+from harness.metrics import KINDS
 from harness.spec import load_spec
 from harness.study import StudyOptions, run_study
 
@@ -82,7 +83,7 @@ def test_a_trial_reproduces_bit_for_bit_in_a_new_run(study, capsys, number, epoc
     out = capsys.readouterr().out
     assert f"reproduced: all {epochs} epochs match bit for bit" in out
     assert "<- differs" not in out
-    for metric in reproduce_mod.COMPARED:  # every compared metric has a row per epoch
+    for metric in KINDS["finetune"].epoch:  # every compared metric has a row per epoch
         assert sum(line.split()[1:2] == [metric] for line in out.splitlines()) == epochs
 
     client = _client(results)

@@ -300,6 +300,42 @@ def test_multitask_study_end_to_end(tmp_path, results_dir):
     again = run_cli("reproduce", multi[0].info.run_id, "--results", str(results_dir), cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "parity_val_acc" in again.stdout
+    report = ["report", "digits_multitask", "--results", str(results_dir), "--seeds", "1"]
+    assert run_cli(*report, cwd=tmp_path).returncode == 0
+    reruns = _reruns(results_dir, "digits_multitask")
+    assert reruns and all("best_val_acc" in r.data.metrics for r in reruns)
+    assert run_cli(*report, cwd=tmp_path).returncode == 0  # reused: no run added
+    assert len(_reruns(results_dir, "digits_multitask")) == len(reruns)
+
+
+def _reruns(results, experiment: str) -> list:
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    return [r for r in runs if r.data.tags.get("harness.role") == "seed_rerun"]
+
+
+@pytest.mark.slow
+def test_report_seeds_reuses_meta_reruns(meta_study, monkeypatch, capsys):
+    """Meta re-runs log best_meta_val_acc: a second `report --seeds` trains nothing (it once
+    looked for best_val_acc and trained every meta re-run again)."""
+    from harness import cli, tasks
+
+    results, done = meta_study
+    assert done.returncode == 0, done.stderr
+    argv = ["report", "digits_meta", "--results", str(results), "--seeds", "1"]
+    assert cli.main(argv) == 0
+    first = _reruns(results, "digits_meta")
+    assert first and all(r.info.status == "FINISHED" for r in first)
+    assert all("best_meta_val_acc" in r.data.metrics for r in first)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("report --seeds trained a re-run it had already")
+
+    monkeypatch.setattr(tasks, "train", no_training)
+    assert cli.main(argv) == 0
+    assert len(_reruns(results, "digits_meta")) == len(first)
+    assert "Over 1 more training seeds" in capsys.readouterr().out
 
 
 @pytest.mark.slow
