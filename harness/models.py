@@ -334,7 +334,7 @@ def weights_path(weights: WeightsEnum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
 
 
-def _imagenet_state(weights: WeightsEnum) -> dict[str, torch.Tensor]:
+def imagenet_state(weights: WeightsEnum) -> dict[str, torch.Tensor]:
     """The weights' state_dict through torchvision's own loader (its cache, else a download)."""
     path = weights_path(weights)
     try:
@@ -547,7 +547,7 @@ def build_model(
         target = arch
         if weights is not None and load_weights:
             name = f"model.weights: {type(weights).__name__}.{weights.name}"
-            _load_backbone(model, _imagenet_state(weights), name, target)
+            _load_backbone(model, imagenet_state(weights), name, target)
     if pretrained is not None and load_weights:
         _load_backbone(model, load_state(pretrained), f"model.pretrained: {pretrained}", target)
     return model

@@ -842,7 +842,12 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     if not path.is_file():
         raise SpecError(f"{path}: no such experiment file")
     try:
-        tree = parse_yaml(path.read_text())
+        tree = parse_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise SpecError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+            "save the experiment file as UTF-8"
+        ) from None
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: YAML syntax error: {err}") from None
     if not isinstance(tree, dict):

@@ -23,7 +23,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from harness import checkpoint, report, tasks, tracking, workers
+from harness import checkpoint, models, report, tasks, tracking, workers
 from harness.data import TaskData
 from harness.files import atomic_write
 from harness.loop import resolve_device, seed_everything
@@ -530,15 +530,52 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
     return study, parent, True
 
 
+def _starting_configs(spec: ExperimentSpec, config: TrialConfig) -> list[TrialConfig]:
+    """The first trial's config and one per `model.pretrained` value the space can sample."""
+    configs = [config]
+    choice = spec.search.space.get("model.pretrained")
+    if choice is not None:
+        configs += [trial_config(spec, {"model.pretrained": v}) for v in choice.candidates()]
+    return configs
+
+
+def check_inputs(
+    spec: ExperimentSpec, opts: StudyOptions, config: TrialConfig, weights_files: bool = False
+) -> None:
+    """Resolve what the experiment refers to before any store is touched: a torchvision
+    weights name, a state_dict file, a registry model or run URI (in an existing store: none is
+    created to look); with `weights_files`, the torchvision weights' files (downloaded where
+    the network allows). A bad one is SpecError (exit 2), and nothing is created."""
+    for c in _starting_configs(spec, config):
+        m = c.model
+        kind = m.pretrained_kind
+        try:
+            if kind == "imagenet":
+                weights = models.imagenet_weights(m)
+                if weights_files and not models.weights_path(weights).is_file():
+                    models.imagenet_state(weights)  # a download, or WeightsUnavailable
+            elif weights_files:
+                continue
+            elif kind == "file" and not Path(m.pretrained).is_file():
+                raise ValueError(f"model.pretrained: no such state_dict file {m.pretrained}")
+            elif kind == "mlflow":
+                uri = opts.tracking()
+                if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+                    raise ValueError(
+                        f"model.pretrained: {m.pretrained}: there is no MLflow store at "
+                        f"{tracking.redact(uri)} to find it in; give the --results or "
+                        "--tracking-uri of the study that registered it"
+                    )
+                tracking.check_model_uri(uri, m.pretrained)
+        except ValueError as err:
+            raise SpecError(str(err)) from None
+
+
 def _preflight(ctx: _Context, config: TrialConfig) -> None:
     """Fetch (or pretrain) the starting weights and build the model once, before any trial,
     for the first trial and every `model.pretrained` the space can sample: a bad weights name,
     file or model URI is an input error (exit 2), not a study of failed trials."""
-    configs = [config]
-    choice = ctx.spec.search.space.get("model.pretrained")
-    if choice is not None:
-        configs += [trial_config(ctx.spec, {"model.pretrained": v}) for v in choice.candidates()]
-    for c in configs:
+    for c in _starting_configs(ctx.spec, config):
         try:
             pretrained, _ = ctx.pretrained_for(c)
             tasks.build(c, ctx.data_for(c), pretrained)
@@ -552,7 +589,9 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what failed
     first = first_config(spec)
-    base_data = tasks.load_data(first)  # bad data settings fail before any store
+    check_inputs(spec, opts, first)  # bad weights names, files and model URIs: before any store
+    base_data = tasks.load_data(first)  # and so do bad data settings
+    check_inputs(spec, opts, first, weights_files=True)
     opts.results.mkdir(parents=True, exist_ok=True)
     name = opts.study_name or spec.name
     target = opts.n_trials or spec.search.n_trials

@@ -326,6 +326,26 @@ def pin_model_uri(uri: str) -> str:
     return f"models:/{match[1]}/{version}"
 
 
+def check_model_uri(tracking_uri: str, uri: str) -> None:
+    """ValueError unless `uri` (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH)
+    names something in the store at `tracking_uri`; downloads nothing."""
+    client = connect(tracking_uri)
+    try:
+        if match := re.fullmatch(r"models:/([^/@]+)@([\w-]+)", uri):
+            client.get_model_version_by_alias(match[1], match[2])
+        elif match := re.fullmatch(r"models:/([^/@]+)/(\d+)", uri):
+            client.get_model_version(match[1], match[2])
+        elif match := re.fullmatch(r"models:/([^/@]+)", uri):
+            if not client.search_model_versions(f"name = '{match[1]}'", max_results=1):
+                raise ValueError(f"model.pretrained: {uri}: the model has no version")
+        elif match := re.match(r"runs:/([0-9a-f]+)/", uri):
+            client.get_run(match[1])
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(
+            f"model.pretrained: cannot resolve {uri} in {redact(tracking_uri)}: {err.message}"
+        ) from None
+
+
 def resolve_model_uri(uri: str, dest: Path) -> Path:
     """A `models:/NAME/VERSION` or `runs:/RUN_ID/PATH` URI -> a local state_dict file.
 

@@ -92,7 +92,7 @@ def test_cifar10_resnet50_offline_without_weights_is_a_clear_error(tmp_path, mon
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-") in err
-    assert not (tmp_path / "results" / "optuna.journal").exists()  # no study was created
+    assert not (tmp_path / "results").exists()  # no store was created
 
 
 def test_missing_data_root_is_an_input_error_and_creates_nothing(tmp_path, capsys):
@@ -125,4 +125,57 @@ def test_k_shot_larger_than_a_class_is_an_input_error(tmp_path, capsys):
     ]
     assert cli.main(argv) == 2
     assert "shots_per_class" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+LATE_INPUTS = {  # an input error once found only after a store was created, or as a traceback
+    "unknown_weights": (
+        ["model.arch=resnet18", "model.pretrained=imagenet", "model.weights=NOPE"],
+        "model.weights: 'NOPE' is not a weights of resnet18",
+    ),
+    "missing_file": (["model.pretrained=/nonexistent/w.pt"], "no such state_dict file"),
+    "registry_without_store": (
+        ["model.pretrained=models:/nope@best"],
+        "model.pretrained: models:/nope@best: there is no MLflow store at",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LATE_INPUTS))
+def test_late_bad_inputs_exit_2_and_create_nothing(tmp_path, capsys, case):
+    overrides, message = LATE_INPUTS[case]
+    results = tmp_path / "results"
+    argv = [str(REPO / "experiments" / "quickstart.yaml"), "--results", str(results)]
+    for s in overrides:
+        argv += ["--set", s]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not results.exists()
+
+
+def test_an_unknown_registry_model_in_an_existing_store_is_refused_before_the_study(
+    tmp_path, capsys
+):
+    """The store exists (another study's); the model does not: exit 2, the store untouched."""
+    results = tmp_path / "results"
+    results.mkdir()
+    client = mlflow.MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    client.search_experiments()  # creates the store, as an earlier study would have
+    before = sorted(p.name for p in results.iterdir())
+    argv = [str(REPO / "experiments" / "quickstart.yaml"), "--results", str(results)]
+    argv += ["--set", "model.pretrained=models:/nope@best"]
+    assert cli.main(argv) == 2
+    assert "cannot resolve models:/nope@best" in capsys.readouterr().err
+    assert sorted(p.name for p in results.iterdir()) == before
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_an_experiment_file_that_is_not_utf8_exits_2_naming_it(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"name: x\nseed: 0\n# caf\xe9\n")
+    for argv in ([str(path), "--results", str(tmp_path / "r")], ["check", str(path)]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: not UTF-8 text (byte 0xe9 at offset 21)" in err
     assert not (tmp_path / "r").exists()
