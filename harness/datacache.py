@@ -46,6 +46,11 @@ SAMPLE_ROWS = 16  # rows digested to check a cache file against its .json
 LOG = "decode.log"
 
 
+def under(results: Path) -> Path:
+    """Where a results folder keeps its decoded data sets."""
+    return Path(results) / "cache" / "data"
+
+
 def content_hash(data: bytes, prefix: bytes = b"") -> str:
     return hashlib.blake2b(prefix + data, digest_size=16).hexdigest()
 

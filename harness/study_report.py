@@ -10,7 +10,7 @@ from pathlib import Path
 
 import optuna
 
-from harness import report, tasks, tracking
+from harness import datacache, report, tasks, tracking
 from harness.finetune import evaluate, resolve_device, seed_everything
 from harness.models import load_state
 from harness.spec import SpecError, TrialConfig, parse_yaml
@@ -44,7 +44,7 @@ def test_once(client, results: Path, name: str, trial) -> dict[str, float] | Non
         path = tracking.download_checkpoint(client, run_id, results / "downloads" / run_id)
     if path is None:
         return None
-    data = tasks.load_data(config)
+    data = tasks.load_data(config, datacache.under(results))
     model = tasks.build(config, data, None, load_weights=False)  # the checkpoint comes next
     model.load_state_dict(load_state(path))
     if meta:

@@ -240,3 +240,55 @@ def test_concurrent_first_loads_decode_once(tmp_path):
     assert sorted(o[0] for o in outs) == ["False", "True"]  # one decoded, one mapped
     assert outs[0][1:] == outs[1][1:]
     assert len(decodes(cache)) == 1
+
+
+def test_datacache_imports_no_torch_optuna_or_mlflow():
+    """The decode pool's workers import this module: it stays light."""
+    code = (
+        "import sys\n"
+        "import harness.datacache\n"
+        "heavy = ('optuna', 'mlflow', 'torch')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_folder_decode_it_once(tmp_path):
+    """`--workers 2`: the spawning process decodes the folder into RESULTS/cache/data before
+    the workers start (and pretrains the source model from the same cache); the workers and
+    the source pretraining map it: one decode in all."""
+    root, results = tmp_path / "pets", tmp_path / "results"
+    make_folder(root, {"a": 14, "b": 14, "c": 14}, size=(20, 16))
+    sets = [
+        "data.dataset=imagefolder",
+        f"data.root={root}",
+        "data.source_classes=[c]",
+        "data.target_classes=[a, b]",
+        "data.shots_per_class=4",
+        "data.val_per_class=4",
+        "data.image_size=16",
+        "model.source_epochs=1",
+        "train.epochs=1",
+        "search.pruner=none",
+    ]
+    args = [str(REPO / "experiments" / "quickstart.yaml"), "--results", str(results)]
+    args += ["--n-trials", "2", "--workers", "2", "--quiet"]
+    for s in sets:
+        args += ["--set", s]
+    out = subprocess.run(
+        [sys.executable, str(REPO / "run_study.py"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    lines = decodes(results / "cache" / "data")
+    assert len(lines) == 1, lines
+    assert "decoded 42 images" in lines[0]
+    logs = sorted((results / "logs" / "quickstart").glob("worker-*.log"))
+    assert len(logs) == 2
