@@ -16,13 +16,16 @@ A changed folder gets a new key; the caches of its older contents are removed.
 - Never trusted blindly: a .json of another version or key, a .npy whose header, shape or byte
   size differs from the .json's, or whose sampled rows differ from the digest taken when it
   was written, is rebuilt (the reason goes to `decode.log`).
-- Decoded in parallel: a process pool (one worker per core this process may use,
-  `os.sched_getaffinity`) decodes chunks of files straight into the memory-mapped output;
-  each image goes through the same `read_image` as the serial path, so the pixels are the same.
+- Decoded in parallel: one worker process per core this process may use
+  (`os.sched_getaffinity`), each `python -m harness.datacache` (numpy and PIL only: no torch,
+  and not the caller's main module, which a multiprocessing pool would import again), decodes
+  interleaved chunks of files straight into the memory-mapped output; each image goes through
+  the same `read_image` as the serial path, so the pixels are the same. The pool split's
+  statistics come from the workers' per-channel histograms (no second pass over the pixels).
 
 Every decode appends one line to `cache_dir/decode.log` (time, pid, key, images, seconds,
 workers), which is how one can tell that a folder was decoded once.
-Imports numpy and PIL only (the pool's workers import this module, not torch).
+Imports numpy and PIL only.
 """
 
 from __future__ import annotations
@@ -30,10 +33,8 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ import numpy as np
 
 FORMAT_VERSION = 1  # bump when the cache's layout or the decoding changes
 GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-CHUNK = 32  # images per task of the decode pool
+CHUNK = 32  # consecutive images of one worker
 SAMPLE_ROWS = 16  # rows digested to check a cache file against its .json
 LOG = "decode.log"
 
@@ -77,7 +78,8 @@ def read_image(path: Path, mode: str, size: int) -> tuple[np.ndarray, str]:
     return (pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)), digest
 
 
-def _modes(paths: list[str]) -> set[str]:
+def colour_mode(paths: list[Path]) -> str:
+    """'L' when every readable image is greyscale, else 'RGB' (read from the headers only)."""
     from PIL import Image
 
     modes = set()
@@ -87,16 +89,6 @@ def _modes(paths: list[str]) -> set[str]:
                 modes.add(im.mode)
         except Exception:  # unreadable: reported and skipped when it is decoded
             continue
-    return modes
-
-
-def colour_mode(paths: list[Path], pool: ProcessPoolExecutor | None = None) -> str:
-    """'L' when every readable image is greyscale, else 'RGB' (read from the headers only)."""
-    names = [str(p) for p in paths]
-    if pool is None:
-        modes = _modes(names)
-    else:
-        modes = set().union(*pool.map(_modes, _chunks(names, 8 * CHUNK)))
     return "L" if modes and modes <= GREY_MODES else "RGB"
 
 
@@ -117,25 +109,48 @@ def pixel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     )
 
 
-def _chunks(items: list, n: int) -> list[list]:
-    return [items[i : i + n] for i in range(0, len(items), n)]
+def stats_of_histogram(hist: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """`pixel_stats` from per-channel counts of each value 0..255 (C, 256), exactly summed."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    n = max(1, int(hist[0].sum()))
+    mean = hist @ values / n
+    std = np.sqrt(np.maximum(hist @ np.square(values) / n - mean**2, 0.0))
+    return (
+        tuple(round(float(m), 4) for m in mean),
+        tuple(round(max(float(s), 1e-3), 4) for s in std),
+    )
 
 
-def _decode_chunk(out: str, start: int, paths: list[str], mode: str, size: int) -> list:
-    """Decode `paths` into rows start.. of the .npy file `out`: (True, hash) or (False, why)."""
-    x = np.load(out, mmap_mode="r+")
+def _decode_job(job: dict) -> dict:
+    """Decode `job["paths"]` into rows `job["rows"]` of the .npy file `job["out"]`.
+
+    Returns, per path, [ok, content hash or why], and the per-channel histogram (C, 256) of
+    the rows flagged in `job["counted"]` (the pool split's, for its statistics).
+    """
+    x = np.load(job["out"], mmap_mode="r+")
+    hist = np.zeros((x.shape[1], 256), dtype=np.int64)
     results = []
-    for i, path in enumerate(paths):
+    for row, path, counted in zip(job["rows"], job["paths"], job["counted"], strict=True):
         try:
-            pixels, digest = read_image(Path(path), mode, size)
+            pixels, digest = read_image(Path(path), job["mode"], job["size"])
         except Exception as err:  # corrupt, truncated, not an image: reported and skipped
-            results.append((False, f"{type(err).__name__}: {err}"))
+            results.append([False, f"{type(err).__name__}: {err}"])
             continue
-        x[start + i] = pixels
-        results.append((True, digest))
+        x[row] = pixels
+        if counted:
+            for c in range(len(pixels)):
+                hist[c] += np.bincount(pixels[c].ravel(), minlength=256)
+        results.append([True, digest])
     x.flush()
     del x
-    return results
+    return {"results": results, "hist": hist.tolist()}
+
+
+def _worker_main() -> None:  # python -m harness.datacache: one decode worker, JSON in and out
+    import sys
+
+    job = json.load(sys.stdin)
+    json.dump(_decode_job(job), sys.stdout)
 
 
 def default_workers() -> int:
@@ -146,45 +161,78 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def make_pool(workers: int) -> ProcessPoolExecutor:
-    # forkserver: the workers start from a clean interpreter (no torch, no threads forked)
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
-
-
 def decode(
     paths: list[Path],
     mode: str,
     size: int,
     out: Path,
     workers: int = 1,
-    pool: ProcessPoolExecutor | None = None,
-) -> tuple[np.ndarray, list]:
+    counted: list[bool] | None = None,
+) -> tuple[np.ndarray, list, np.ndarray]:
     """Decode every path into a new .npy `out` of shape (len(paths), C, size, size).
 
-    Returns the array (memory-mapped) and, per path, (True, content hash) or (False, why).
-    Rows of unreadable files are left zero. `workers` > 1 decodes chunks in a process pool
-    (`pool` when given, else a new one).
+    Returns the array (memory-mapped), per path (True, content hash) or (False, why), and the
+    per-channel histogram (C, 256) of the images flagged in `counted` (default: all). Rows of
+    unreadable files are left zero. `workers` > 1: that many worker processes
+    (`python -m harness.datacache`, which imports numpy and PIL only) decode interleaved
+    chunks of CHUNK files each, straight into the file; each image goes through `read_image`,
+    as in the serial path, so the pixels are the same.
     """
+    import subprocess
+    import sys
+
     channels = 1 if mode == "L" else 3
     x = np.lib.format.open_memmap(out, "w+", np.uint8, (len(paths), channels, size, size))
     del x  # the workers write through their own maps
-    names = [str(p) for p in paths]
-    chunks = [(i, names[i : i + CHUNK]) for i in range(0, len(names), CHUNK)]
-    results: list = []
-    if pool is not None or (workers > 1 and len(chunks) > 1):
-        own = pool is None
-        pool = make_pool(min(workers, len(chunks))) if own else pool
-        try:
-            futures = [pool.submit(_decode_chunk, str(out), i, c, mode, size) for i, c in chunks]
-            for f in futures:
-                results += f.result()
-        finally:
-            if own:
-                pool.shutdown()
+    counted = [True] * len(paths) if counted is None else counted
+    starts = list(range(0, len(paths), CHUNK))
+    workers = max(1, min(workers, len(starts)))
+    jobs = []
+    for k in range(workers):  # worker k takes chunks k, k + workers, ...: balanced, in order
+        rows = [r for s in starts[k::workers] for r in range(s, min(s + CHUNK, len(paths)))]
+        jobs.append(
+            {
+                "out": str(out),
+                "mode": mode,
+                "size": size,
+                "rows": rows,
+                "paths": [str(paths[r]) for r in rows],
+                "counted": [bool(counted[r]) for r in rows],
+            }
+        )
+    if workers == 1:
+        answers = [_decode_job(jobs[0])]
     else:
-        for i, c in chunks:
-            results += _decode_chunk(str(out), i, c, mode, size)
-    return np.load(out, mmap_mode="r+"), results
+        env = dict(os.environ)
+        here = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [env.get("PYTHONPATH")])])
+        env["OMP_NUM_THREADS"] = "1"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "harness.datacache"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                text=True,
+            )
+            for _ in jobs
+        ]
+        for proc, job in zip(procs, jobs, strict=True):
+            proc.stdin.write(json.dumps(job))
+            proc.stdin.close()
+        answers = []
+        for proc in procs:
+            text = proc.stdout.read()
+            if proc.wait() != 0:
+                raise RuntimeError(f"data cache: a decode worker failed (exit {proc.returncode})")
+            answers.append(json.loads(text))
+    results: list = [None] * len(paths)
+    hist = np.zeros((channels, 256), dtype=np.int64)
+    for job, answer in zip(jobs, answers, strict=True):
+        for row, result in zip(job["rows"], answer["results"], strict=True):
+            results[row] = tuple(result)
+        hist += np.asarray(answer["hist"], dtype=np.int64)
+    return np.load(out, mmap_mode="r+"), results, hist
 
 
 # --- The cache of one folder. ---
@@ -323,14 +371,11 @@ def _build(cache_dir: Path, key: str, root: Path, files, size: int, workers, why
     workers = default_workers() if workers is None else max(1, workers)
     order = list(files.items())
     paths = [p for _, entries in order for p, _ in entries]
-    pool = make_pool(workers) if workers > 1 and len(paths) > CHUNK else None
+    pool_name = "train" if "train" in files else "all"
+    counted = [name == pool_name for name, entries in order for _ in entries]
     tmp = cache_dir / f".{key}.{os.getpid()}.npy"
-    try:
-        mode = colour_mode(paths, pool)
-        x, results = decode(paths, mode, size, tmp, workers, pool)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    mode = colour_mode(paths)
+    x, results, hist = decode(paths, mode, size, tmp, workers, counted)
     ok = np.asarray([good for good, _ in results], dtype=bool)
     if not ok.all():  # compact: the readable images only, in order
         tmp2 = cache_dir / f".{key}.{os.getpid()}.compact.npy"
@@ -364,14 +409,12 @@ def _build(cache_dir: Path, key: str, root: Path, files, size: int, workers, why
             "skipped": skipped,
         }
         row += len(labels)
-    pool_split = splits.get("train", splits.get("all"))
-    pool_x = x[pool_split["start"] : pool_split["start"] + pool_split["count"]]
-    mean, std = pixel_stats(pool_x)
+    mean, std = stats_of_histogram(hist)  # of the pool split's readable images
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     sample = _sample_digest(x)
     shape = list(x.shape)
-    del x, pool_x
+    del x
     os.replace(tmp, cache_dir / f"{key}.npy")
     resolved = str(Path(root).resolve())
     meta = {
@@ -400,3 +443,7 @@ def _build(cache_dir: Path, key: str, root: Path, files, size: int, workers, why
     if decoded is None:
         raise RuntimeError(f"data cache {key}: unreadable right after writing it: {why}")
     return Decoded(**{**decoded.__dict__, "built_now": True})
+
+
+if __name__ == "__main__":
+    _worker_main()

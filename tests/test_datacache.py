@@ -124,11 +124,15 @@ def test_parallel_decode_gives_the_serial_pixels(tmp_path):
     make_folder(root, {"a": 40, "b": 40}, size=(31, 23), jpeg=True)
     (root / "a" / "bad.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     paths = hdata._image_files(root)
-    serial, r1 = datacache.decode(paths, "RGB", 16, tmp_path / "s.npy", workers=1)
-    parallel, r2 = datacache.decode(paths, "RGB", 16, tmp_path / "p.npy", workers=2)
+    serial, r1, h1 = datacache.decode(paths, "RGB", 16, tmp_path / "s.npy", workers=1)
+    parallel, r2, h2 = datacache.decode(paths, "RGB", 16, tmp_path / "p.npy", workers=2)
     assert len(paths) > 2 * datacache.CHUNK and r1 == r2
     assert sum(not ok for ok, _ in r1) == 1
     np.testing.assert_array_equal(serial, parallel)
+    np.testing.assert_array_equal(h1, h2)
+    # the statistics from the workers' histograms are those of the pixels
+    ok = [i for i, (good, _) in enumerate(r1) if good]
+    assert datacache.stats_of_histogram(h2) == datacache.pixel_stats(np.asarray(serial)[ok])
     # and the pixels are those of the per-image reader of the uncached path
     i = 5
     pixels, digest = datacache.read_image(paths[i], "RGB", 16)
