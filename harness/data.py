@@ -31,6 +31,7 @@ from harness.datacache import content_hash as _content_hash
 from harness.datacache import pixel_stats as _pixel_stats
 from harness.datacache import read_image as _read_image
 from harness.spec import DataSpec
+from harness.stream import HostImages
 
 # Digits pixels are 0..16, stored as uint8 0..255; mean and std of all 1,797 images in [0, 1].
 DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3759,)
@@ -96,7 +97,7 @@ class DataReport:
 class TaskData:
     """One classification task: train / val / test tensors, labels 0..num_classes-1."""
 
-    x_train: torch.Tensor
+    x_train: torch.Tensor | HostImages  # HostImages: cached rows, all on the device or streamed
     y_train: torch.Tensor
     x_val: torch.Tensor
     y_val: torch.Tensor
@@ -116,7 +117,7 @@ class TaskData:
         moved = {
             f.name: getattr(self, f.name).to(device)
             for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
+            if isinstance(getattr(self, f.name), torch.Tensor | HostImages)
         }
         rest = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in moved}
         return TaskData(**moved, **rest)
@@ -467,7 +468,11 @@ def _task(
     tensors = []
     extra = list(data.extra_hash)
     for part, split, idx in parts:
-        tensors += [torch.from_numpy(split.x[idx]), torch.from_numpy(relabel[split.y[idx]])]
+        if part == "train" and isinstance(split.x, np.memmap):  # read when it goes to the device
+            x = HostImages(split.x, idx, spec.device_budget_gb)
+        else:
+            x = torch.from_numpy(np.asarray(split.x[idx]))
+        tensors += [x, torch.from_numpy(relabel[split.y[idx]])]
         if split.files:  # imagefolder: the exact files and their decoded contents
             extra += [f"{part} {split.files[i]} {split.hashes[i]}" for i in idx.tolist()]
     while len(tensors) < 6:  # the source task has no test split

@@ -18,6 +18,7 @@ from PIL import Image
 from harness import data as hdata
 from harness import datacache
 from harness.spec import DataSpec
+from harness.stream import HostImages
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,7 +66,8 @@ def same_task(a: hdata.TaskData, b: hdata.TaskData) -> None:
     for part in ("train", "val", "test"):
         for v in "xy":
             got, want = getattr(a, f"{v}_{part}"), getattr(b, f"{v}_{part}")
-            assert torch.equal(torch.as_tensor(np.asarray(got)), want), f"{v}_{part}"
+            got = got.resident() if isinstance(got, HostImages) else got
+            assert torch.equal(got, want), f"{v}_{part}"
     assert (a.data_hash, a.mean, a.std, a.report) == (b.data_hash, b.mean, b.std, b.report)
 
 
