@@ -15,9 +15,10 @@ counted):
 3. a second process on the warm cache: the seconds to open the folder's data and to build a
    target task, and how much its RSS grew.
 
-and, in this process, training-step throughput of a small CNN on the train split held all in
+and, in this process, training throughput of `fit` (a small CNN on the CPU, `--shots` train
+images per class at `--train-size` px, `--epochs` epochs) on the train split held all in
 memory (resident) against the same split streamed batch by batch from the memory-mapped cache
-(`harness.stream`), when that module exists. Prints one line per figure:
+(`harness.stream`, forced by a tiny `data.device_budget_gb`). Prints one line per figure:
 `first_load_serial_s X`, `first_load_parallel_s X`, `ratio decode_parallel/serial X`,
 `second_open_s X`, `second_load_target_s X`, `second_rss_growth_mb X`, `data_mb X`,
 `ratio stream/resident X`.
@@ -131,19 +132,47 @@ def run_child(mode: str, root: Path, size: int, cache: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def throughput(root: Path, size: int, cache: Path, steps: int, batch: int) -> tuple | None:
-    """Training images per second, resident vs streamed, of the same steps on the CPU."""
-    try:
-        from harness import stream
-    except ImportError:
-        return None
+class _Marks:
+    def __init__(self) -> None:
+        self.marks = [time.perf_counter()]
+
+    def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        self.marks.append(time.perf_counter())
+
+
+def throughput(root: Path, size: int, cache: Path, shots: int, batch: int, epochs: int):
+    """Training images per second of `fit` (small CNN, CPU) on the same split held all in
+    memory (resident) and streamed from the memory-mapped cache: the median epoch after the
+    first, of two alternating runs each."""
     import torch
 
     from harness import data as hdata
+    from harness import finetune, models
+    from harness.spec import TrialConfig
 
-    spec = spec_for(root, size).model_copy(update={"shots_per_class": None, "test_per_class": 1})
-    task = hdata.load_target(spec, 0, cache_dir=cache)
-    return stream.benchmark(task, steps=steps, batch=batch, threads=torch.get_num_threads())
+    base = spec_for(root, size).model_dump()
+    per_class = len(list((root / "class00").iterdir()))
+    base.update(shots_per_class=min(shots, per_class - 2), val_per_class=1, eval_train_max=32)
+    out = {}
+    for name, budget in [("resident", None), ("stream", 1e-6)] * 2:
+        config = TrialConfig.model_validate(
+            {
+                "name": "folder-bench",
+                "data": {**base, "device_budget_gb": budget},
+                "model": {"arch": "small_cnn", "width": 16, "pretrained": "none"},
+                "train": {"epochs": epochs, "batch_size": batch, "device": "cpu"},
+            }
+        )
+        task = hdata.load_target(config.data, 0, cache_dir=cache)
+        finetune.seed_everything(0)
+        model = models.model_for(config, task)
+        marks = _Marks()
+        finetune.fit(config, model, task, [marks])
+        seconds = float(np.median(np.diff(marks.marks)[1:]))
+        out.setdefault(name, []).append(len(task.x_train) / seconds)
+    streamed = task.to("cpu").x_train
+    assert not isinstance(streamed, torch.Tensor)  # the stream runs really streamed
+    return float(np.median(out["resident"])), float(np.median(out["stream"]))
 
 
 def main() -> None:
@@ -155,7 +184,9 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=None, help="the folder (made when missing)")
     p.add_argument("--cache", type=Path, default=None)
     p.add_argument("--no-serial", action="store_true", help="skip today's serial decode")
-    p.add_argument("--steps", type=int, default=20, help="training steps per throughput window")
+    p.add_argument("--epochs", type=int, default=3, help="throughput: epochs per run (0: skip)")
+    p.add_argument("--shots", type=int, default=24, help="throughput: train images per class")
+    p.add_argument("--train-size", type=int, default=64, help="throughput: image side")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -188,9 +219,10 @@ def main() -> None:
         print(f"second_rss_growth_open_mb {second['rss_growth_open_mb']:.0f}")
         print(f"second_rss_growth_mb {second['rss_growth_mb']:.0f}")
         print(f"data_mb {second['data_mb']:.0f}")
-        got = throughput(root, args.size, cache, args.steps, args.batch)
-        if got is not None:
-            resident, streamed = got
+        if args.epochs:
+            resident, streamed = throughput(
+                root, args.train_size, cache, args.shots, args.batch, args.epochs
+            )
             print(f"train_img_per_s resident {resident:.1f} stream {streamed:.1f}")
             print(f"ratio stream/resident {streamed / resident:.3f}")
     finally:
