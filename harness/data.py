@@ -9,7 +9,11 @@ Data sets: scikit-learn's bundled `digits`; torchvision's `cifar10`, `cifar100`,
 `fashionmnist`, read by torchvision's own classes from `data.root` at native resolution
 (downloaded there only when `data.download` is true); and `imagefolder`, a folder of class
 subfolders of images, resized to one square size at load. Each is decoded once per process
-(`_CACHE`), since every trial calls `load_target`. Every task is checked: unreadable images
+(`_CACHE`), since every trial calls `load_target`; given a `cache_dir` (the study passes
+RESULTS/cache/data), an image folder is decoded once per machine, in parallel, into a cache
+that every later process memory-maps (`harness.datacache`), and its train split reaches the
+device all at once or, when larger than `data.device_budget_gb`, batch by batch
+(`harness.stream`). Every task is checked: unreadable images
 are skipped and reported, and exact duplicate images across train/val/test (leakage) are an
 error unless `data.allow_duplicates`; `TaskData.report` says what was found.
 """
@@ -97,11 +101,13 @@ class DataReport:
 class TaskData:
     """One classification task: train / val / test tensors, labels 0..num_classes-1."""
 
-    x_train: torch.Tensor | HostImages  # HostImages: cached rows, all on the device or streamed
+    # HostImages: rows of the memory-mapped cache (nothing read yet); `to` puts them all on the
+    # device, or streams them batch by batch when larger than data.device_budget_gb
+    x_train: torch.Tensor | HostImages
     y_train: torch.Tensor
-    x_val: torch.Tensor
+    x_val: torch.Tensor | HostImages
     y_val: torch.Tensor
-    x_test: torch.Tensor
+    x_test: torch.Tensor | HostImages
     y_test: torch.Tensor
     classes: tuple[int | str, ...]  # the class ids as the spec gives them, in label order
     data_hash: str  # identifies the exact split (indices; imagefolder: files and contents)
@@ -390,7 +396,7 @@ def _open(
         return _torchvision_data(spec, with_test)
     if spec.dataset == "imagefolder":
         size = spec.image_size or size_hint or DEFAULT_IMAGE_SIZE
-        return _folder_data(spec, spec.cache_size or size, cache_dir)
+        return _folder_data(spec, size, cache_dir)
     raise DataError(f"data.dataset: unknown data set {spec.dataset!r}")
 
 
@@ -468,7 +474,7 @@ def _task(
     tensors = []
     extra = list(data.extra_hash)
     for part, split, idx in parts:
-        if part == "train" and isinstance(split.x, np.memmap):  # read when it goes to the device
+        if isinstance(split.x, np.memmap):  # the cache's rows: read when they go to the device
             x = HostImages(split.x, idx, spec.device_budget_gb)
         else:
             x = torch.from_numpy(np.asarray(split.x[idx]))

@@ -79,26 +79,9 @@ class DataSpec(_Section):
     allow_duplicates: bool = False  # exact duplicates across train/val/test: error unless true
     split_seed: Annotated[int, Field(ge=0)] | None = None  # seeds the split; None: `seed`
     eval_train_max: Annotated[int, Field(ge=1)] = 512  # clean-train subset for the gap
-    # imagefolder: the side the decoded cache holds (>= image_size); training crops
-    # random-resized image_size crops from it, evaluation the center crop. None: image_size.
-    cache_size: Annotated[int, Field(ge=8, le=2048)] | None = None
     # a train split bigger than this (GB of uint8 pixels) streams from the host to the device
     # batch by batch; None: half of the device's free memory (the CPU: of the available RAM)
     device_budget_gb: Annotated[float, Field(gt=0)] | None = None
-
-    @model_validator(mode="after")
-    def _cache_size(self) -> DataSpec:
-        if self.cache_size is None:
-            return self
-        if self.dataset != "imagefolder":
-            raise ValueError(f"cache_size: only for imagefolder (dataset is {self.dataset})")
-        if self.image_size is None:
-            raise ValueError("cache_size: give data.image_size too (the crop taken from it)")
-        if self.cache_size < self.image_size:
-            raise ValueError(
-                f"cache_size: {self.cache_size} is smaller than image_size {self.image_size}"
-            )
-        return self
 
     @model_validator(mode="after")
     def _classes(self) -> DataSpec:

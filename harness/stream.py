@@ -1,8 +1,9 @@
-"""A train split that stays in host memory and reaches the device one batch at a time.
+"""A split that stays in host memory and reaches the device one batch at a time.
 
 Small data keeps the core's path: the whole split on the device as one uint8 tensor, indexed
 per batch, no per-step host work. A split decoded into the disk cache (`harness.datacache`)
-arrives as `HostImages` (its memory-mapped rows, nothing read yet); `HostImages.to(device)`
+arrives as `HostImages` (its memory-mapped rows, nothing read yet: a process that loads a
+task reads no pixels until they go to the device); `HostImages.to(device)`
 (called by `TaskData.to`) decides:
 
 - its bytes <= the budget (`data.device_budget_gb`; default half of the device's free memory,

@@ -88,3 +88,30 @@ def test_host_images_index_like_a_tensor(tmp_path):
     assert torch.equal(batch(x, idx, idx), want[idx])
     assert torch.equal(batch(want, idx, idx), want[idx])
     assert torch.equal(HostImages(mapped, rows).to("cpu"), want)  # fits: a plain tensor
+
+
+def test_device_budget_is_validated():
+    from pydantic import ValidationError
+
+    from harness.spec import DataSpec
+
+    assert DataSpec.model_validate({"device_budget_gb": 0.5}).device_budget_gb == 0.5
+    assert DataSpec().device_budget_gb is None
+    for bad in (0, -1, "lots"):
+        with pytest.raises(ValidationError, match="device_budget_gb"):
+            DataSpec.model_validate({"device_budget_gb": bad})
+
+
+def test_stream_imports_neither_optuna_nor_mlflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import harness.stream, harness.datacache, harness.data\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('optuna', 'mlflow')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"
