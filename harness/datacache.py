@@ -375,7 +375,11 @@ def _build(cache_dir: Path, key: str, root: Path, files, size: int, workers, why
     counted = [name == pool_name for name, entries in order for _ in entries]
     tmp = cache_dir / f".{key}.{os.getpid()}.npy"
     mode = colour_mode(paths)
-    x, results, hist = decode(paths, mode, size, tmp, workers, counted)
+    try:
+        x, results, hist = decode(paths, mode, size, tmp, workers, counted)
+    except BaseException:  # a failed worker, an interrupt: leave no temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
     ok = np.asarray([good for good, _ in results], dtype=bool)
     if not ok.all():  # compact: the readable images only, in order
         tmp2 = cache_dir / f".{key}.{os.getpid()}.compact.npy"
