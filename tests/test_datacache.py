@@ -298,3 +298,18 @@ def test_two_workers_on_one_folder_decode_it_once(tmp_path):
     assert "decoded 42 images" in lines[0]
     logs = sorted((results / "logs" / "quickstart").glob("worker-*.log"))
     assert len(logs) == 2
+
+
+def test_parallel_build_with_an_unreadable_file_equals_the_uncached_load(tmp_path):
+    root, cache = tmp_path / "f", tmp_path / "cache"
+    make_folder(root, {"a": 30, "b": 30, "c": 10}, jpeg=True)
+    (root / "a" / "015.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    spec = spec_of(root, shots_per_class=5, val_per_class=3)
+    plain = hdata.load_target(spec, 0)
+    hdata.clear_cache()
+    names, files = hdata._listing(root)
+    _, stamp = listing(root, 8)
+    built = datacache.folder(cache, root, files, stamp, 8, workers=2)
+    assert built.built_now and "2 worker(s)" in decodes(cache)[0]
+    assert built.x.shape[0] == 69  # the unreadable file's row compacted away
+    same_task(hdata.load_target(spec, 0, cache_dir=cache), plain)
