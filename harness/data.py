@@ -9,7 +9,11 @@ Data sets: scikit-learn's bundled `digits`; torchvision's `cifar10`, `cifar100`,
 `fashionmnist`, read by torchvision's own classes from `data.root` at native resolution
 (downloaded there only when `data.download` is true); and `imagefolder`, a folder of class
 subfolders of images, resized to one square size at load. Each is decoded once per process
-(`_CACHE`), since every trial calls `load_target`. Every task is checked: unreadable images
+(`_CACHE`), since every trial calls `load_target`; given a `cache_dir` (the study passes
+RESULTS/cache/data), an image folder is decoded once per machine, in parallel, into a cache
+that every later process memory-maps (`harness.datacache`), and its train split reaches the
+device all at once or, when larger than `data.device_budget_gb`, batch by batch
+(`harness.stream`). Every task is checked: unreadable images
 are skipped and reported, and exact duplicate images across train/val/test (leakage) are an
 error unless `data.allow_duplicates`; `TaskData.report` says what was found.
 """
@@ -24,7 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness import datacache
+from harness.datacache import GREY_MODES  # noqa: F401 - where it used to be
+from harness.datacache import colour_mode as _colour_mode
+from harness.datacache import content_hash as _content_hash
+from harness.datacache import pixel_stats as _pixel_stats
+from harness.datacache import read_image as _read_image
 from harness.spec import DataSpec
+from harness.stream import HostImages
 
 # Digits pixels are 0..16, stored as uint8 0..255; mean and std of all 1,797 images in [0, 1].
 DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3759,)
@@ -45,7 +56,6 @@ TORCHVISION = {
 }
 DEFAULT_IMAGE_SIZE = 224  # imagefolder side without data.image_size or a size hint
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff")
-GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 VAL_FRACTION = 0.1  # of each source class, held out as the source task's val split
 SHOW = 5  # examples named in a message
 
@@ -91,11 +101,13 @@ class DataReport:
 class TaskData:
     """One classification task: train / val / test tensors, labels 0..num_classes-1."""
 
-    x_train: torch.Tensor
+    # HostImages: rows of the memory-mapped cache (nothing read yet); `to` puts them all on the
+    # device, or streams them batch by batch when larger than data.device_budget_gb
+    x_train: torch.Tensor | HostImages
     y_train: torch.Tensor
-    x_val: torch.Tensor
+    x_val: torch.Tensor | HostImages
     y_val: torch.Tensor
-    x_test: torch.Tensor
+    x_test: torch.Tensor | HostImages
     y_test: torch.Tensor
     classes: tuple[int | str, ...]  # the class ids as the spec gives them, in label order
     data_hash: str  # identifies the exact split (indices; imagefolder: files and contents)
@@ -111,7 +123,7 @@ class TaskData:
         moved = {
             f.name: getattr(self, f.name).to(device)
             for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
+            if isinstance(getattr(self, f.name), torch.Tensor | HostImages)
         }
         rest = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in moved}
         return TaskData(**moved, **rest)
@@ -167,10 +179,6 @@ _CACHE: dict[tuple, object] = {}
 def clear_cache() -> None:
     """Forget every decoded data set (the next load reads the files again)."""
     _CACHE.clear()
-
-
-def _content_hash(data: bytes, prefix: bytes = b"") -> str:
-    return hashlib.blake2b(prefix + data, digest_size=16).hexdigest()
 
 
 def _hashes(x: np.ndarray) -> tuple[str, ...]:
@@ -308,42 +316,6 @@ def _listing(root: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, in
     return names, files
 
 
-def _colour_mode(paths: list[Path]) -> str:
-    """'L' when every readable image is greyscale, else 'RGB' (read from the headers only)."""
-    from PIL import Image
-
-    modes = set()
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                modes.add(im.mode)
-        except Exception:  # unreadable: reported and skipped when it is decoded
-            continue
-    return "L" if modes and modes <= GREY_MODES else "RGB"
-
-
-def _read_image(path: Path, mode: str, size: int) -> tuple[np.ndarray, str]:
-    """One image as uint8 (C, size, size) and the hash of its decoded native pixels.
-
-    The shorter side is resized to `size` (bilinear, antialiased), then the center is cropped.
-    """
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert(mode)
-    digest = _content_hash(im.tobytes(), f"{mode} {im.size}|".encode())
-    w, h = im.size
-    if (w, h) != (size, size):
-        if min(w, h) != size:
-            scale = size / min(w, h)
-            w, h = max(size, round(w * scale)), max(size, round(h * scale))
-            im = im.resize((w, h), Image.Resampling.BILINEAR)
-        left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-    pixels = np.asarray(im, dtype=np.uint8)
-    return (pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)), digest
-
-
 def _read_split(
     root: Path, split: str, entries: list[tuple[Path, int]], names, mode: str, size: int
 ) -> _Split:
@@ -365,24 +337,24 @@ def _read_split(
     return _Split(x, y, names, tuple(hashes), what, tuple(files), tuple(skipped))
 
 
-def _pixel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std in [0, 1] of uint8 images (N, C, H, W), in chunks."""
-    total = np.zeros(x.shape[1])
-    squares = np.zeros(x.shape[1])
-    for i in range(0, len(x), 64):
-        chunk = x[i : i + 64].astype(np.float64) / 255.0
-        total += chunk.sum(axis=(0, 2, 3))
-        squares += np.square(chunk).sum(axis=(0, 2, 3))
-    n = max(1, x.shape[0] * x.shape[2] * x.shape[3])
-    mean = total / n
-    std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
-    return (
-        tuple(round(float(m), 4) for m in mean),
-        tuple(round(max(float(s), 1e-3), 4) for s in std),
-    )
+def _cached_splits(cache_dir: Path, root: Path, names, files, stamp: str, size: int):
+    """The splits from the decoded cache under `cache_dir` (`harness.datacache`): mapped."""
+    decoded = datacache.folder(cache_dir, root, files, stamp, size)
+    splits = {}
+    for s, rec in decoded.splits.items():
+        splits[s] = _Split(
+            decoded.split(s),
+            np.asarray(rec["labels"], dtype=np.int64),
+            names,
+            tuple(rec["hashes"]),
+            f"imagefolder {s}",
+            tuple(rec["files"]),
+            tuple((path, why) for path, why in rec["skipped"]),
+        )
+    return splits, decoded.mode, (decoded.mean, decoded.std)
 
 
-def _folder_data(spec: DataSpec, size: int) -> _Data:
+def _folder_data(spec: DataSpec, size: int, cache_dir: Path | None = None) -> _Data:
     root = Path(spec.root)
     names, files = _listing(root)
     stamp = hashlib.sha256()
@@ -390,17 +362,23 @@ def _folder_data(spec: DataSpec, size: int) -> _Data:
         for path, label in entries:
             st = path.stat()
             stamp.update(f"{split}|{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    key = ("imagefolder", str(root.resolve()), size, stamp.hexdigest())
+    key = ("imagefolder", str(root.resolve()), size, stamp.hexdigest(), cache_dir is not None)
     if key not in _CACHE:
         for old in [k for k in _CACHE if k[:3] == key[:3]]:  # the same folder, since changed
             del _CACHE[old]
-        mode = _colour_mode([p for entries in files.values() for p, _ in entries])
-        splits = {s: _read_split(root, s, e, names, mode, size) for s, e in files.items()}
+        if cache_dir is not None:  # decoded once per machine, memory-mapped
+            splits, mode, stats = _cached_splits(
+                Path(cache_dir), root, names, files, stamp.hexdigest(), size
+            )
+        else:
+            mode = _colour_mode([p for entries in files.values() for p, _ in entries])
+            splits = {s: _read_split(root, s, e, names, mode, size) for s, e in files.items()}
+            stats = None
         pool = splits.get("train", splits.get("all"))
         if not len(pool.x):
             raise DataError(f"data.root: {root} holds no readable images in {list(names)}")
         # The train split's statistics (a flat folder: all of it, the pixels only, no labels).
-        mean, std = _pixel_stats(pool.x)
+        mean, std = stats or _pixel_stats(pool.x)
         extra = (f"size {size}", f"mode {mode}")
         where = f"imagefolder {root}"
         _CACHE[key] = _Data(
@@ -409,13 +387,16 @@ def _folder_data(spec: DataSpec, size: int) -> _Data:
     return _CACHE[key]
 
 
-def _open(spec: DataSpec, size_hint: int | None, with_test: bool) -> _Data:
+def _open(
+    spec: DataSpec, size_hint: int | None, with_test: bool, cache_dir: Path | None = None
+) -> _Data:
     if spec.dataset == "digits":
         return _digits_data()
     if spec.dataset in TORCHVISION:
         return _torchvision_data(spec, with_test)
     if spec.dataset == "imagefolder":
-        return _folder_data(spec, spec.image_size or size_hint or DEFAULT_IMAGE_SIZE)
+        size = spec.image_size or size_hint or DEFAULT_IMAGE_SIZE
+        return _folder_data(spec, size, cache_dir)
     raise DataError(f"data.dataset: unknown data set {spec.dataset!r}")
 
 
@@ -493,11 +474,15 @@ def _task(
     tensors = []
     extra = list(data.extra_hash)
     for part, split, idx in parts:
-        tensors += [torch.from_numpy(split.x[idx]), torch.from_numpy(relabel[split.y[idx]])]
+        if isinstance(split.x, np.memmap):  # the cache's rows: read when they go to the device
+            x = HostImages(split.x, idx, spec.device_budget_gb)
+        else:
+            x = torch.from_numpy(np.asarray(split.x[idx]))
+        tensors += [x, torch.from_numpy(relabel[split.y[idx]])]
         if split.files:  # imagefolder: the exact files and their decoded contents
             extra += [f"{part} {split.files[i]} {split.hashes[i]}" for i in idx.tolist()]
     while len(tensors) < 6:  # the source task has no test split
-        tensors += [torch.from_numpy(data.pool.x[:0]), torch.zeros(0, dtype=torch.int64)]
+        tensors += [torch.from_numpy(np.array(data.pool.x[:0])), torch.zeros(0, dtype=torch.int64)]
     indices_hashed = [idx for _, _, idx in parts]
     indices_hashed += [np.zeros(0, np.int64)] * (3 - len(parts))  # source: an empty test
     report = DataReport(
@@ -543,7 +528,9 @@ def _too_few(data: _Data, given, n: int, spec: DataSpec, test_from_pool: bool) -
     )
 
 
-def load_target(spec: DataSpec, seed: int, size_hint: int | None = None) -> TaskData:
+def load_target(
+    spec: DataSpec, seed: int, size_hint: int | None = None, cache_dir: Path | None = None
+) -> TaskData:
     """The target task: k-shot train, val (selection and pruning), test (held out).
 
     Stratified and fixed by the seed: each class's train-split images are shuffled once, then
@@ -551,8 +538,10 @@ def load_target(spec: DataSpec, seed: int, size_hint: int | None = None) -> Task
     when an imagefolder has one). Test is the official test split or the test/ folder,
     restricted to the target classes, else the rest of each class (or `test_per_class` of it).
     `size_hint` (the model's input side) sizes imagefolder images when data.image_size is unset.
+    `cache_dir`: an imagefolder is decoded once into this folder and memory-mapped from it
+    (`harness.datacache`); None: decoded in this process only.
     """
-    data = _open(spec, size_hint, with_test=True)
+    data = _open(spec, size_hint, with_test=True, cache_dir=cache_dir)
     indices = _class_indices(data, spec.target_classes, "target_classes")
     s, v, t = spec.shots_per_class, spec.val_per_class, spec.test_per_class
     test_from_pool = data.test is None
@@ -607,13 +596,17 @@ def load_target(spec: DataSpec, seed: int, size_hint: int | None = None) -> Task
 
 
 def load_source(
-    spec: DataSpec, seed: int, size_hint: int | None = None, val_fraction: float = VAL_FRACTION
+    spec: DataSpec,
+    seed: int,
+    size_hint: int | None = None,
+    val_fraction: float = VAL_FRACTION,
+    cache_dir: Path | None = None,
 ) -> TaskData:
     """The source task for pretraining: every train-split image of the source classes, 10% of
-    each class held out for val (no test split)."""
+    each class held out for val (no test split). `cache_dir` as for `load_target`."""
     if not spec.source_classes:
         raise DataError("data.source_classes: empty, but model.pretrained is 'source'")
-    data = _open(spec, size_hint, with_test=False)
+    data = _open(spec, size_hint, with_test=False, cache_dir=cache_dir)
     indices = _class_indices(data, spec.source_classes, "source_classes")
     rng = np.random.default_rng(seed)
     train, val = [], []

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from harness import checkpoint, loop, models, regularizers
+from harness import checkpoint, loop, models, regularizers, stream
 from harness.augment import augment
 from harness.data import TaskData
 from harness.loop import (
@@ -204,7 +204,8 @@ def train_one_epoch(
     argmax of the soft target.
     """
     n, bs = len(x), config.train.batch_size
-    order = torch.randperm(n, generator=generator).to(x.device)
+    host_order = torch.randperm(n, generator=generator)  # a streamed split gathers on the host
+    order = host_order.to(x.device)
     loss_sum = torch.zeros((), device=x.device)
     penalty_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
@@ -214,7 +215,7 @@ def train_one_epoch(
         idx = order[start : start + bs]
         if len(idx) < 2 <= n:  # BatchNorm cannot train on a batch of one
             continue
-        xb, yb = x[idx], y[idx]
+        xb, yb = stream.batch(x, idx, host_order[start : start + bs]), y[idx]
         xb = augment(xb, config.aug, generator)
         target = yb
         if run.mixer is not None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from harness import report, tracking
+from harness import datacache, report, tracking
 from harness.metrics import KINDS, OPTIONAL_EPOCH, multitask_epoch
 from harness.spec import SpecError, TrialConfig, flatten, parse_yaml
 
@@ -424,7 +424,7 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
             raise SpecError(f"run {run_id} ran on {device_tag}; no CUDA device is visible here")
         torch.set_num_threads(threads)
         try:
-            data = tasks.load_data(config)
+            data = tasks.load_data(config, datacache.under(opts.results))
         except DataError as err:
             raise SpecError(f"run {run_id}: data: {err}") from None
         recorded_hash = tags.get("harness.data_hash")

@@ -106,12 +106,15 @@ def pretrain_config(config: TrialConfig) -> TrialConfig:
     return recipe(source_settings(config), config.train.device, config.train.threads)
 
 
-def get_source_model(config: TrialConfig, cache_dir: Path, fetch=None) -> SourceModel:
+def get_source_model(
+    config: TrialConfig, cache_dir: Path, fetch=None, data_cache: Path | None = None
+) -> SourceModel:
     """The cached source model for this config's settings; trains and caches it when missing.
 
     `fetch(key) -> (path, metrics) | None` is asked first when the cache misses (the study
     passes one that downloads the model registry's version, so another node's model is used
-    rather than trained again)."""
+    rather than trained again). `data_cache`: where the source data's image folder is decoded
+    once (`harness.datacache`)."""
     key = source_key(config)
     cache_dir.mkdir(parents=True, exist_ok=True)
     path, meta_path = cache_dir / f"{key}.pt", cache_dir / f"{key}.json"
@@ -128,7 +131,9 @@ def get_source_model(config: TrialConfig, cache_dir: Path, fetch=None) -> Source
             atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
             return SourceModel(key, path, meta["settings"], metrics, trained_now=False)
         pre = pretrain_config(config)
-        data = load_source(pre.data, pre.split_seed, size_hint=data_size_hint(pre))
+        data = load_source(
+            pre.data, pre.split_seed, size_hint=data_size_hint(pre), cache_dir=data_cache
+        )
         seed_everything(pre.seed)
         model = model_for(pre, data)
         result = fit(pre, model, data)

@@ -82,6 +82,9 @@ class DataSpec(_Section):
     allow_duplicates: bool = False  # exact duplicates across train/val/test: error unless true
     split_seed: Annotated[int, Field(ge=0)] | None = None  # seeds the split; None: `seed`
     eval_train_max: Annotated[int, Field(ge=1)] = 512  # clean-train subset for the gap
+    # a train split bigger than this (GB of uint8 pixels) streams from the host to the device
+    # batch by batch; None: half of the device's free memory (the CPU: of the available RAM)
+    device_budget_gb: Annotated[float, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _classes(self) -> DataSpec:
@@ -504,6 +507,11 @@ class TrialConfig(_Section):
             if overlap:
                 raise ValueError(
                     f"data: source_classes and target_classes share {sorted(overlap, key=str)}"
+                )
+            if len(d.source_classes) < 2:
+                raise ValueError(
+                    f"data.source_classes: {list(d.source_classes)}: model.pretrained: source "
+                    "pretrains a classifier of these classes; give 2 or more"
                 )
         if self.reg.stochastic_depth > 0 and self.model.arch not in STOCHASTIC_DEPTH_ARCHS:
             raise ValueError(

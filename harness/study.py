@@ -23,7 +23,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from harness import checkpoint, models, report, tasks, tracking, workers
+from harness import checkpoint, datacache, models, report, tasks, tracking, workers
 from harness.data import TaskData
 from harness.files import atomic_write
 from harness.loop import resolve_device, seed_everything
@@ -176,7 +176,7 @@ class _Context:
     def data_for(self, config: TrialConfig) -> TaskData | tasks.MetaPool:
         key = data_key(config)
         if key not in self.data:
-            self.data[key] = tasks.load_data(config)
+            self.data[key] = tasks.load_data(config, datacache.under(self.opts.results))
         return self.data[key]
 
     def pretrained_for(self, config: TrialConfig) -> tuple[Path | None, str]:
@@ -215,6 +215,7 @@ class _Context:
                 fetch=lambda k: tracking.fetch_source_model(
                     self.client, k, self.opts.results / "pretrained" / f"source-{k}"
                 ),
+                data_cache=datacache.under(self.opts.results),
             )
             uri = tracking.register_source_model(
                 self.client, self.exp_id, src.key, src.path, src.settings, src.metrics
@@ -590,7 +591,8 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what failed
     first = first_config(spec)
     check_inputs(spec, opts, first)  # bad weights names, files and model URIs: before any store
-    base_data = tasks.load_data(first)  # and so do bad data settings
+    # bad data settings fail before any store; an image folder is decoded (once) before workers
+    base_data = tasks.load_data(first, datacache.under(opts.results))
     check_inputs(spec, opts, first, weights_files=True)
     opts.results.mkdir(parents=True, exist_ok=True)
     name = opts.study_name or spec.name

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import optuna
 
-from harness import report, tasks, tracking
+from harness import datacache, report, tasks, tracking
 from harness.finetune import evaluate
 from harness.loop import resolve_device, seed_everything
 from harness.metrics import KINDS, best_name
@@ -46,7 +46,7 @@ def test_once(client, results: Path, name: str, trial) -> dict[str, float] | Non
         path = tracking.download_checkpoint(client, run_id, results / "downloads" / run_id)
     if path is None:
         return None
-    data = tasks.load_data(config)
+    data = tasks.load_data(config, datacache.under(results))
     model = tasks.build(config, data, None, load_weights=False)  # the checkpoint comes next
     model.load_state_dict(load_state(path))
     if meta:

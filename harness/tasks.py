@@ -57,11 +57,13 @@ def class_split(config: TrialConfig) -> meta.ClassSplit:
     return standard[config.data.dataset]
 
 
-def load_data(config: TrialConfig) -> TaskData | MetaPool:
-    """The trial's data: the target task's split, or the meta-learning pool."""
+def load_data(config: TrialConfig, cache_dir: Path | None = None) -> TaskData | MetaPool:
+    """The trial's data: the target task's split, or the meta-learning pool. `cache_dir`: where
+    an image folder is decoded once and memory-mapped from (`harness.datacache`; the target
+    task only; the meta pool is decoded in the process)."""
     size = models.data_size_hint(config)
     if config.task.kind != "meta":
-        return load_target(config.data, config.split_seed, size_hint=size)
+        return load_target(config.data, config.split_seed, size_hint=size, cache_dir=cache_dir)
     split = class_split(config)
     x, y, labels, source = meta.load_pool(config.data, split, size_hint=size)
     digest = hashlib.sha256(source.data_hash.encode())
