@@ -149,8 +149,7 @@ def cmd_report(args) -> int:
     if args.seeds < 0:
         raise SpecError(f"--seeds {args.seeds}: must be 0 or more")
     from harness import report
-    from harness.study import StudyOptions
-    from harness.study_report import report_study
+    from harness.study import StudyOptions, report_study
 
     opts = StudyOptions(
         results=args.results,

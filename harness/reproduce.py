@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from harness import datacache, report, tracking
+from harness import datacache, runs, tracking
 from harness.metrics import KINDS, OPTIONAL_EPOCH, multitask_epoch
-from harness.spec import SpecError, TrialConfig, flatten, parse_yaml
+from harness.source import source_key
+from harness.spec import SpecError, TrialConfig, safe_name
 
 OPTIONAL = OPTIONAL_EPOCH  # compared where the record or the re-run has them
 
@@ -294,19 +295,6 @@ def _trial_run(client, run_id: str, uri: str):
     return run
 
 
-def _config(run_id: str) -> TrialConfig:
-    import mlflow
-
-    try:
-        text = tracking.load_text(run_id, "config.yaml")
-    except (mlflow.exceptions.MlflowException, OSError) as err:
-        raise SpecError(f"run {run_id} has no readable config.yaml artifact: {err}") from None
-    try:
-        return TrialConfig.model_validate(parse_yaml(text))
-    except ValueError as err:
-        raise SpecError(f"run {run_id}: its config.yaml does not validate now: {err}") from None
-
-
 def _provenance_warnings(recorded: dict[str, str], now: dict[str, str]) -> None:
     """Warn where code, libraries or hardware differ from the record."""
     for key in ("harness.git_commit", *sorted(k for k in now if k.startswith("harness.version."))):
@@ -325,27 +313,26 @@ def _provenance_warnings(recorded: dict[str, str], now: dict[str, str]) -> None:
             warn(f"{key} differs from the record: was {recorded[key]}, is {now.get(key)}")
 
 
-def _starting_weights(ctx, config: TrialConfig, recorded: str | None) -> tuple[Path | None, str]:
-    """What `_Context.pretrained_for` gives, but a state_dict file at the recorded absolute path
-    first, and a source model missing from the results folder's cache downloaded from the
+def _starting_weights(
+    res: runs.Resources, config: TrialConfig, recorded: str | None
+) -> tuple[Path | None, str]:
+    """What `Resources.pretrained_for` gives, but a state_dict file at the recorded absolute
+    path first, and a source model missing from the results folder's cache downloaded from the
     recorded registry version (the exact bits) before it would be pretrained again."""
-    from harness.source import source_key
-    from harness.study import safe_name
-
     kind = config.model.pretrained_kind
     if kind == "file" and recorded and Path(recorded).is_file():
         return Path(recorded), recorded
     if kind == "mlflow" and recorded and recorded.startswith("models:/"):  # the pinned version
         return tracking.resolve_model_uri(
-            recorded, ctx.opts.results / "pretrained" / safe_name(recorded)
+            recorded, res.results / "pretrained" / safe_name(recorded)
         ), recorded
     if kind == "source" and recorded and recorded.startswith("models:/"):
-        key, cache = source_key(config), ctx.opts.results / "sources"
+        key, cache = source_key(config), res.results / "sources"
         if not ((cache / f"{key}.pt").is_file() and (cache / f"{key}.json").is_file()):
-            folder = ctx.opts.results / "pretrained" / safe_name(recorded)
+            folder = res.results / "pretrained" / safe_name(recorded)
             with contextlib.suppress(ValueError):  # not in this registry: pretrained again
                 return tracking.resolve_model_uri(recorded, folder), recorded
-    return ctx.pretrained_for(config)
+    return res.pretrained_for(config)
 
 
 def _smallest_set(config: TrialConfig, data) -> int:
@@ -387,7 +374,6 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
     from harness import tasks
     from harness.data import DataError
     from harness.loop import seed_everything
-    from harness.study import _Context
 
     uri = opts.tracking()
     if not _store_exists(uri):  # before connecting, which would create an empty one
@@ -397,7 +383,7 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
     client = tracking.connect(uri)
     run = _trial_run(client, run_id, uri)
     tags = run.data.tags
-    config = _config(run_id)
+    config = runs.load_config(run_id)
 
     device_tag = tags.get("harness.device", "cpu")
     gpu = device_tag.startswith("cuda")
@@ -441,16 +427,8 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
             tolerance = GPU_TOLERANCE if gpu else EXACT
         else:
             tolerance = cross_machine_tolerance(_smallest_set(config, data), gpu)
-        ctx = _Context(
-            None,
-            opts,
-            tags.get("optuna.study", ""),
-            client,
-            run.info.experiment_id,
-            tags.get("mlflow.parentRunId", ""),
-            report.Progress(total=0, done=0, quiet=True, bar=False),
-        )
-        start, start_desc = _starting_weights(ctx, config, tags.get("harness.pretrained"))
+        res = runs.Resources(opts.results, client, run.info.experiment_id, note=lambda _: None)
+        start, start_desc = _starting_weights(res, config, tags.get("harness.pretrained"))
         if tags.get("harness.pretrained") not in (None, start_desc):
             warn(
                 f"starting weights differ from the record: harness.pretrained was "
@@ -465,16 +443,13 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
             flush=True,
         )
         new_tags = {**now, "harness.data_hash": data.data_hash, "harness.pretrained": start_desc}
-        flat = flatten(config.model_dump(mode="json"))
-        new_id = tracking.start_reproduce_run(client, run, flat, new_tags)
-        tracking.log_text(
-            client, new_id, tracking.yaml_text(config.model_dump(mode="json")), "config.yaml"
-        )
+        new_tags |= {"harness.reproduces": run_id, "harness.role": "reproduce"}
+        if tags.get("mlflow.parentRunId"):
+            new_tags["mlflow.parentRunId"] = tags["mlflow.parentRunId"]
+        name = f"reproduce-of-trial-{trial}"
         recorder = _Recorder()
-        logger = tracking.EpochLogger(client, new_id)
-        callbacks = [recorder, logger, *([_StopAt(pruned_epoch)] if pruned_epoch else [])]
-        status, end_tags = "FAILED", {}
-        try:
+        with runs.tracked(client, run.info.experiment_id, name, config, new_tags) as (new, end):
+            callbacks = [recorder, new.logger, *([_StopAt(pruned_epoch)] if pruned_epoch else [])]
             seed_everything(config.seed)
             model = tasks.build(config, data, start)
             with contextlib.suppress(_Stop):
@@ -482,7 +457,7 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
             rows = compare(recorded, recorder.history, epochs, tolerance, keys)
             outcome = Outcome(
                 run_id,
-                new_id,
+                new.run_id,
                 trial,
                 epochs,
                 pruned_epoch,
@@ -491,28 +466,16 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
                 recorded_on=environment(tags),
                 rerun_on=environment(now),
             )
-            status = "FINISHED" if outcome.matched else "FAILED"
-            end_tags = {
-                "harness.reproduce_result": outcome.result,
-                "harness.reproduce_tolerance": tolerance.describe(),
-            }
+            end["status"] = "FINISHED" if outcome.matched else "FAILED"
+            end["harness.reproduce_result"] = outcome.result
+            end["harness.reproduce_tolerance"] = tolerance.describe()
             if outcome.result == "within_tolerance":
-                end_tags["harness.reproduce_largest_rel_difference"] = (
-                    f"{outcome.largest_relative_difference()[0]:.3g}"
-                )
+                worst = outcome.largest_relative_difference()[0]
+                end["harness.reproduce_largest_rel_difference"] = f"{worst:.3g}"
             if not outcome.matched:
-                end_tags["harness.reproduce_first_difference"] = outcome.verdict()
-            tracking.log_text(client, new_id, outcome.render() + "\n", "reproduce.txt")
-            return outcome
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        except Exception as err:
-            end_tags["harness.error"] = f"{type(err).__name__}: {err}"
-            raise
-        finally:
-            logger.flush()
-            tracking.end_run_tagged(client, new_id, status, end_tags)
+                end["harness.reproduce_first_difference"] = outcome.verdict()
+            tracking.log_text(client, new.run_id, outcome.render() + "\n", "reproduce.txt")
+        return outcome
     finally:
         torch.set_num_threads(old_threads)
         if old_deterministic is not None:

@@ -23,10 +23,9 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from harness import checkpoint, datacache, models, report, tasks, tracking, workers
-from harness.data import TaskData
+from harness import checkpoint, datacache, models, report, runs, tasks, tracking, workers
 from harness.files import atomic_write
-from harness.loop import resolve_device, seed_everything
+from harness.loop import seed_everything
 from harness.metrics import KINDS
 from harness.recovery import (
     Interrupted,
@@ -37,7 +36,7 @@ from harness.recovery import (
     requeue,
     resume_path,
 )
-from harness.source import SourceModel, get_source_model, source_key
+from harness.runs import StudyOptions, best_weights_path
 from harness.spec import (
     BASELINE,
     ExperimentSpec,
@@ -46,36 +45,14 @@ from harness.spec import (
     active,
     baseline_config,
     fixed_values,
-    flatten,
     grid_points,
     safe_name,
     spec_hash,
     trial_config,
 )
+from harness.study_report import finish_report, summarize
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-@dataclass(frozen=True)
-class StudyOptions:
-    results: Path
-    storage: str | None = None  # default: RESULTS/optuna.journal
-    tracking_uri: str | None = None  # default: sqlite:///RESULTS/mlflow.db
-    study_name: str | None = None  # default: the experiment's name
-    n_trials: int | None = (
-        None  # default: the file's search.n_trials (a total, not a count per run)
-    )
-    timeout: float | None = None
-    quiet: bool = False
-    workers: str | None = None  # N or auto: this process spawns N workers of the study
-    worker: bool = False  # a spawned worker: it runs trials; the spawner reports
-    argv: tuple[str, ...] = ()  # the command line, for the spawned workers
-
-    def storage_url(self) -> str:
-        return self.storage or str(self.results / "optuna.journal")
-
-    def tracking(self) -> str:
-        return self.tracking_uri or tracking.default_tracking_uri(self.results)
 
 
 # --- Storages, samplers, pruners. ---
@@ -161,72 +138,23 @@ class PruneOnEpoch:
 
 @dataclass
 class _Context:
+    """What the objective of one study process needs besides the trial."""
+
     spec: ExperimentSpec
     opts: StudyOptions
     study_name: str
-    client: Any
-    exp_id: str
+    res: runs.Resources  # data, starting weights and source models, loaded once
     parent_run_id: str
     progress: report.Progress
-    data: dict[tuple, TaskData] = field(default_factory=dict)
-    sources: dict[str, tuple[SourceModel, str]] = field(default_factory=dict)
-    downloads: dict[str, tuple[Path, str]] = field(default_factory=dict)
     logged: set[str] = field(default_factory=set)  # runs whose best weights are in MLflow
 
-    def data_for(self, config: TrialConfig) -> TaskData | tasks.MetaPool:
-        key = data_key(config)
-        if key not in self.data:
-            self.data[key] = tasks.load_data(config, datacache.under(self.opts.results))
-        return self.data[key]
+    @property
+    def client(self):
+        return self.res.client
 
-    def pretrained_for(self, config: TrialConfig) -> tuple[Path | None, str]:
-        """The weights file a trial's model starts from (None: random init or torchvision's
-        enum, loaded by the model builder), and a description of it for the run's tags."""
-        m = config.model
-        kind = m.pretrained_kind
-        if kind == "none":
-            return None, "none"
-        if kind == "imagenet":
-            return None, f"torchvision:{m.arch}.{m.weights}"
-        if kind == "source":
-            src, uri = self.source_for(config)
-            return src.path, uri
-        if kind == "file":
-            path = Path(m.pretrained)
-            if not path.is_file():
-                raise SpecError(f"model.pretrained: no such state_dict file {path}")
-            return path, str(path.resolve())
-        if m.pretrained not in self.downloads:  # an alias is pinned to its version once
-            pinned = tracking.pin_model_uri(m.pretrained)
-            folder = self.opts.results / "pretrained" / safe_name(pinned)
-            self.downloads[m.pretrained] = (tracking.resolve_model_uri(pinned, folder), pinned)
-        return self.downloads[m.pretrained]
-
-    def source_for(self, config: TrialConfig) -> tuple[SourceModel, str] | None:
-        """The pretrained source model and its registry URI (trained once, then cached)."""
-        if config.model.pretrained != "source":
-            return None
-        key = source_key(config)
-        if key not in self.sources:
-            self.progress.note(f"source model {key}: looking in {self.opts.results / 'sources'}")
-            src = get_source_model(
-                config,
-                self.opts.results / "sources",
-                fetch=lambda k: tracking.fetch_source_model(
-                    self.client, k, self.opts.results / "pretrained" / f"source-{k}"
-                ),
-                data_cache=datacache.under(self.opts.results),
-            )
-            uri = tracking.register_source_model(
-                self.client, self.exp_id, src.key, src.path, src.settings, src.metrics
-            )
-            how = "trained now" if src.trained_now else "from the cache or the registry"
-            self.progress.note(
-                f"source model {key} ({how}): source val_acc "
-                f"{src.metrics['val_acc']:.4f}, registered as {uri}"
-            )
-            self.sources[key] = (src, uri)
-        return self.sources[key]
+    @property
+    def exp_id(self) -> str:
+        return self.res.exp_id
 
 
 def _objective(ctx: _Context, trial: optuna.Trial) -> float:
@@ -234,8 +162,8 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     is_baseline = bool(trial.user_attrs.get("harness.baseline"))
     values = dict(BASELINE) if is_baseline else suggest(trial, spec)
     config = baseline_config(spec) if is_baseline else trial_config(spec, values)
-    data = ctx.data_for(config)
-    pretrained, pretrained_desc = ctx.pretrained_for(config)
+    data = ctx.res.data_for(config)
+    pretrained, pretrained_desc = ctx.res.pretrained_for(config)
     tags = {
         "harness.baseline": str(is_baseline).lower(),
         "harness.data_hash": data.data_hash,
@@ -245,8 +173,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     tags["harness.pretrained"] = pretrained_desc
     if config.model.pretrained == "source":
         tags["harness.source_model"] = pretrained_desc
-    threads = config.train.threads or torch.get_num_threads()
-    tags.update(tracking.provenance_tags(str(resolve_device(config.train.device)), threads))
+    tags.update(runs.provenance(config))
     retry_of = trial.user_attrs.get("harness.retry_of")
     resume_from = None
     if retry_of is not None:
@@ -263,21 +190,21 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     trial.set_user_attr("harness.host", socket.gethostname())
     trial.set_user_attr("harness.pid", os.getpid())
     started = time.perf_counter()
-    run_id = tracking.start_trial_run(
+    tags |= {
+        "mlflow.parentRunId": ctx.parent_run_id,
+        "optuna.study": ctx.study_name,
+        "optuna.trial_number": str(trial.number),
+    }
+    run = runs.start(
         ctx.client,
         ctx.exp_id,
-        ctx.parent_run_id,
-        ctx.study_name,
-        trial.number,
-        flatten(config.model_dump(mode="json")),
+        f"trial-{trial.number}",
+        config,
         tags,
+        synchronous=not spec.search.async_logging,
     )
+    run_id, logger = run.run_id, run.logger
     trial.set_user_attr("mlflow_run_id", run_id)
-    tracking.log_text(
-        ctx.client, run_id, tracking.yaml_text(config.model_dump(mode="json")), "config.yaml"
-    )
-    setup_seconds = time.perf_counter() - started
-    logger = tracking.EpochLogger(ctx.client, run_id, synchronous=not ctx.spec.search.async_logging)
     multi = spec.objective.metrics is not None  # Optuna cannot prune (or report) those
     pruner = PruneOnEpoch(trial, spec.objective.metric, enabled=not is_baseline, report=not multi)
     state, end_tags, status = "FAIL", {}, None
@@ -339,8 +266,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     finally:  # the run ends with the trial's true state, whatever happened
         ending = time.perf_counter()
         monitor.finish()
-        logger.flush()
-        tracking.end_trial_run(ctx.client, run_id, state, end_tags, status)
+        runs.end(run, status or tracking.STATUS[state], {"optuna.state": state, **end_tags})
         if status != "KILLED":  # a finished or faulty attempt is not resumed: its state goes
             for number in (trial.number, retry_of):
                 if number is not None:
@@ -353,7 +279,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
                         missing_ok=True
                     )
         done = time.perf_counter()
-        cost = setup_seconds + logger.seconds + (done - ending)
+        cost = run.setup_seconds + logger.seconds + (done - ending)
         tracking.log_metrics_once(
             ctx.client,
             run_id,
@@ -361,24 +287,9 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         )
 
 
-def data_key(config: TrialConfig) -> tuple:
-    """Trials with equal keys share their data (the split, or the meta-learning pool)."""
-    if config.task.kind == "meta":
-        return (config.data.model_dump_json(), "meta", config.meta.model_dump_json())
-    return (config.data.model_dump_json(), config.split_seed)
-
-
 def first_config(spec: ExperimentSpec) -> TrialConfig:
     """The study's first trial: the baseline recipe, or the file's own values without one."""
     return baseline_config(spec) if spec.search.baseline else trial_config(spec, {})
-
-
-def best_weights_path(results: Path, study_name: str, number: int) -> Path:
-    """Where a complete trial's best weights live while the retention policy keeps them (the
-    resume state, `recovery.resume_path`, is another file)."""
-    folder = results / "checkpoints" / safe_name(study_name)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"trial-{number}-best.pt"
 
 
 def keep_set(study: optuna.Study, policy: str, k: int) -> set[int]:
@@ -578,16 +489,34 @@ def _preflight(ctx: _Context, config: TrialConfig) -> None:
     file or model URI is an input error (exit 2), not a study of failed trials."""
     for c in _starting_configs(ctx.spec, config):
         try:
-            pretrained, _ = ctx.pretrained_for(c)
-            tasks.build(c, ctx.data_for(c), pretrained)
+            pretrained, _ = ctx.res.pretrained_for(c)
+            tasks.build(c, ctx.res.data_for(c), pretrained)
         except ValueError as err:
             raise SpecError(f"{err}") from None
 
 
+def report_study(opts: StudyOptions, seeds: int = 0) -> report.Summary:
+    """The report of an existing study, found by name in the storage (`run_study.py report`)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = opts.storage_url()
+    if "://" not in url and not Path(url).is_file():
+        raise SpecError(f"no Optuna journal at {url}: give --results or --storage of the study")
+    storage = open_storage(url)
+    names = [
+        s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+    ]
+    if opts.study_name not in names:
+        raise SpecError(
+            f"no study {opts.study_name!r} in {tracking.redact(opts.storage_url())} "
+            f"(studies there: {', '.join(names) or 'none'})"
+        )
+    study = optuna.load_study(study_name=opts.study_name, storage=storage)
+    client = tracking.connect(opts.tracking())
+    return finish_report(study, opts, opts.study_name, client, seeds=seeds)
+
+
 def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     """Create or resume the study and run it to its budget of finished trials (or the timeout)."""
-    from harness.study_report import finish_report, summarize
-
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what failed
     first = first_config(spec)
     check_inputs(spec, opts, first)  # bad weights names, files and model URIs: before any store
@@ -606,8 +535,9 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
             "the MLflow experiment",
         )
     notes = report.Progress(total=target, done=0, quiet=opts.quiet, bar=False)
-    ctx = _Context(spec, opts, name, client, exp_id, "", notes)
-    ctx.data[data_key(first)] = base_data
+    ctx = _Context(spec, opts, name, runs.Resources(opts.results, client, exp_id), "", notes)
+    ctx.res.note = lambda text: ctx.progress.note(text)  # the progress line of the moment
+    ctx.res.data[runs.data_key(first)] = base_data
     _preflight(ctx, first)
     for line in base_data.report.lines():
         notes.note(line)
@@ -688,8 +618,6 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
 def _run_workers(study, opts, name, n, client, parent, progress) -> report.Summary:
     """Spawn `n` workers of the study (one GPU each, an even share of the CPU threads), show
     the whole study's progress while they run, and report once when they are done."""
-    from harness.study_report import finish_report
-
     envs = workers.assign(n, workers.visible_gpus(), os.cpu_count() or 1)
     tracking.reopen_run(client, parent)
     reconcile(study, client, name)

@@ -10,19 +10,13 @@ from pathlib import Path
 
 import optuna
 
-from harness import datacache, report, tasks, tracking
+from harness import datacache, report, runs, tasks, tracking
 from harness.finetune import evaluate
 from harness.loop import resolve_device, seed_everything
 from harness.metrics import KINDS, best_name
 from harness.models import load_state
-from harness.spec import SpecError, TrialConfig, parse_yaml
-from harness.study import (
-    StudyOptions,
-    _Context,
-    best_weights_path,
-    open_storage,
-    safe_name,
-)
+from harness.runs import Resources, StudyOptions, best_weights_path, load_config
+from harness.spec import safe_name
 
 
 def test_once(client, results: Path, name: str, trial) -> dict[str, float] | None:
@@ -32,7 +26,7 @@ def test_once(client, results: Path, name: str, trial) -> dict[str, float] | Non
     shot count of `meta.test_shots` (`meta_test_acc_Kshot`, `meta_test_ci95_Kshot`)."""
     run_id = trial.user_attrs.get("mlflow_run_id")
     run = client.get_run(run_id)
-    config = TrialConfig.model_validate(parse_yaml(tracking.load_text(run_id, "config.yaml")))
+    config = load_config(run_id)
     meta = config.task.kind == "meta"
     keys = (
         [f"meta_test_{m}_{k}shot" for k in config.meta.test_shots for m in ("acc", "ci95")]
@@ -61,7 +55,9 @@ def test_once(client, results: Path, name: str, trial) -> dict[str, float] | Non
     return metrics
 
 
-def seed_reruns(ctx: _Context, rows: list[report.TrialRow], n: int) -> dict[int, dict]:
+def seed_reruns(
+    res: Resources, parent: str, rows: list[report.TrialRow], n: int
+) -> dict[int, dict]:
     """Re-run each row's config over `n` other training seeds (same data split, same starting
     weights), as runs under the study's parent tagged `harness.rerun_of`; runs done earlier are
     reused. Returns {trial: {metric: (mean, std, n)}} for the trial's accuracy and gap
@@ -71,10 +67,10 @@ def seed_reruns(ctx: _Context, rows: list[report.TrialRow], n: int) -> dict[int,
     out = {}
     for row in rows:
         run_id = row.attrs["mlflow_run_id"]
-        config = TrialConfig.model_validate(parse_yaml(tracking.load_text(run_id, "config.yaml")))
-        start, _ = ctx.pretrained_for(config)
+        config = load_config(run_id)
+        start, _ = res.pretrained_for(config)
         keys = KINDS[config.task.kind].headline
-        done = tracking.finished_reruns(ctx.client, ctx.exp_id, run_id, keys)
+        done = tracking.finished_reruns(res.client, res.exp_id, run_id, keys)
         values: dict[str, list[float]] = {k: [] for k in keys}
         for seed in range(config.seed + 1, config.seed + n + 1):
             if seed not in done:
@@ -84,22 +80,24 @@ def seed_reruns(ctx: _Context, rows: list[report.TrialRow], n: int) -> dict[int,
                         "data": config.data.model_copy(update={"split_seed": config.split_seed}),
                     }
                 )
-                data = ctx.data_for(rerun)
-                rid = tracking.start_rerun(ctx.client, ctx.exp_id, ctx.parent_run_id, run_id, seed)
-                state = "FAIL"
-                try:
+                data = res.data_for(rerun)
+                tags = {
+                    **runs.provenance(rerun),
+                    "mlflow.parentRunId": parent,
+                    "harness.rerun_of": run_id,
+                    "harness.role": "seed_rerun",
+                    "harness.data_hash": data.data_hash,
+                }
+                name = f"trial-{row.number}-seed{seed}"
+                with runs.tracked(res.client, res.exp_id, name, rerun, tags) as (run, _):
                     seed_everything(seed)
                     model = tasks.build(rerun, data, start)
-                    logger = tracking.EpochLogger(ctx.client, rid)
-                    result = tasks.train(rerun, model, data, [logger])
+                    result = tasks.train(rerun, model, data, [run.logger])
                     best = {k: result.best[k] for k in values}
                     tracking.log_metrics_once(
-                        ctx.client, rid, {best_name(k): v for k, v in best.items()}
+                        res.client, run.run_id, {best_name(k): v for k, v in best.items()}
                     )
                     done[seed] = best
-                    state = "COMPLETE"
-                finally:
-                    tracking.end_trial_run(ctx.client, rid, state)
             for k in values:
                 values[k].append(done[seed][k])
         out[row.number] = {
@@ -148,8 +146,9 @@ def finish_report(
         exp_id = tracking.experiment_id(
             client, study.user_attrs["harness.experiment"], opts.results, opts.tracking()
         )
-        ctx = _Context(None, opts, name, client, exp_id, parent, notes)
-        seeded = seed_reruns(ctx, shown, seeds)
+        seeded = seed_reruns(
+            Resources(opts.results, client, exp_id, notes.note), parent, shown, seeds
+        )
     summary = dataclasses.replace(summary, test=test, seeds=seeded)
     folder = opts.results / "reports" / safe_name(name)
     files = report.write_report(study, summary, curves, labels, folder)
@@ -157,26 +156,6 @@ def finish_report(
     if parent:
         tracking.log_report(client, parent, files)
     return dataclasses.replace(summary, files=files)
-
-
-def report_study(opts: StudyOptions, seeds: int = 0) -> report.Summary:
-    """The report of an existing study, found by name in the storage (`run_study.py report`)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = opts.storage_url()
-    if "://" not in url and not Path(url).is_file():
-        raise SpecError(f"no Optuna journal at {url}: give --results or --storage of the study")
-    storage = open_storage(url)
-    names = [
-        s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-    ]
-    if opts.study_name not in names:
-        raise SpecError(
-            f"no study {opts.study_name!r} in {tracking.redact(opts.storage_url())} "
-            f"(studies there: {', '.join(names) or 'none'})"
-        )
-    study = optuna.load_study(study_name=opts.study_name, storage=storage)
-    client = tracking.connect(opts.tracking())
-    return finish_report(study, opts, opts.study_name, client, seeds=seeds)
 
 
 def summarize(study: optuna.Study, opts: StudyOptions, name: str) -> report.Summary:

@@ -136,27 +136,12 @@ def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None
     client.set_terminated(run_id, status=status)
 
 
-def start_trial_run(
-    client: MlflowClient,
-    exp_id: str,
-    parent_run_id: str,
-    study_name: str,
-    trial_number: int,
-    flat_config: dict[str, Any],
-    tags: dict[str, str],
+def create_run(
+    client: MlflowClient, exp_id: str, run_name: str, tags: dict[str, str], flat: dict[str, Any]
 ) -> str:
-    """A child run `trial-N` nested under the study's parent run, with every config value."""
-    run = client.create_run(
-        exp_id,
-        run_name=f"trial-{trial_number}",
-        tags={
-            "mlflow.parentRunId": parent_run_id,
-            "optuna.study": study_name,
-            "optuna.trial_number": str(trial_number),
-            **tags,
-        },
-    )
-    log_params(client, run.info.run_id, flat_config)
+    """A new run with `tags` (a `mlflow.parentRunId` among them nests it) and params `flat`."""
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    log_params(client, run.info.run_id, flat)
     return run.info.run_id
 
 
@@ -415,22 +400,6 @@ def register_best(
     return f"models:/{name}/{version.version}"
 
 
-def start_rerun(client: MlflowClient, exp_id: str, parent_id: str, of_run: str, seed: int) -> str:
-    """A run that repeats trial run `of_run` with another training seed (report --seeds)."""
-    of = client.get_run(of_run)
-    run = client.create_run(
-        exp_id,
-        run_name=f"{of.info.run_name}-seed{seed}",
-        tags={
-            "mlflow.parentRunId": parent_id,
-            "harness.rerun_of": of_run,
-            "harness.role": "seed_rerun",
-        },
-    )
-    log_params(client, run.info.run_id, {**of.data.params, "seed": seed})
-    return run.info.run_id
-
-
 def finished_reruns(
     client: MlflowClient, exp_id: str, of_run: str, keys: tuple[str, ...]
 ) -> dict[int, dict]:
@@ -498,24 +467,6 @@ def metric_steps(client: MlflowClient, run_id: str, keys: list[str]) -> dict[str
         if history:
             out[key] = {m.step: m.value for m in history}
     return out
-
-
-def start_reproduce_run(
-    client: MlflowClient, of, flat_config: dict[str, Any], tags: dict[str, str]
-) -> str:
-    """A run `reproduce-of-trial-N` beside trial run `of` (same experiment, same parent),
-    tagged `harness.reproduces` and `harness.role=reproduce` (it is no trial run)."""
-    of_tags = of.data.tags
-    base = {"harness.reproduces": of.info.run_id, "harness.role": "reproduce"}
-    if of_tags.get("mlflow.parentRunId"):
-        base["mlflow.parentRunId"] = of_tags["mlflow.parentRunId"]
-    run = client.create_run(
-        of.info.experiment_id,
-        run_name=f"reproduce-of-trial-{of_tags.get('optuna.trial_number', '?')}",
-        tags={**tags, **base},
-    )
-    log_params(client, run.info.run_id, flat_config)
-    return run.info.run_id
 
 
 def end_run_tagged(client: MlflowClient, run_id: str, status: str, tags: dict[str, str]) -> None:

@@ -293,7 +293,11 @@ def test_pretrained_from_an_mlflow_uri_or_a_file(results_dir):
 
 def test_bad_mlflow_uri_is_an_input_error(results_dir):
     spec = _spec("model.pretrained=models:/no-such-model/1")
-    with pytest.raises(SpecError, match="model.pretrained: cannot fetch models:/no-such-model/1"):
+    with pytest.raises(SpecError, match="models:/no-such-model/1: there is no MLflow store at"):
+        run_study(spec, StudyOptions(results=results_dir, n_trials=1, quiet=True))
+    assert not (results_dir / "mlflow.db").exists()  # none was created to look
+    mlflow.MlflowClient(f"sqlite:///{results_dir / 'mlflow.db'}").search_experiments()
+    with pytest.raises(SpecError, match="cannot resolve models:/no-such-model/1 in sqlite"):
         run_study(spec, StudyOptions(results=results_dir, n_trials=1, quiet=True))
 
 
