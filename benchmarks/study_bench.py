@@ -138,7 +138,7 @@ def _stub_fit(clock: Clock):
     lr 1e-2), and a resume state holding the model's weights."""
     import torch
 
-    from harness import checkpoint, finetune
+    from harness import finetune, resume_state
 
     def fit(config, model, data, callbacks=(), resume=None):
         callbacks = list(callbacks)
@@ -163,10 +163,10 @@ def _stub_fit(clock: Clock):
             for cb in callbacks:  # their own time is the trial's, not the stub's
                 clock.wrap(cb.on_epoch_end, "other")(epoch, m)
             if savers:
-                state = {k: None for k in checkpoint.KEYS}
+                state = {k: None for k in resume_state.KEYS}
                 state.update(
-                    version=checkpoint.VERSION,
-                    config=checkpoint.config_key(config),
+                    version=resume_state.VERSION,
+                    config=resume_state.config_key(config),
                     epoch=epoch,
                     model=weights,
                     history=history,
@@ -192,7 +192,7 @@ def _stub_fit(clock: Clock):
 def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
     import optuna
 
-    from harness import checkpoint, study, study_report, tracking
+    from harness import resume_state, study, study_report, tracking
     from harness.spec import load_spec
 
     clock = Clock()
@@ -263,7 +263,7 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
             tracking.EpochLogger, name, clock.wrap(getattr(tracking.EpochLogger, name), "tracking")
         )
     # checkpoint: the resume state, the best weights' file, the retention policy
-    checkpoint.save_state = clock.wrap(checkpoint.save_state, "checkpoint")
+    resume_state.save_state = clock.wrap(resume_state.save_state, "checkpoint")
     study.atomic_write = clock.wrap(study.atomic_write, "checkpoint")
     study.apply_retention = clock.wrap(study.apply_retention, "checkpoint")
     # the trials' boundaries

@@ -20,9 +20,10 @@ keeps every BatchNorm in eval mode. Penalties, MixUp/CutMix and the EMA are
 `harness.regularizers`; with an EMA, the metrics, best state and restored weights are the EMA's.
 
 Resume: after every epoch's `on_epoch_end` calls, callbacks that also have an
-`on_checkpoint(epoch, state)` method get fit's whole state (`harness.checkpoint` lists its keys;
-built only when some callback has the method), and `fit(..., resume=state)` on a model built
-the same way continues at the next epoch exactly as an uninterrupted fit would on the CPU.
+`on_checkpoint(epoch, state)` method get fit's whole resume state (`harness.resume_state` lists
+its keys; built only when some callback has the method), and `fit(..., resume=state)` on a
+model built the same way continues at the next epoch exactly as an uninterrupted fit would on
+the CPU.
 
 Speed (`benchmarks/README.md` has the measurements): on CUDA a convolutional model trains and
 evaluates in the channels_last memory format (`train.channels_last`; the model is handed back,
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from harness import checkpoint, loop, models, regularizers, stream
+from harness import loop, models, regularizers, resume_state, stream
 from harness.augment import augment
 from harness.data import TaskData
 from harness.loop import (
@@ -270,7 +271,7 @@ def _warm_up(model: nn.Module, x: torch.Tensor, config: TrialConfig, device) -> 
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     grads = {p: p.grad for p in model.parameters()}
     modes = {m: m.training for m in model.modules()}
-    rng = checkpoint.rng_state(device)
+    rng = resume_state.rng_state(device)
     xb = x[: config.train.batch_size]
     with autocast(device, config.train.amp):
         out = model(xb)
@@ -284,7 +285,7 @@ def _warm_up(model: nn.Module, x: torch.Tensor, config: TrialConfig, device) -> 
         p.grad = g
     for m, training in modes.items():
         m.training = training
-    checkpoint.set_rng_state(rng, device)
+    resume_state.set_rng_state(rng, device)
     sync(device)
     return time.perf_counter() - started
 
@@ -360,7 +361,7 @@ def fit(
     """
     started = time.perf_counter()
     if resume is not None:
-        checkpoint.check_state(resume, config)
+        resume_state.check_state(resume, config)
     callbacks = list(callbacks)
     savers = [cb for cb in callbacks if callable(getattr(cb, "on_checkpoint", None))]
     device = loop.start(config)
@@ -392,12 +393,12 @@ def fit(
     )
     scored = run.ema.module if run.ema is not None else model  # what is evaluated and kept
     with_penalty = any(c > 0 for c in (reg.l1, reg.l2, reg.l2_sp, reg.l2_sp_head))
-    progress, first = checkpoint.FitProgress(best=loop.BestEpoch.of(config)), 1
+    progress, first = resume_state.FitProgress(best=loop.BestEpoch.of(config)), 1
     if resume is not None:  # the optimizer's groups as they were, then every state
         t = _replay_phases(run, config, units, resume["epoch"], steps_per_epoch)
-        checkpoint.restore(resume, model, run, progress, generator, device, anchors)
+        resume_state.restore(resume, model, run, progress, generator, device, anchors)
         first = resume["epoch"] + 1
-    cpu_anchors = checkpoint.by_name(model, anchors) if savers else {}  # once: they never change
+    cpu_anchors = resume_state.by_name(model, anchors) if savers else {}  # once: they never change
     history, groups_log = progress.history, progress.groups_log
     compile_seconds, amp = 0.0, train.amp
     if train.compile:
@@ -448,7 +449,7 @@ def fit(
             for cb in callbacks:
                 cb.on_epoch_end(epoch, m)
             if savers:
-                state = checkpoint.capture(
+                state = resume_state.capture(
                     epoch, config, model, run, progress, generator, device, cpu_anchors
                 )
                 state["seconds"] = progress.seconds + time.perf_counter() - started

@@ -32,7 +32,7 @@ Decisions:
   optimizer: with `meta_optimizer="sgd"` the step is `init += meta_lr * mean(adapted - init)`
   (Nichol et al. 2018); with Adam it is Adam on that direction.
 - The meta-learned initialization is the model's `state_dict()`: for an `ImageModel` every key
-  is `net.*` (its Preprocess has no persistent buffers), which is a harness checkpoint.
+  is `net.*` (its Preprocess has no persistent buffers), which is a harness weights file.
   `save_init(result.best_state, "init.pt")` (or `torch.save(model.state_dict(), path)`) writes
   it; `models.build_model(spec, k, pretrained="init.pt")` (or `model.pretrained: init.pt` in
   an experiment file) loads every weight but the head's, for any number of target classes. For
@@ -255,7 +255,7 @@ class MetaResult:
 
 
 def save_init(state: dict[str, torch.Tensor] | nn.Module, path: str | Path) -> Path:
-    """Write a meta-learned initialization (a state_dict, or a model's) as a harness checkpoint
+    """Write a meta-learned initialization (a state_dict, or a model's) as a harness weights file
     that `models.build_model(..., pretrained=path)` and `model.pretrained: PATH` accept."""
     if isinstance(state, nn.Module):
         state = state.state_dict()

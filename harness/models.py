@@ -517,7 +517,7 @@ def build_model(
     `spec.pretrained == "imagenet"`: the torchvision weights `spec.weights` are loaded (offline
     from torchvision's cache; `WeightsUnavailable` names the file to put there), and the input
     follows them (their crop size and mean/std). `pretrained`: a local state_dict file, a
-    harness checkpoint (keys `net.*`) or a bare network state_dict; every weight but the head's
+    harness weights file (keys `net.*`) or a bare network state_dict; every weight but the head's
     is loaded. `stochastic_depth`: the drop rate of the last block, for the architectures in
     `STOCHASTIC_DEPTH_ARCHS` (0 turns torchvision's default rates off). `image_size`: the side
     the network is fed (default: `input_size`). `load_weights=False`: the same architecture and

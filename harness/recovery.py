@@ -14,7 +14,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from harness import checkpoint, tracking
+from harness import resume_state, tracking
 from harness.data import DataError
 from harness.loop import TrainingFault
 from harness.spec import safe_name
@@ -40,7 +40,7 @@ class TrialWatch:
         self.trial.set_user_attr("harness.heartbeat", time.time())
 
     def on_checkpoint(self, epoch: int, state: dict) -> None:
-        checkpoint.save_state(state, self.resume_file)
+        resume_state.save_state(state, self.resume_file)
 
 
 def resume_path(results: Path, study_name: str, number: int) -> Path:

@@ -23,7 +23,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from harness import checkpoint, datacache, models, report, runs, tasks, tracking, workers
+from harness import datacache, models, report, resume_state, runs, tasks, tracking, workers
 from harness.files import atomic_write
 from harness.loop import seed_everything
 from harness.metrics import KINDS
@@ -217,7 +217,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         model = tasks.build(config, data, pretrained)
         resume = None
         if resume_from is not None:
-            resume = checkpoint.load_state_file(resume_from)
+            resume = resume_state.load_state_file(resume_from)
             for epoch, m in enumerate(resume["history"], 1):  # the pruner sees the whole curve
                 if not multi:
                     trial.report(m[spec.objective.metric], epoch)

@@ -14,7 +14,7 @@ import pytest
 from conftest import QUICKSTART, REPO, run_cli
 from mlflow import MlflowClient
 
-from harness.checkpoint import load_state_file
+from harness.resume_state import load_state_file
 from harness.spec import load_spec
 from harness.study import StudyOptions, open_storage, run_study
 

@@ -13,9 +13,9 @@ import torch
 from conftest import make_config as base_config
 from torch import nn
 
-from harness import checkpoint, finetune, loop, models
 from harness import data as hdata
-from harness.checkpoint import load_state_file, save_state
+from harness import finetune, loop, models, resume_state
+from harness.resume_state import load_state_file, save_state
 from harness.spec import TrialConfig
 
 
@@ -146,7 +146,7 @@ def test_resume_equals_uninterrupted(task, tmp_path, case):
         finetune.fit(config, interrupted, task, callbacks=[Checkpoints(interrupted, path, 2)])
     state = load_state_file(path)
     assert state["epoch"] == 2 and len(state["history"]) == 2
-    assert state.keys() == set(checkpoint.KEYS)
+    assert state.keys() == set(resume_state.KEYS)
     plain_tree(state)
 
     model = fresh_model(config)  # built as the first time
@@ -177,7 +177,7 @@ def test_resume_does_not_change_the_saved_state(task):
     cb = Checkpoints(model)
     finetune.fit(config, model, task, callbacks=[cb])
     state = cb.states[2]
-    before = checkpoint.cpu_tree(state)  # a deep copy
+    before = resume_state.cpu_tree(state)  # a deep copy
     finetune.fit(config, fresh_model(config), task, resume=state)
     same_tree(state, before)
 
@@ -190,7 +190,7 @@ def test_offering_the_state_changes_nothing(task, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a state was built though no callback has on_checkpoint")
 
-    monkeypatch.setattr(checkpoint, "capture", refuse)
+    monkeypatch.setattr(resume_state, "capture", refuse)
     plain = finetune.fit(config, fresh_model(config), task)
     assert plain.history == offered.history
     same_tree(plain.best_state, offered.best_state)
@@ -289,7 +289,7 @@ class Malicious:
 @pytest.mark.parametrize("how", ["torch_save", "raw_pickle"])
 def test_loading_refuses_code(tmp_path, how):
     marker, path = tmp_path / "marker", tmp_path / "state.pt"
-    payload = {"version": checkpoint.VERSION, "epoch": 1, "model": Malicious(marker)}
+    payload = {"version": resume_state.VERSION, "epoch": 1, "model": Malicious(marker)}
     if how == "torch_save":
         torch.save(payload, path)
     else:
