@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -222,8 +223,20 @@ def cmd_ui(args) -> int:
     from harness import tracking
 
     uri = args.tracking_uri or tracking.default_tracking_uri(args.results)
+    with socket.socket() as probe:  # a taken port is the user's error: say so, exit 2
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as err:
+            raise SpecError(
+                f"--port {args.port}: {args.host}:{args.port} is not free ({err.strerror}); "
+                "stop what uses it or give another --port."
+            ) from None
     cmd = tracking.ui_command(uri, args.results, args.host, args.port)
-    print(f"MLflow UI on {uri}: http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI on {tracking.redact(uri)}: {base}  (Ctrl-C stops it)", flush=True)
+    for name, url in tracking.study_urls(uri, base):
+        print(f"  {name}: {url}", flush=True)
     os.execve(cmd[0], cmd, tracking.ui_env())
     return 1  # not reached
 

@@ -60,6 +60,28 @@ class Summary:
     files: list[Path] = field(default_factory=list)  # the written report (report.md first)
     pareto: set[int] = field(default_factory=set)  # multi-objective: the Pareto front
     objectives: tuple[str, ...] = ()
+    ui_url: str = ""  # the study's runs table in the MLflow UI that `ui` starts
+
+    def study_metrics(self) -> dict[str, float]:
+        """The study's summary, as its parent run's metrics: trial counts, the best value, the
+        baseline's, the gain over it (and the best trial's test metrics where measured)."""
+        counts = self.counts()
+        out = {
+            "trials_complete": counts.get("COMPLETE", 0),
+            "trials_pruned": counts.get("PRUNED", 0),
+            "trials_failed": counts.get("FAIL", 0),
+        }
+        name = self.objectives[0] if self.objectives else "objective"
+        complete, base = self.complete(), self.baseline()
+        if complete:
+            out[f"best_{name}"] = complete[0].value
+            out["best_trial"] = complete[0].number
+            out |= {f"best_{k}": v for k, v in self.test.get(complete[0].number, {}).items()}
+        if base is not None:
+            out[f"baseline_{name}"] = base.value
+            if complete:
+                out["gain_over_baseline"] = complete[0].value - base.value
+        return out
 
     def complete(self) -> list[TrialRow]:
         rows = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None]
@@ -342,6 +364,8 @@ def render(summary: Summary, top: int = 5) -> str:
     if summary.files:
         out.append(f"\nReport: {summary.files[0]}")
     out.append(f"\nOpen the MLflow UI on these results: {ui_hint(summary.opts)}")
+    if summary.ui_url:
+        out.append(f"then the study's runs: {summary.ui_url}")
     return "\n".join(out)
 
 

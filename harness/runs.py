@@ -22,6 +22,7 @@ import torch
 from harness import datacache, models, tasks, tracking
 from harness.data import TaskData
 from harness.loop import resolve_device
+from harness.metrics import best_name
 from harness.source import SourceModel, get_source_model, source_key
 from harness.spec import SpecError, TrialConfig, flatten, parse_yaml, safe_name
 
@@ -106,10 +107,24 @@ def start(
     return TrackedRun(client, run_id, logger, time.perf_counter() - started)
 
 
-def end(run: TrackedRun, status: str, tags: dict[str, Any] | None = None) -> None:
-    """Flush the epoch logger, tag the run, end it with `status` (FINISHED, FAILED, KILLED)."""
+def end(
+    run: TrackedRun,
+    status: str,
+    tags: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+) -> None:
+    """Flush the epoch logger, tag the run (and log its final `metrics`), end it with `status`
+    (FINISHED, FAILED, KILLED)."""
     run.logger.flush()
-    tracking.end_run_tagged(run.client, run.run_id, status, tags or {})
+    tracking.end_run_tagged(run.client, run.run_id, status, tags or {}, metrics)
+
+
+def chosen_epoch_metrics(result, metric_names) -> dict[str, float]:
+    """What a finished run shows in the UI's table: each named metric at the epoch the run
+    chose (`best_<metric>`), and that epoch (`best_epoch`); the curves keep every epoch."""
+    out = {best_name(k): result.best[k] for k in metric_names if k in result.best}
+    out["best_epoch"] = float(result.best_epoch)
+    return out
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,7 +208,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     trial.set_user_attr("mlflow_run_id", run_id)
     multi = spec.objective.metrics is not None  # Optuna cannot prune (or report) those
     pruner = PruneOnEpoch(trial, spec.objective.metric, enabled=not is_baseline, report=not multi)
-    state, end_tags, status = "FAIL", {}, None
+    state, end_tags, status, end_metrics = "FAIL", {}, None, {}
     monitor = tracking.system_monitor(
         run_id, spec.search.system_metrics_interval, ctx.opts.tracking()
     )
@@ -240,6 +241,8 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         trial.set_user_attr("epochs_run", len(result.history))
         trial.set_user_attr("seconds", round(result.seconds, 3))
         end_tags["harness.best_epoch"] = result.best_epoch
+        names = (*spec.objective.all_metrics, *KINDS[config.task.kind].summary)
+        end_metrics = runs.chosen_epoch_metrics(result, dict.fromkeys(names))
         state = "COMPLETE"
         if multi:
             return tuple(result.best[m] for m in spec.objective.metrics)
@@ -247,6 +250,11 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     except optuna.TrialPruned:
         state = "PRUNED"
         end_tags["harness.pruned_epoch"] = pruner.pruned_at
+        end_tags[tracking.DESCRIPTION] = (
+            f"Pruned at epoch {pruner.pruned_at} by Optuna's {type(trial.study.pruner).__name__}: "
+            f"its {spec.objective.metric} was not promising against the other trials at that "
+            "epoch. A finished decision of the search, not a failure (optuna.state=PRUNED)."
+        )
         trial.set_user_attr("harness.pruned_epoch", pruner.pruned_at)
         trial.set_user_attr("epochs_run", pruner.pruned_at)
         raise
@@ -266,7 +274,9 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     finally:  # the run ends with the trial's true state, whatever happened
         ending = time.perf_counter()
         monitor.finish()
-        runs.end(run, status or tracking.STATUS[state], {"optuna.state": state, **end_tags})
+        runs.end(
+            run, status or tracking.STATUS[state], {"optuna.state": state, **end_tags}, end_metrics
+        )
         if status != "KILLED":  # a finished or faulty attempt is not resumed: its state goes
             for number in (trial.number, retry_of):
                 if number is not None:
@@ -419,6 +429,9 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
     study.set_user_attr("harness.spec_hash", spec_hash(spec))
     study.set_user_attr("harness.experiment", spec.name)
     study.set_user_attr("harness.objectives", list(spec.objective.all_metrics))
+    with warnings.catch_warnings():  # experimental in Optuna 5: the names dashboards show
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(spec.objective.all_metrics))
     study.set_user_attr("harness.task_kind", spec.task.kind)
     if spec.search.baseline:
         study.enqueue_trial({}, user_attrs={"harness.baseline": True})

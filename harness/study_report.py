@@ -19,6 +19,36 @@ from harness.runs import Resources, StudyOptions, best_weights_path, load_config
 from harness.spec import safe_name
 
 
+def trained_model(client, results: Path, name: str, number: int, run_id: str):
+    """(config, data, model with the trial's best weights) of a complete trial, from the
+    results folder's best-weights file or the run's logged copy; None when neither is kept."""
+    path = best_weights_path(results, name, number)
+    if not path.is_file():
+        path = tracking.download_checkpoint(client, run_id, results / "downloads" / run_id)
+    if path is None:
+        return None
+    config = load_config(run_id)
+    data = tasks.load_data(config, datacache.under(results))
+    model = tasks.build(config, data, None, load_weights=False)  # the checkpoint comes next
+    model.load_state_dict(load_state(path))
+    model.eval()
+    return config, data, model
+
+
+def register(client, results: Path, name: str, best: report.TrialRow, metrics: dict) -> None:
+    """The best trial's model as an MLflow PyTorch model (raw uint8 images in, logits out: its
+    preprocessing is part of it), with a signature and an input example from the data,
+    registered as a version of the study's model with the alias `best`."""
+    run_id = best.attrs["mlflow_run_id"]
+    trained = trained_model(client, results, name, best.number, run_id)
+    if trained is None:
+        return
+    config, data, model = trained
+    x = data.x if config.task.kind == "meta" else data.x_val
+    model.to("cpu")
+    tracking.register_model(client, safe_name(name), run_id, model, x[:2].cpu().numpy(), metrics)
+
+
 def test_once(client, results: Path, name: str, trial) -> dict[str, float] | None:
     """The chosen trial's model on the held-out test data: evaluated once, stored on its run,
     and read back from there afterwards. Fine-tuning and multi-task trials: the test split
@@ -35,14 +65,10 @@ def test_once(client, results: Path, name: str, trial) -> dict[str, float] | Non
     )
     if all(k in run.data.metrics for k in keys):
         return {k: run.data.metrics[k] for k in keys}
-    path = best_weights_path(results, name, trial.number)
-    if not path.is_file():
-        path = tracking.download_checkpoint(client, run_id, results / "downloads" / run_id)
-    if path is None:
+    trained = trained_model(client, results, name, trial.number, run_id)
+    if trained is None:
         return None
-    data = tasks.load_data(config, datacache.under(results))
-    model = tasks.build(config, data, None, load_weights=False)  # the checkpoint comes next
-    model.load_state_dict(load_state(path))
+    config, data, model = trained
     if meta:
         metrics = tasks.meta_test(config, model, data)
     else:
@@ -128,7 +154,7 @@ def finish_report(
         best = complete[0]
         acc = report.headline(best.attrs)[0]
         metrics = {acc: best.attrs[acc], **test[best.number]}
-        tracking.register_best(client, safe_name(name), best.attrs["mlflow_run_id"], metrics)
+        register(client, opts.results, name, best, metrics)
     shown = [*complete[:3], *(t for t in chosen if t not in complete[:3])]
     curves = {
         t.number: tracking.metric_histories(
@@ -149,12 +175,15 @@ def finish_report(
         seeded = seed_reruns(
             Resources(opts.results, client, exp_id, notes.note), parent, shown, seeds
         )
-    summary = dataclasses.replace(summary, test=test, seeds=seeded)
+    exp = client.get_experiment_by_name(study.user_attrs.get("harness.experiment", name))
+    url = tracking.experiment_url("http://127.0.0.1:5000", exp.experiment_id) if exp else ""
+    summary = dataclasses.replace(summary, test=test, seeds=seeded, ui_url=url)
     folder = opts.results / "reports" / safe_name(name)
     files = report.write_report(study, summary, curves, labels, folder)
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:
         tracking.log_report(client, parent, files)
+        tracking.log_metrics_once(client, parent, summary.study_metrics())
     return dataclasses.replace(summary, files=files)
 
 

@@ -2,8 +2,10 @@
 per-epoch metrics, artifacts, final statuses, the model registry, and the UI server command.
 
 Uses MlflowClient with explicit run ids (no fluent active-run stack), so nothing depends on
-process-global state. Run status follows the Optuna trial state:
-COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED.
+process-global state. Run status follows the Optuna trial state: COMPLETE -> FINISHED,
+PRUNED -> FINISHED (a pruner's decision is a finished trial, not a fault: the tag
+`optuna.state=PRUNED`, `harness.pruned_epoch` and the run's description say so), FAIL ->
+FAILED; an attempt interrupted (SIGTERM, a dead process) ends KILLED.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from mlflow.entities import Metric, Param, RunTag
 
 from harness.metrics import best_name
 
-STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
+DESCRIPTION = "mlflow.note.content"  # the run's description in the UI
 TrackingError = mlflow.exceptions.MlflowException  # what the tracking store raises
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -56,10 +59,36 @@ def experiment_id(client: MlflowClient, name: str, results: Path, tracking_uri: 
     location = None
     if is_local_store(tracking_uri):  # else the tracking server decides where artifacts go
         location = (results / "mlartifacts" / name).resolve().as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
+    try:  # the kind tag: a training experiment, not a GenAI one (for UIs that read it)
+        return client.create_experiment(
+            name, artifact_location=location, tags={"mlflow.experimentKind": EXPERIMENT_KIND}
+        )
     except mlflow.exceptions.MlflowException:  # another process created it first
         return client.get_experiment_by_name(name).experiment_id
+
+
+EXPERIMENT_KIND = "custom_model_development"
+# MLflow 3.17's UI opens an experiment in its GenAI view unless the URL says otherwise (a browser
+# setting, local storage mlflow.workflowType, default GenAI): this query lands on the runs table.
+RUNS_VIEW = "?workflowType=machine_learning"
+
+
+def experiment_url(base: str, exp_id: str) -> str:
+    """The UI page of an experiment's runs table (not the GenAI overview)."""
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}{RUNS_VIEW}"
+
+
+def study_urls(tracking_uri: str, base: str) -> list[tuple[str, str]]:
+    """(experiment name, runs-table URL) of every experiment with runs in the store."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).is_file():
+        return []
+    client = connect(tracking_uri)
+    exps = client.search_experiments()
+    return [
+        (e.name, experiment_url(base, e.experiment_id))
+        for e in exps
+        if client.search_runs([e.experiment_id], max_results=1)
+    ]
 
 
 @functools.cache
@@ -334,7 +363,8 @@ def check_model_uri(tracking_uri: str, uri: str) -> None:
 def resolve_model_uri(uri: str, dest: Path) -> Path:
     """A `models:/NAME/VERSION` or `runs:/RUN_ID/PATH` URI -> a local state_dict file.
 
-    The artifact is downloaded under `dest`; a folder must hold exactly one .pt/.pth file.
+    The artifact is downloaded under `dest`; an MLflow PyTorch model gives its module's
+    state_dict; any other folder must hold exactly one .pt/.pth file.
     """
     dest.mkdir(parents=True, exist_ok=True)
     try:
@@ -343,6 +373,15 @@ def resolve_model_uri(uri: str, dest: Path) -> Path:
         raise ValueError(f"model.pretrained: cannot fetch {uri}: {err.message}") from None
     if local.is_file():
         return local
+    if (local / "MLmodel").is_file():  # an MLflow PyTorch model (a study's registered best)
+        import torch
+        from mlflow import pytorch as mlflow_pytorch
+
+        state = local / "state_dict.pt"
+        if not state.is_file():
+            module = mlflow_pytorch.load_model(str(local), map_location="cpu")
+            torch.save(module.state_dict(), state)
+        return state
     files = sorted(p for p in local.rglob("*") if p.suffix in (".pt", ".pth"))
     if len(files) != 1:
         raise ValueError(
@@ -379,23 +418,46 @@ def metric_histories(client: MlflowClient, run_id: str, keys: list[str]) -> dict
     return out
 
 
-def register_best(
-    client: MlflowClient, name: str, run_id: str, metrics: dict[str, float]
-) -> str | None:
-    """Register a trial's logged best weights as a version of the model `name` (once per run)
-    and point the model's alias `best` at it: `models:/NAME@best` is the study's best model
-    (what `model.pretrained` of another study can name)."""
-    if checkpoint_state(client, run_id) != "logged":
-        return None
+def register_model(
+    client: MlflowClient,
+    name: str,
+    run_id: str,
+    model,
+    example,
+    metrics: dict[str, float],
+) -> str:
+    """Log `model` (a torch module: raw uint8 images (N, C, H, W) in, logits out) in run
+    `run_id` as an MLflow PyTorch model with a signature and `example` as its input example,
+    register it as a version of `name` (once per run) and point the alias `best` at it:
+    `mlflow.pytorch.load_model("models:/NAME@best")` returns the model, and
+    `model.pretrained: models:/NAME@best` in another study starts from its weights."""
+    import torch
+    import torchvision
+    from mlflow import pytorch as mlflow_pytorch
+    from mlflow.models import infer_signature
+
     for v in client.search_model_versions(f"name = '{name}'"):
-        if v.run_id == run_id:
+        if v.run_id == run_id and v.tags.get("harness.format") == "mlflow-pytorch":
             client.set_registered_model_alias(name, "best", v.version)
             return f"models:/{name}/{v.version}"
     with contextlib.suppress(mlflow.exceptions.MlflowException):  # exists already
         client.create_registered_model(name, description="Best model of the Optuna study")
-    source = f"{client.get_run(run_id).info.artifact_uri}/checkpoints"
-    tags = {k: f"{v:.6g}" for k, v in metrics.items()}
-    version = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, logits)
+    requirements = [f"{m.__name__}=={m.__version__.split('+')[0]}" for m in (torch, torchvision)]
+    with mlflow.start_run(run_id=run_id):  # the trial's run: it ends FINISHED again
+        info = mlflow_pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example,
+            pip_requirements=requirements,
+        )
+    tags = {k: f"{v:.6g}" for k, v in metrics.items()} | {"harness.format": "mlflow-pytorch"}
+    version = client.create_model_version(
+        name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id
+    )
     client.set_registered_model_alias(name, "best", version.version)
     return f"models:/{name}/{version.version}"
 
@@ -469,7 +531,19 @@ def metric_steps(client: MlflowClient, run_id: str, keys: list[str]) -> dict[str
     return out
 
 
-def end_run_tagged(client: MlflowClient, run_id: str, status: str, tags: dict[str, str]) -> None:
-    """Tag a run, then end it with `status` (FINISHED, FAILED or KILLED)."""
-    client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+def end_run_tagged(
+    client: MlflowClient,
+    run_id: str,
+    status: str,
+    tags: dict[str, str],
+    metrics: dict[str, float] | None = None,
+) -> None:
+    """Tag a run (and log `metrics` at step 0), then end it with `status` (FINISHED, FAILED or
+    KILLED)."""
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+        tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()],
+    )
     client.set_terminated(run_id, status=status)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import mlflow
 import optuna
 import pytest
+import torch
 from conftest import QUICKSTART, TINY, run_cli
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 
-STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
 
 
 def _tiny_args(results, n_trials: int) -> list[str]:
@@ -71,6 +72,35 @@ def test_study_runs_resumes_and_extends(tmp_path, results_dir):
     assert len(parents) == 1 and parents[0].info.run_name == "quickstart"
     parent_id = parents[0].info.run_id
     assert study.user_attrs["mlflow_parent_run_id"] == parent_id
+    assert study.metric_names == ["val_acc"]  # what Optuna Dashboard shows, not "Objective 0"
+    summary = parents[0].data.metrics  # the study's summary on its parent run
+    counts = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    assert summary["trials_complete"] == counts["COMPLETE"]
+    assert summary["trials_pruned"] == counts["PRUNED"]
+    assert summary["trials_failed"] == counts["FAIL"]
+    best = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert summary["best_val_acc"] == best.value and summary["best_trial"] == best.number
+    assert summary["baseline_val_acc"] == trials[0].value
+    assert summary["gain_over_baseline"] == pytest.approx(best.value - trials[0].value)
+    assert "best_test_acc" in summary
+    assert "?workflowType=machine_learning" in out  # the hint lands on the runs table
+    # The registered best model is an MLflow model: raw uint8 images in, the recorded test_acc
+    from mlflow import pytorch as mlflow_pytorch
+
+    from harness import data as hdata
+    from harness import runs as runs_mod
+
+    mlflow.set_tracking_uri(f"sqlite:///{results_dir / 'mlflow.db'}")
+    registered = mlflow_pytorch.load_model("models:/quickstart@best")
+    config = runs_mod.load_config(best.user_attrs["mlflow_run_id"])
+    task = hdata.load_target(config.data, config.split_seed)
+    with torch.inference_mode():
+        correct = (registered(task.x_test).argmax(1) == task.y_test).sum().item()
+    acc = correct / len(task.y_test)
+    best_run = next(r for r in runs if r.info.run_id == best.user_attrs["mlflow_run_id"])
+    assert acc == pytest.approx(best_run.data.metrics["test_acc"], abs=1e-9)
+    version = mlflow.MlflowClient().get_model_version_by_alias("quickstart", "best")
+    assert version.run_id == best.user_attrs["mlflow_run_id"]
     children = _trial_runs(runs)
     assert len(children) == 3
     by_number = {int(r.data.tags["optuna.trial_number"]): r for r in children}
@@ -98,6 +128,20 @@ def test_study_runs_resumes_and_extends(tmp_path, results_dir):
             assert [a.path for a in ckpt] == [f"checkpoints/trial-{t.number}-best.pt"]
             assert ckpt[0].file_size > 1000
             assert t.value == t.user_attrs["val_acc"] == max(m.value for m in history)
+            # the runs table shows the value the study used, at the chosen epoch
+            assert run.data.metrics["best_val_acc"] == t.value
+            assert run.data.metrics["best_epoch"] == t.user_attrs["best_epoch"]
+            assert "best_overfit_gap" in run.data.metrics
+    # Sorting MLflow's runs by best_val_acc gives Optuna's ranking.
+    exp = client.get_experiment_by_name("quickstart")
+    ranked = client.search_runs(
+        [exp.experiment_id],
+        "tags.`optuna.state` = 'COMPLETE'",
+        order_by=["metrics.best_val_acc DESC", "attributes.start_time ASC"],
+    )
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    optuna_order = sorted(complete, key=lambda t: (-t.value, t.number))
+    assert [r.info.run_id for r in ranked] == [t.user_attrs["mlflow_run_id"] for t in optuna_order]
     # The source model is registered, and every trial run names the version it started from.
     models = client.search_model_versions("name LIKE 'source-%'")
     assert len(models) == 1

@@ -67,9 +67,12 @@ def test_pruned_and_failed_trials_are_recorded_truthfully(results_dir, monkeypat
 
     for n in (1, 3):
         pruned = runs[n]
-        assert pruned.info.status == "KILLED"
+        # a pruner's decision is a finished trial, not a fault: FINISHED, and it says so
+        assert pruned.info.status == "FINISHED"
         assert pruned.data.tags["optuna.state"] == "PRUNED"
         assert pruned.data.tags["harness.pruned_epoch"] == "2"
+        assert pruned.data.tags["mlflow.note.content"].startswith("Pruned at epoch 2 by Optuna")
+        assert "best_val_acc" not in pruned.data.metrics  # no value: it sorts after the ranked
         history = client.get_metric_history(pruned.info.run_id, "val_acc")
         assert [m.step for m in history] == [1, 2]  # the curve up to the pruning epoch
         assert client.list_artifacts(pruned.info.run_id, "checkpoints") == []
