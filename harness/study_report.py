@@ -176,7 +176,14 @@ def finish_report(
             Resources(opts.results, client, exp_id, notes.note), parent, shown, seeds
         )
     exp = client.get_experiment_by_name(study.user_attrs.get("harness.experiment", name))
-    url = tracking.experiment_url("http://127.0.0.1:5000", exp.experiment_id) if exp else ""
+    objective = summary.objectives[0] if summary.objectives else "val_acc"
+    url = (
+        tracking.experiment_url(
+            "http://127.0.0.1:5000", exp.experiment_id, objective, summary.direction
+        )
+        if exp
+        else ""
+    )
     summary = dataclasses.replace(summary, test=test, seeds=seeded, ui_url=url)
     folder = opts.results / "reports" / safe_name(name)
     files = report.write_report(study, summary, curves, labels, folder)

@@ -69,26 +69,42 @@ def experiment_id(client: MlflowClient, name: str, results: Path, tracking_uri: 
 
 EXPERIMENT_KIND = "custom_model_development"
 # MLflow 3.17's UI opens an experiment in its GenAI view unless the URL says otherwise (a browser
-# setting, local storage mlflow.workflowType, default GenAI): this query lands on the runs table.
-RUNS_VIEW = "?workflowType=machine_learning"
+# setting, local storage mlflow.workflowType, default GenAI): `workflowType=machine_learning` on
+# the experiment's `/runs` page lands on the runs table; its search and sort come from the query
+# too (the bare experiment page drops them).
+RUNS_VIEW = "workflowType=machine_learning"
+TRIAL_RUNS = "attributes.run_name LIKE 'trial-%'"
 
 
-def experiment_url(base: str, exp_id: str) -> str:
-    """The UI page of an experiment's runs table (not the GenAI overview)."""
-    return f"{base.rstrip('/')}/#/experiments/{exp_id}{RUNS_VIEW}"
+def experiment_url(
+    base: str, exp_id: str, metric: str = "val_acc", direction: str = "maximize"
+) -> str:
+    """The UI page of an experiment's trial runs, ranked as Optuna ranks them: by the
+    objective's value at each trial's chosen epoch (`best_<metric>`)."""
+    from urllib.parse import quote
+
+    query = [
+        RUNS_VIEW,
+        f"searchFilter={quote(TRIAL_RUNS)}",
+        f"orderByKey={quote(f'metrics.`{best_name(metric)}`')}",
+        f"orderByAsc={str(direction == 'minimize').lower()}",
+    ]
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{'&'.join(query)}"
 
 
 def study_urls(tracking_uri: str, base: str) -> list[tuple[str, str]]:
-    """(experiment name, runs-table URL) of every experiment with runs in the store."""
+    """(study name, trial-runs URL) of every study (parent run) in the store."""
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).is_file():
         return []
     client = connect(tracking_uri)
-    exps = client.search_experiments()
-    return [
-        (e.name, experiment_url(base, e.experiment_id))
-        for e in exps
-        if client.search_runs([e.experiment_id], max_results=1)
-    ]
+    out = []
+    for e in client.search_experiments():
+        for parent in client.search_runs([e.experiment_id], "tags.`harness.role` = 'study'"):
+            direction, _, metric = parent.data.params.get("objective", "").partition(" ")
+            metric = metric.split(",")[0] or "val_acc"
+            url = experiment_url(base, e.experiment_id, metric, direction or "maximize")
+            out.append((parent.info.run_name, url))
+    return out
 
 
 @functools.cache

@@ -61,6 +61,8 @@ def ui_server(tmp_path_factory):
         start_new_session=True,  # its own process group: the server and its workers
     )
     base = f"http://127.0.0.1:{port}"
+    printed = [proc.stdout.readline(), proc.stdout.readline()]  # before the server starts
+    study_url = printed[1].split("quickstart: ", 1)[1].strip()
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
@@ -71,7 +73,7 @@ def ui_server(tmp_path_factory):
     else:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(f"the UI did not answer /health: {proc.stdout.read()[-2000:]}")
-    yield base, results
+    yield base, results, study_url
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
@@ -91,7 +93,7 @@ def ui_server(tmp_path_factory):
 
 
 def test_ui_serves_the_study_over_rest(ui_server):
-    base, _ = ui_server
+    base, _, _ = ui_server
     exps = _get(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 10})
     exp = next(e for e in exps["experiments"] if e["name"] == "quickstart")
     runs = _get(
@@ -106,8 +108,71 @@ def test_ui_serves_the_study_over_rest(ui_server):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def _chromium(results, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            CHROMIUM,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={results / 'chromium-profile'}",
+            "--window-size=1600,900",
+            "--virtual-time-budget=20000",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_the_printed_url_lands_on_the_trial_runs_ranked_by_the_objective(ui_server):
+    """MLflow 3.17 opens an experiment in its GenAI view; the URL `ui` prints lands on the
+    runs table, the trial runs ranked by best_val_acc (what Optuna ranks by)."""
+    base, results, url = ui_server
+    assert url.startswith(f"{base}/#/experiments/") and "workflowType=machine_learning" in url
+    dom = _chromium(results, "--dump-dom", url).stdout
+    assert "trial-0" in dom and "trial-1" in dom
+    assert 'aria-label="Sort: best_val_acc"' in dom
+    assert "<strong>2</strong> matching runs" in dom  # the two trials, not the GenAI overview
+    shot = results / "screenshots" / "landing.png"
+    shot.parent.mkdir(exist_ok=True)
+    _chromium(results, f"--screenshot={shot}", url)
+    assert shot.is_file() and shot.stat().st_size > 20_000
+
+
+def test_ui_on_a_taken_port_exits_2_with_a_sentence(ui_server, tmp_path):
+    base, results, _ = ui_server
+    port = base.rsplit(":", 1)[1]
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "run_study.py"),
+            "ui",
+            "--results",
+            str(results),
+            "--port",
+            port,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert f"--port {port}: 127.0.0.1:{port} is not free" in out.stderr
+    assert out.stderr.strip().endswith("give another --port.")
+    assert "MLflow UI on" not in out.stdout  # nothing claims a UI that is not there
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_ui_pages_render_in_a_browser(ui_server):
-    base, results = ui_server
+    base, results, _ = ui_server
     exps = _get(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 10})
     exp_id = next(e for e in exps["experiments"] if e["name"] == "quickstart")["experiment_id"]
     runs = _get(
