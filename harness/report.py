@@ -61,6 +61,7 @@ class Summary:
     pareto: set[int] = field(default_factory=set)  # multi-objective: the Pareto front
     objectives: tuple[str, ...] = ()
     ui_url: str = ""  # the study's runs table in the MLflow UI that `ui` starts
+    classical: list = field(default_factory=list)  # harness.classical.Reference, same split
 
     def study_metrics(self) -> dict[str, float]:
         """The study's summary, as its parent run's metrics: trial counts, the best value, the
@@ -278,6 +279,36 @@ def meta_scores(test: dict[str, float]) -> str:
     )
 
 
+def classical_lines(summary: Summary) -> list[str]:
+    """The classical reference beside the best trial's test accuracy, and a verdict in words."""
+    refs = summary.classical
+    if not refs:
+        return []
+    out = ["\nClassical reference (the same split; C chosen on val, tested once):"]
+    width = max(len(r.label) for r in refs)
+    for r in refs:
+        out.append(
+            f"  {r.label:<{width}}  C={r.c:<5g}  val_acc {r.val_acc:.4f}  test_acc {r.test_acc:.4f}"
+        )
+    complete = summary.complete()
+    test = summary.test.get(complete[0].number, {}) if complete else {}
+    if "test_acc" not in test:
+        return out
+    top = max(refs, key=lambda r: r.test_acc)
+    mine = test["test_acc"]
+    if mine > top.test_acc:
+        out.append(
+            f"The best trial ({complete[0].number}, test_acc {mine:.4f}) beat every classical "
+            f"reference: by {mine - top.test_acc:+.4f} over the strongest, {top.label}."
+        )
+    else:
+        out.append(
+            f"The best trial ({complete[0].number}, test_acc {mine:.4f}) did NOT beat the "
+            f"classical reference: {top.label} scored {top.test_acc:.4f} on the same test split."
+        )
+    return out
+
+
 def render(summary: Summary, top: int = 5) -> str:
     c = summary.counts()
     head = (
@@ -329,6 +360,7 @@ def render(summary: Summary, top: int = 5) -> str:
             )
         else:
             out.append(f"Test split ({label}, trial {number}): not evaluated (no weights kept)")
+    out += classical_lines(summary)
     if summary.pareto:
         names = ", ".join(summary.objectives)
         out.append(f"\nPareto front ({names}): trials {sorted(summary.pareto)}")
@@ -410,15 +442,40 @@ def plot_curves(curves: dict[int, dict[str, list[float]]], labels: dict[int, str
 
 
 def plot_gap_vs_acc(summary: Summary, path: Path) -> Path:
+    """Every complete trial's accuracy and gap at its chosen epoch; the best trial (the
+    objective's) and the baseline marked and labelled."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(5.5, 4))
     rows = summary.complete()
     acc, gap = headline(rows[0].attrs)
-    ax.scatter([t.attrs[acc] for t in rows], [t.attrs[gap] for t in rows])
-    for t in rows:
-        if t.baseline:
-            ax.annotate("baseline", (t.attrs[acc], t.attrs[gap]))
+    xy = {t.number: (t.attrs[acc], t.attrs[gap]) for t in rows}
+    ax.scatter(
+        [x for x, _ in xy.values()],
+        [y for _, y in xy.values()],
+        color="tab:blue",
+        alpha=0.6,
+        label="complete trials",
+    )
+    best, base = rows[0], summary.baseline()
+    ax.scatter(
+        *xy[best.number],
+        marker="*",
+        s=220,
+        color="tab:orange",
+        zorder=3,
+        label=f"best (trial {best.number})",
+    )
+    if base is not None:
+        ax.scatter(
+            *xy[base.number],
+            marker="s",
+            s=80,
+            color="tab:red",
+            zorder=3,
+            label=f"baseline (trial {base.number})",
+        )
+    ax.legend(fontsize=7, loc="best")
     ax.set_xlabel(f"{acc} (best epoch)")
     ax.set_ylabel(f"{gap} = {acc.replace('val', 'train')} - {acc}")
     ax.axhline(0.0, color="grey", lw=0.5)
@@ -459,6 +516,69 @@ def plot_labels_curve(groups: list[SeedGroup], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def searched(study):
+    """The study's searched trials alone (the baseline left out: it has no sampled values, and
+    Optuna's importances rank only the parameters every complete trial has), as an in-memory
+    study; and the parameters every complete one of them has."""
+    import optuna
+
+    copy = optuna.create_study(directions=study.directions)
+    trials = [
+        t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("harness.baseline")
+    ]
+    copy.add_trials(trials)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    common = set.intersection(*(set(t.params) for t in complete)) if complete else set()
+    return copy, sorted(common)
+
+
+def importances(study, objective_index: int = 0) -> dict[str, float]:
+    """fANOVA importances over the searched trials ({} when too few)."""
+    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+
+    copy, common = searched(study)
+    if not common:
+        return {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return get_param_importances(
+                copy,
+                evaluator=FanovaImportanceEvaluator(seed=0),
+                params=common,
+                target=lambda t: t.values[objective_index],
+            )
+    except (ValueError, RuntimeError, ZeroDivisionError):
+        return {}
+
+
+def plot_parallel(study, summary: Summary, path: Path) -> Path | None:
+    """Parallel coordinates of the searched trials over the parameters they all have, on a
+    figure wide enough for its tick labels."""
+    import optuna.visualization.matplotlib as ovm
+
+    copy, common = searched(study)
+    if len(common) < 1:
+        return None
+    kwargs = {"params": common}
+    if len(summary.objectives) > 1:
+        kwargs |= {"target": lambda t: t.values[0], "target_name": summary.objectives[0]}
+    elif summary.objectives:
+        kwargs["target_name"] = summary.objectives[0]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ax = ovm.plot_parallel_coordinate(copy, **kwargs)
+    except (ValueError, RuntimeError, ZeroDivisionError):
+        return None
+    fig = ax.get_figure()
+    fig.set_size_inches(max(8.0, 2.2 * (len(common) + 1)), 5.0)
+    for label in ax.get_xticklabels():
+        label.set_rotation(20)
+        label.set_horizontalalignment("right")
+    return _save(fig, path)
+
+
 def write_report(study, summary: Summary, curves, labels, folder: Path) -> list[Path]:
     """PNG plots and a report.md that reads on its own; returns report.md first, then plots."""
     import matplotlib
@@ -471,19 +591,25 @@ def write_report(study, summary: Summary, curves, labels, folder: Path) -> list[
     first = {}  # several objectives: the single-objective plots show the first
     if len(summary.objectives) > 1:
         first = {"target": lambda t: t.values[0], "target_name": summary.objectives[0]}
+    copy, common = searched(study)
     plots = {
         "Optimization history": _optuna_plot(
             ovm.plot_optimization_history, study, folder / "history.png", **first
         ),
-        "Parameter importances (fANOVA)": _optuna_plot(
-            ovm.plot_param_importances,
-            study,
-            folder / "importances.png",
-            evaluator=FanovaImportanceEvaluator(seed=0),
-            **first,
+        "Parameter importances (fANOVA, the searched trials)": (
+            _optuna_plot(
+                ovm.plot_param_importances,
+                copy,
+                folder / "importances.png",
+                evaluator=FanovaImportanceEvaluator(seed=0),
+                params=common,
+                **first,
+            )
+            if common
+            else None
         ),
-        "Parallel coordinates": _optuna_plot(
-            ovm.plot_parallel_coordinate, study, folder / "parallel.png", **first
+        "Parallel coordinates (the searched trials)": plot_parallel(
+            study, summary, folder / "parallel.png"
         ),
         "Learning curves of the top trials and the baseline": (
             plot_curves(curves, labels, folder / "curves.png") if curves else None
@@ -507,6 +633,10 @@ def write_report(study, summary: Summary, curves, labels, folder: Path) -> list[
     }
     text = render(summary).split("\nOpen the MLflow UI")[0]
     md = [f"# Study `{summary.study_name}`", "", "```", text.rstrip(), "```", ""]
+    ranked = importances(study)
+    if ranked:
+        md += ["## Which searched parameters mattered (fANOVA importance)", ""]
+        md += [f"- `{k}`: {v:.3f}" for k, v in ranked.items()] + [""]
     for title, path in plots.items():
         if path is not None:
             md += [f"## {title}", "", f"![{title}]({path.name})", ""]

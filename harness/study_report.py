@@ -10,7 +10,7 @@ from pathlib import Path
 
 import optuna
 
-from harness import datacache, report, runs, tasks, tracking
+from harness import classical, datacache, report, runs, tasks, tracking
 from harness.finetune import evaluate
 from harness.loop import resolve_device, seed_everything
 from harness.metrics import KINDS, best_name
@@ -175,6 +175,7 @@ def finish_report(
         seeded = seed_reruns(
             Resources(opts.results, client, exp_id, notes.note), parent, shown, seeds
         )
+    references = classical_references(study, opts, client)
     exp = client.get_experiment_by_name(study.user_attrs.get("harness.experiment", name))
     objective = summary.objectives[0] if summary.objectives else "val_acc"
     url = (
@@ -184,14 +185,43 @@ def finish_report(
         if exp
         else ""
     )
-    summary = dataclasses.replace(summary, test=test, seeds=seeded, ui_url=url)
+    summary = dataclasses.replace(
+        summary, test=test, seeds=seeded, ui_url=url, classical=references
+    )
     folder = opts.results / "reports" / safe_name(name)
     files = report.write_report(study, summary, curves, labels, folder)
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:
         tracking.log_report(client, parent, files)
-        tracking.log_metrics_once(client, parent, summary.study_metrics())
+        refs = {r.metric: r.test_acc for r in references}
+        tracking.log_metrics_once(client, parent, summary.study_metrics() | refs)
     return dataclasses.replace(summary, files=files)
+
+
+def classical_references(study: optuna.Study, opts: StudyOptions, client) -> list:
+    """The classical reference on the study's split (harness.classical): fine-tuning and
+    multi-task studies, on the first trial's data and, where it starts from pretrained
+    weights, their frozen features. [] for meta-learning."""
+    first = next(
+        (t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("mlflow_run_id")), None
+    )
+    if first is None:
+        return []
+    config = load_config(first.user_attrs["mlflow_run_id"])
+    if config.task.kind == "meta":
+        return []
+    exp_id = client.get_run(first.user_attrs["mlflow_run_id"]).info.experiment_id
+    res = Resources(opts.results, client, exp_id, note=lambda _: None)
+    data = res.data_for(config)
+    start, _ = res.pretrained_for(config)
+    model = None
+    if config.model.pretrained_kind != "none":
+        seed_everything(config.seed)
+        model = tasks.build(config, data, start)
+        model.to("cpu")
+    kind = config.model.pretrained_kind
+    start = {"source": "the source model", "imagenet": f"{config.model.arch} ImageNet weights"}
+    return classical.references(data, config.seed, model, start.get(kind, "the starting weights"))
 
 
 def summarize(study: optuna.Study, opts: StudyOptions, name: str) -> report.Summary:

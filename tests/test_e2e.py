@@ -39,6 +39,16 @@ def _trial_runs(runs):
     return [r for r in runs if "optuna.trial_number" in r.data.tags]
 
 
+def _ink(png) -> float:
+    """The share of pixels that differ from the image's most common colour (its background)."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    pixels = imread(png)[..., :3].reshape(-1, 3)
+    colours, counts = np.unique((pixels * 255).astype(np.uint8), axis=0, return_counts=True)
+    return 1.0 - counts.max() / len(pixels)
+
+
 def test_study_runs_resumes_and_extends(tmp_path, results_dir):
     work = tmp_path / "work"  # the process's cwd: nothing may be written here
     work.mkdir()
@@ -84,6 +94,18 @@ def test_study_runs_resumes_and_extends(tmp_path, results_dir):
     assert summary["gain_over_baseline"] == pytest.approx(best.value - trials[0].value)
     assert "best_test_acc" in summary
     assert "?workflowType=machine_learning" in out  # the hint lands on the runs table
+    # Every plot of the report is readable: not blank; importances over the searched trials
+    folder = results_dir / "reports" / "quickstart"
+    pngs = sorted(folder.glob("*.png"))
+    assert {"importances.png", "parallel.png", "gap_vs_acc.png"} <= {p.name for p in pngs}
+    for png in pngs:
+        assert _ink(png) > 0.03, f"{png.name} is (nearly) blank"
+    md = (folder / "report.md").read_text()
+    assert "## Which searched parameters mattered (fANOVA importance)" in md
+    assert any(f"- `{p}`:" in md for p in trials[1].params)  # names a searched parameter
+    assert "Classical reference (the same split; C chosen on val, tested once):" in out
+    assert "logistic regression on pixels" in out and "RBF SVC on frozen features" in out
+    assert ("beat every classical reference" in out) != ("did NOT beat" in out)
     # The registered best model is an MLflow model: raw uint8 images in, the recorded test_acc
     from mlflow import pytorch as mlflow_pytorch
 
