@@ -232,6 +232,9 @@ def cmd_ui(args) -> int:
                 f"--port {args.port}: {args.host}:{args.port} is not free ({err.strerror}); "
                 "stop what uses it or give another --port."
             ) from None
+    moved = tracking.relocate(args.results, uri)
+    if moved:
+        print(f"note: {moved}.", file=sys.stderr)
     cmd = tracking.ui_command(uri, args.results, args.host, args.port)
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {tracking.redact(uri)}: {base}  (Ctrl-C stops it)", flush=True)

@@ -380,6 +380,9 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
         raise SpecError(
             f"no MLflow store at {tracking.redact(uri)}: give --results or --tracking-uri"
         )
+    moved = tracking.relocate(opts.results, uri)
+    if moved:
+        warn(moved)
     client = tracking.connect(uri)
     run = _trial_run(client, run_id, uri)
     tags = run.data.tags

@@ -12,6 +12,7 @@ import fcntl
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -455,6 +456,11 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
     return study, parent, True
 
 
+def _note_moved(note: str | None) -> None:
+    if note:
+        print(f"note: {note}.", file=sys.stderr, flush=True)
+
+
 def _starting_configs(spec: ExperimentSpec, config: TrialConfig) -> list[TrialConfig]:
     """The first trial's config and one per `model.pretrained` value the space can sample."""
     configs = [config]
@@ -524,6 +530,7 @@ def report_study(opts: StudyOptions, seeds: int = 0) -> report.Summary:
             f"(studies there: {', '.join(names) or 'none'})"
         )
     study = optuna.load_study(study_name=opts.study_name, storage=storage)
+    _note_moved(tracking.relocate(opts.results, opts.tracking()))
     client = tracking.connect(opts.tracking())
     return finish_report(study, opts, opts.study_name, client, seeds=seeds)
 
@@ -542,6 +549,7 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     if spec.search.sampler == "grid":  # a grid point runs once
         target = min(target, grid_points(spec) + int(spec.search.baseline))
     with _stores_lock(opts.results):
+        _note_moved(tracking.relocate(opts.results, opts.tracking()))
         client = _retry(lambda: tracking.connect(opts.tracking()), "the MLflow store")
         exp_id = _retry(
             lambda: tracking.experiment_id(client, spec.name, opts.results, opts.tracking()),

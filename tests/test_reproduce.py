@@ -361,3 +361,31 @@ def test_a_source_model_missing_from_the_cache_comes_from_the_registry(study, ca
     finally:
         shutil.rmtree(results / "sources", ignore_errors=True)
         aside.rename(results / "sources")
+
+
+@pytest.mark.slow
+def test_a_copied_results_folder_works_alone_after_the_original_is_deleted(study, tmp_path):
+    """MLflow records absolute artifact locations: the copy is relocated when opened, then
+    `report --seeds 1` and `reproduce` run on it and write nothing outside it."""
+    results, runs = study
+    original = tmp_path / "original" / "results"
+    shutil.copytree(results, original)  # a study of its own, made in `original`
+    assert main(["report", "quickstart", "--results", str(original)]) == 0
+    copy = tmp_path / "elsewhere" / "results"
+    shutil.copytree(original, copy)
+    shutil.rmtree(tmp_path / "original")
+    work = tmp_path / "work"
+    work.mkdir()
+    rep = run_cli("report", "quickstart", "--results", str(copy), "--seeds", "1", cwd=work)
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    assert "results folder moved from" in rep.stderr
+    again = run_cli("reproduce", runs[0].info.run_id, "--results", str(copy), cwd=work)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "reproduced: all 3 epochs match bit for bit" in again.stdout
+    assert not (tmp_path / "original").exists()  # nothing written to the original's place
+    assert list(work.iterdir()) == []
+    client = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("quickstart")
+    assert exp.artifact_location.startswith((copy / "mlartifacts").resolve().as_uri())
+    for run in client.search_runs([exp.experiment_id], max_results=1000):
+        assert run.info.artifact_uri.startswith((copy / "mlartifacts").resolve().as_uri())
