@@ -287,7 +287,10 @@ def _trial_run(client, run_id: str, uri: str):
     tags = run.data.tags
     if "optuna.trial_number" not in tags:
         role = tags.get("harness.role", "unknown")
-        raise SpecError(f"run {run_id} is not a trial run (harness.role={role}); give a trial's")
+        raise SpecError(
+            f"run {run_id} is not a trial run (harness.role={role}); give the run id of a "
+            "trial (the Optuna user attribute mlflow_run_id, or a trial-N run in the MLflow UI)."
+        )
     state = tags.get("optuna.state")
     if state not in ("COMPLETE", "PRUNED"):
         why = f"its trial state is {state}" if state else "its trial is running or was cut off"
