@@ -192,7 +192,7 @@ def _stub_fit(clock: Clock):
 def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
     import optuna
 
-    from harness import resume_state, study, study_report, tracking
+    from harness import resume_state, retention, study, study_report, tracking
     from harness.spec import load_spec
 
     clock = Clock()
@@ -265,7 +265,7 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
     # checkpoint: the resume state, the best weights' file, the retention policy
     resume_state.save_state = clock.wrap(resume_state.save_state, "checkpoint")
     study.atomic_write = clock.wrap(study.atomic_write, "checkpoint")
-    study.apply_retention = clock.wrap(study.apply_retention, "checkpoint")
+    retention.apply_retention = clock.wrap(retention.apply_retention, "checkpoint")
     # the trials' boundaries
     objective = study._objective
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ from harness.datacache import pixel_stats as _pixel_stats
 from harness.datacache import read_image as _read_image
 from harness.spec import DataSpec
 from harness.stream import HostImages
+from harness.taskdata import DataReport, TaskData
 
 # Digits pixels are 0..16, stored as uint8 0..255; mean and std of all 1,797 images in [0, 1].
 DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3759,)
@@ -62,79 +63,6 @@ SHOW = 5  # examples named in a message
 
 class DataError(ValueError):
     """The data cannot serve the experiment as written (names the key and the numbers)."""
-
-
-@dataclass(frozen=True)
-class DataReport:
-    """What the data checks found for one task; `lines()` is what a study prints."""
-
-    dataset: str = ""  # the data set and where it was read: "cifar10 in data"
-    skipped: tuple[tuple[str, str], ...] = ()  # (path, why) of each unreadable image skipped
-    duplicates: int = 0  # images of val/test equal to one of an earlier split (leakage)
-    duplicate_examples: tuple[str, ...] = ()  # a few, e.g. "test cat/b.png = train cat/a.png"
-    duplicates_allowed: bool = False  # data.allow_duplicates: duplicates were only reported
-
-    @property
-    def skipped_paths(self) -> tuple[str, ...]:
-        return tuple(path for path, _ in self.skipped)
-
-    def lines(self, limit: int = 10) -> list[str]:
-        name = self.dataset or "data"
-        out = []
-        if self.skipped:
-            out.append(f"data ({name}): skipped {len(self.skipped)} unreadable image(s):")
-            out += [f"  {path}: {why}" for path, why in self.skipped[:limit]]
-            if len(self.skipped) > limit:
-                out.append(f"  ... and {len(self.skipped) - limit} more")
-        if self.duplicates:
-            allowed = " (kept: data.allow_duplicates is true)" if self.duplicates_allowed else ""
-            out.append(
-                f"data ({name}): {self.duplicates} exact duplicate image(s) across "
-                f"train/val/test{allowed}, e.g. " + "; ".join(self.duplicate_examples)
-            )
-        if not out:
-            out.append(f"data ({name}): no unreadable images, no duplicates across splits")
-        return out
-
-
-@dataclass(frozen=True)
-class TaskData:
-    """One classification task: train / val / test tensors, labels 0..num_classes-1."""
-
-    # HostImages: rows of the memory-mapped cache (nothing read yet); `to` puts them all on the
-    # device, or streams them batch by batch when larger than data.device_budget_gb
-    x_train: torch.Tensor | HostImages
-    y_train: torch.Tensor
-    x_val: torch.Tensor | HostImages
-    y_val: torch.Tensor
-    x_test: torch.Tensor | HostImages
-    y_test: torch.Tensor
-    classes: tuple[int | str, ...]  # the class ids as the spec gives them, in label order
-    data_hash: str  # identifies the exact split (indices; imagefolder: files and contents)
-    mean: tuple[float, ...]  # per-channel statistics of the data set, in [0, 1]
-    std: tuple[float, ...]
-    report: DataReport = field(default_factory=DataReport)  # what the data checks found
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def to(self, device: torch.device | str) -> TaskData:
-        moved = {
-            f.name: getattr(self, f.name).to(device)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor | HostImages)
-        }
-        rest = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in moved}
-        return TaskData(**moved, **rest)
-
-    @property
-    def channels(self) -> int:
-        return self.x_train.shape[1]
-
-    @property
-    def image_size(self) -> int:
-        return self.x_train.shape[-1]
 
 
 # --- Decoded data sets, cached per process. ---

@@ -107,7 +107,8 @@ def reconcile(
     }
     for run_id in tracking.running_trial_runs(client, study_name):
         if run_id not in live:
-            tracking.end_trial_run(client, run_id, "FAIL", {"harness.fault": "killed"}, "KILLED")
+            tags = {"optuna.state": "FAIL", "harness.fault": "killed"}
+            tracking.end_run_tagged(client, run_id, "KILLED", tags)
     return [t.number for t in dead]
 
 

@@ -25,7 +25,17 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from harness import datacache, models, report, resume_state, runs, tasks, tracking, workers
+from harness import (
+    datacache,
+    inputs,
+    report,
+    resume_state,
+    retention,
+    runs,
+    tasks,
+    tracking,
+    workers,
+)
 from harness.files import atomic_write
 from harness.loop import seed_everything
 from harness.metrics import KINDS
@@ -303,60 +313,6 @@ def first_config(spec: ExperimentSpec) -> TrialConfig:
     return baseline_config(spec) if spec.search.baseline else trial_config(spec, {})
 
 
-def keep_set(study: optuna.Study, policy: str, k: int) -> set[int]:
-    """Numbers of the complete trials whose best weights are kept: the top k and the baseline."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if policy == "all":
-        return {t.number for t in complete}
-    if policy == "none":
-        return set()
-    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
-    ranked = sorted(complete, key=lambda t: (-t.values[0] if maximize else t.values[0], t.number))
-    keep = {t.number for t in ranked[:k]}
-    best_of: dict[str, int] = {}  # and each meta-learning algorithm's best, tested at the end
-    for t in ranked:
-        if "meta.algorithm" in t.params:
-            best_of.setdefault(t.params["meta.algorithm"], t.number)
-    keep |= set(best_of.values())
-    if len(study.directions) > 1:  # and the whole Pareto front
-        keep |= {t.number for t in study.best_trials}
-    return keep | {t.number for t in complete if t.user_attrs.get("harness.baseline")}
-
-
-def apply_retention(ctx: _Context, study: optuna.Study) -> None:
-    """Log the kept trials' weights to MLflow; delete the others' local files and artifacts.
-
-    Run after every trial, so that disk use stays bounded by the policy as the study goes on.
-    """
-    search = ctx.spec.search
-    folder = best_weights_path(ctx.opts.results, ctx.study_name, 0).parent
-    with open(folder / ".retention.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the workers sharing this results folder, in turn
-        keep = keep_set(study, search.keep_checkpoints, search.top_k)
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            try:
-                _retain(ctx, t, t.number in keep)
-            except (OSError, tracking.TrackingError) as err:  # another node got there first
-                ctx.progress.note(f"checkpoint of trial {t.number}: {err}; left as it is")
-
-
-def _retain(ctx: _Context, t, kept: bool) -> None:
-    path = best_weights_path(ctx.opts.results, ctx.study_name, t.number)
-    run_id = t.user_attrs.get("mlflow_run_id")
-    if kept:  # asked of MLflow once per run and process: not every kept run at every trial
-        if path.is_file() and run_id not in ctx.logged:
-            if tracking.checkpoint_state(ctx.client, run_id) != "logged":
-                tracking.log_checkpoint(ctx.client, run_id, path)
-            ctx.logged.add(run_id)
-    elif path.is_file():
-        path.unlink()
-        ctx.logged.discard(run_id)
-        if tracking.checkpoint_state(ctx.client, run_id) == "logged":
-            tracking.delete_checkpoint(ctx.client, run_id)
-        else:  # fell out before it was ever logged
-            ctx.client.set_tag(run_id, "harness.checkpoint", "deleted")
-
-
 # --- The study. ---
 def finished_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
@@ -461,52 +417,11 @@ def _note_moved(note: str | None) -> None:
         print(f"note: {note}.", file=sys.stderr, flush=True)
 
 
-def _starting_configs(spec: ExperimentSpec, config: TrialConfig) -> list[TrialConfig]:
-    """The first trial's config and one per `model.pretrained` value the space can sample."""
-    configs = [config]
-    choice = spec.search.space.get("model.pretrained")
-    if choice is not None:
-        configs += [trial_config(spec, {"model.pretrained": v}) for v in choice.candidates()]
-    return configs
-
-
-def check_inputs(
-    spec: ExperimentSpec, opts: StudyOptions, config: TrialConfig, weights_files: bool = False
-) -> None:
-    """Resolve what the experiment refers to before any store is touched: a torchvision
-    weights name, a state_dict file, a registry model or run URI (in an existing store: none is
-    created to look); with `weights_files`, the torchvision weights' files (downloaded where
-    the network allows). A bad one is SpecError (exit 2), and nothing is created."""
-    for c in _starting_configs(spec, config):
-        m = c.model
-        kind = m.pretrained_kind
-        try:
-            if kind == "imagenet":
-                weights = models.imagenet_weights(m)
-                if weights_files and not models.weights_path(weights).is_file():
-                    models.imagenet_state(weights)  # a download, or WeightsUnavailable
-            elif weights_files:
-                continue
-            elif kind == "file" and not Path(m.pretrained).is_file():
-                raise ValueError(f"model.pretrained: no such state_dict file {m.pretrained}")
-            elif kind == "mlflow":
-                uri = opts.tracking()
-                if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-                    raise ValueError(
-                        f"model.pretrained: {m.pretrained}: there is no MLflow store at "
-                        f"{tracking.redact(uri)} to find it in; give the --results or "
-                        "--tracking-uri of the study that registered it"
-                    )
-                tracking.check_model_uri(uri, m.pretrained)
-        except ValueError as err:
-            raise SpecError(str(err)) from None
-
-
 def _preflight(ctx: _Context, config: TrialConfig) -> None:
     """Fetch (or pretrain) the starting weights and build the model once, before any trial,
     for the first trial and every `model.pretrained` the space can sample: a bad weights name,
     file or model URI is an input error (exit 2), not a study of failed trials."""
-    for c in _starting_configs(ctx.spec, config):
+    for c in inputs.starting_configs(ctx.spec, config):
         try:
             pretrained, _ = ctx.res.pretrained_for(c)
             tasks.build(c, ctx.res.data_for(c), pretrained)
@@ -539,10 +454,12 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     """Create or resume the study and run it to its budget of finished trials (or the timeout)."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what failed
     first = first_config(spec)
-    check_inputs(spec, opts, first)  # bad weights names, files and model URIs: before any store
+    inputs.check_inputs(
+        spec, opts, first
+    )  # bad weights names, files and model URIs: before any store
     # bad data settings fail before any store; an image folder is decoded (once) before workers
     base_data = tasks.load_data(first, datacache.under(opts.results))
-    check_inputs(spec, opts, first, weights_files=True)
+    inputs.check_inputs(spec, opts, first, weights_files=True)
     opts.results.mkdir(parents=True, exist_ok=True)
     name = opts.study_name or spec.name
     target = opts.n_trials or spec.search.n_trials
@@ -604,7 +521,7 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
                 timeout=left,
                 callbacks=[
                     budget,
-                    lambda st, _t: apply_retention(ctx, st),
+                    lambda st, _t: retention.apply_retention(ctx, st),
                     lambda st, _t: reconcile(st, client, name, quick=True),  # a dead worker's
                     progress.on_trial_end,
                 ],

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import optuna
 
-from harness import classical, datacache, report, runs, tasks, tracking
+from harness import classical, datacache, plots, report, runs, tasks, tracking
 from harness.finetune import evaluate
 from harness.loop import resolve_device, seed_everything
 from harness.metrics import KINDS, best_name
@@ -156,14 +156,11 @@ def finish_report(
         metrics = {acc: best.attrs[acc], **test[best.number]}
         register(client, opts.results, name, best, metrics)
     shown = [*complete[:3], *(t for t in chosen if t not in complete[:3])]
-    curves = {
-        t.number: tracking.metric_histories(
-            client,
-            t.attrs["mlflow_run_id"],
-            list(KINDS[report.kind_of(t.attrs)].curves),
-        )
-        for t in shown
-    }
+    curves = {}
+    for t in shown:
+        keys = KINDS[report.kind_of(t.attrs)].curves
+        steps = tracking.metric_steps(client, t.attrs["mlflow_run_id"], list(keys))
+        curves[t.number] = {k: [v for _, v in sorted(steps.get(k, {}).items())] for k in keys}
     labels = {t.number: f"trial {t.number}" + (" (baseline)" if t.baseline else "") for t in shown}
     seeded = {}
     if seeds:
@@ -189,7 +186,7 @@ def finish_report(
         summary, test=test, seeds=seeded, ui_url=url, classical=references
     )
     folder = opts.results / "reports" / safe_name(name)
-    files = report.write_report(study, summary, curves, labels, folder)
+    files = plots.write_report(study, summary, curves, labels, folder)
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:
         tracking.log_report(client, parent, files)

@@ -326,20 +326,6 @@ def checkpoint_state(client: MlflowClient, run_id: str) -> str | None:
     return client.get_run(run_id).data.tags.get("harness.checkpoint")
 
 
-def end_trial_run(
-    client: MlflowClient,
-    run_id: str,
-    state: str,
-    tags: dict[str, str] | None = None,
-    status: str | None = None,
-) -> None:
-    """Tag `optuna.state` and end the run with the matching MLflow status (or `status`: an
-    interrupted or killed attempt is FAIL in Optuna and KILLED in MLflow)."""
-    all_tags = {"optuna.state": state, **(tags or {})}
-    client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in all_tags.items()])
-    client.set_terminated(run_id, status=status or STATUS[state])
-
-
 def running_trial_runs(client: MlflowClient, study_name: str) -> list[str]:
     """Ids of the study's trial runs that MLflow still shows RUNNING."""
     runs = client.search_runs(
@@ -479,14 +465,6 @@ def download_checkpoint(client: MlflowClient, run_id: str, dest: Path) -> Path |
 def log_metrics_once(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-
-
-def metric_histories(client: MlflowClient, run_id: str, keys: list[str]) -> dict[str, list]:
-    out = {}
-    for key in keys:
-        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-        out[key] = [m.value for m in history]
-    return out
 
 
 def register_model(

@@ -94,6 +94,9 @@ CORE = (
     "source",
     "files",
     "metrics",
+    "episodes",
+    "taskdata",
+    "classical",
 )
 
 
