@@ -70,6 +70,11 @@ def fit_reference(x_train, y_train, x_val, y_val, x_test, y_test, inputs: str, s
     return out
 
 
+def _tensor(x) -> torch.Tensor:
+    """A split's images as one CPU tensor (a memory-mapped `HostImages` split is read)."""
+    return x if isinstance(x, torch.Tensor) else x[:].cpu()
+
+
 def _pixels(x: torch.Tensor) -> np.ndarray:
     return x.reshape(len(x), -1).float().div(255.0).cpu().numpy()
 
@@ -95,8 +100,14 @@ def _features(model, x: torch.Tensor, batch: int = 256) -> np.ndarray:
 def references(data, seed: int = 0, pretrained_model=None, start: str = "") -> list[Reference]:
     """The classical models on `data`'s split (a `TaskData`): pixels, and the frozen features
     of `pretrained_model` (the study's starting weights, described by `start`) when given."""
-    y = [t.cpu().numpy() for t in (data.y_train, data.y_val, data.y_test)]
-    xs = [data.x_train, data.x_val, data.x_test]
+    keep = torch.arange(len(data.y_train))
+    if len(keep) > MAX_TRAIN:  # before any image is read: a large split stays on disk
+        g = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(len(keep), generator=g)[:MAX_TRAIN].sort().values
+    x_train = data.x_train[keep] if isinstance(data.x_train, torch.Tensor) else None
+    x_train = x_train if x_train is not None else data.x_train.gather(keep)
+    y = [data.y_train.cpu()[keep].numpy(), data.y_val.cpu().numpy(), data.y_test.cpu().numpy()]
+    xs = [x_train.cpu(), _tensor(data.x_val), _tensor(data.x_test)]
     out = fit_reference(*_interleave([_pixels(x) for x in xs], y), "pixels", seed)
     if pretrained_model is not None:
         feats = [_features(pretrained_model, x) for x in xs]
