@@ -265,6 +265,34 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def random_resized_crop(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """Per-image random-resized crop (Inception-style, as torchvision's RandomResizedCrop): each
+    image draws an area share in `scale` and a log-uniform aspect in `ratio`, the box is
+    clamped into the image and resized back to the image's side (bilinear, torchvision's
+    roi_align), in one batched call. With `data.cache_size` the image is larger than what
+    the network sees, so the crop keeps more detail than cropping the final pixels."""
+    from torchvision.ops import roi_align
+
+    n, _, h, w = x.shape
+    draws = torch.rand((3, n), generator=generator, dtype=torch.float64)
+    area = (scale[0] + (scale[1] - scale[0]) * draws[0]) * h * w
+    log_r = torch.log(torch.tensor(ratio, dtype=torch.float64))
+    aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * draws[1])
+    cw = torch.sqrt(area * aspect).clamp(1, w)
+    ch = torch.sqrt(area / aspect).clamp(1, h)
+    offset = torch.rand((2, n), generator=generator, dtype=torch.float64)
+    left, top = offset[0] * (w - cw), offset[1] * (h - ch)
+    boxes = torch.stack([torch.arange(n, dtype=torch.float64), left, top, left + cw, top + ch], 1)
+    boxes = to_device(boxes.float(), x.device)
+    out = roi_align(x.float(), boxes, output_size=(h, w), spatial_scale=1.0, aligned=True)
+    return out.round().clamp(0, 255).to(x.dtype) if x.dtype == torch.uint8 else out
+
+
 def random_flip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
     """Each image flipped left-right on its own with probability `p`."""
     flip = to_device(torch.rand(len(x), generator=generator) < p, x.device)
@@ -363,4 +391,8 @@ def augment(x: torch.Tensor, spec: AugSpec, generator: torch.Generator) -> torch
         return auto_augment(x, generator)
     if policy == "random_erasing":
         return random_erasing(x, spec.erasing_p, generator)
+    if policy == "random_resized_crop":
+        return random_resized_crop(x, generator)
+    if policy == "random_resized_crop_flip":
+        return random_flip(random_resized_crop(x, generator), generator)
     raise ValueError(f"aug.policy: unknown policy {policy!r}")

@@ -323,7 +323,7 @@ def _open(
     if spec.dataset in TORCHVISION:
         return _torchvision_data(spec, with_test)
     if spec.dataset == "imagefolder":
-        size = spec.image_size or size_hint or DEFAULT_IMAGE_SIZE
+        size = spec.cache_size or spec.image_size or size_hint or DEFAULT_IMAGE_SIZE
         return _folder_data(spec, size, cache_dir)
     raise DataError(f"data.dataset: unknown data set {spec.dataset!r}")
 

@@ -57,9 +57,10 @@ class Inputs:
 class Preprocess(nn.Module):
     """uint8 (N, C, H, W) -> float in [0, 1] -> `channels` -> `size` x `size` -> normalized."""
 
-    def __init__(self, channels: int, size: int | None, mean, std):
+    def __init__(self, channels: int, size: int | None, mean, std, eval_crop: float = 1.0):
         super().__init__()
         self.channels, self.size = channels, size
+        self.eval_crop = eval_crop  # eval mode: the center eval_crop of each side first
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
@@ -67,6 +68,11 @@ class Preprocess(nn.Module):
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         if x.shape[1] != self.channels:  # a grey image for a colour network
             x = x.expand(-1, self.channels, -1, -1)
+        if self.eval_crop < 1.0 and not self.training:  # data.cache_size: the center crop
+            h, w = x.shape[-2:]
+            ch, cw = round(h * self.eval_crop), round(w * self.eval_crop)
+            top, left = (h - ch) // 2, (w - cw) // 2
+            x = x[..., top : top + ch, left : left + cw]
         if self.size is not None and x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
         return (x - self.mean) / self.std
@@ -511,6 +517,7 @@ def build_model(
     stochastic_depth: float = 0.0,
     image_size: int | None = None,
     load_weights: bool = True,
+    eval_crop: float = 1.0,
 ) -> ImageModel:
     """A fresh model for `num_classes`: the backbone, then dropout and a new linear head.
 
@@ -533,7 +540,8 @@ def build_model(
     size = input_size(spec, inputs, image_size)
     if arch == "small_cnn":
         net = SmallCNN(num_classes, width=spec.width, dropout=dropout, in_ch=inputs.channels)
-        model = ImageModel(Preprocess(inputs.channels, size, inputs.mean, inputs.std), net, arch)
+        prep = Preprocess(inputs.channels, size, inputs.mean, inputs.std, eval_crop)
+        model = ImageModel(prep, net, arch)
         target = f"{arch} (width {spec.width})"
     else:
         weights = imagenet_weights(spec)
@@ -543,7 +551,7 @@ def build_model(
         if weights is not None:
             preset = weights.transforms()
             mean, std = tuple(preset.mean), tuple(preset.std)
-        model = ImageModel(Preprocess(3, size, mean, std), net, arch)
+        model = ImageModel(Preprocess(3, size, mean, std, eval_crop), net, arch)
         target = arch
         if weights is not None and load_weights:
             name = f"model.weights: {type(weights).__name__}.{weights.name}"
@@ -571,4 +579,10 @@ def model_for(
         stochastic_depth=config.reg.stochastic_depth,
         image_size=config.data.image_size,
         load_weights=load_weights,
+        eval_crop=eval_crop(config.data),
     )
+
+
+def eval_crop(data) -> float:
+    """The share of each side evaluation keeps (the center): image_size / data.cache_size."""
+    return data.image_size / data.cache_size if data.cache_size else 1.0

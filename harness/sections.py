@@ -35,7 +35,7 @@ Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "mnist": 10, "fashionmnist": 10}
 FLIP_UNSAFE = {"digits", "mnist"}  # a mirrored 2 is not a 2
-FLIP_POLICIES = {"flip_crop"}
+FLIP_POLICIES = {"flip_crop", "random_resized_crop_flip"}
 
 
 class DataSpec(_Section):
@@ -58,6 +58,23 @@ class DataSpec(_Section):
     # a train split bigger than this (GB of uint8 pixels) streams from the host to the device
     # batch by batch; None: half of the device's free memory (the CPU: of the available RAM)
     device_budget_gb: Annotated[float, Field(gt=0)] | None = None
+    # imagefolder: the side decoded and cached (>= image_size), so that random-resized-crop
+    # augmentation crops from more pixels than the network sees; evaluation takes the center
+    # image_size/cache_size of it. None: decode at image_size.
+    cache_size: Annotated[int, Field(ge=8, le=2048)] | None = None
+
+    @model_validator(mode="after")
+    def _cache_size(self) -> DataSpec:
+        if self.cache_size is None:
+            return self
+        if self.dataset != "imagefolder":
+            raise ValueError(f"cache_size: for imagefolder data only, not {self.dataset}")
+        if self.image_size is None or self.cache_size < self.image_size:
+            raise ValueError(
+                f"cache_size: {self.cache_size} needs an image_size at most that large "
+                f"(image_size is {self.image_size})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _classes(self) -> DataSpec:
@@ -190,6 +207,8 @@ class AugSpec(_Section):
         "trivialaugment",
         "autoaugment",
         "random_erasing",
+        "random_resized_crop",  # a random area (8-100 %) and aspect (3/4-4/3), resized back
+        "random_resized_crop_flip",  # and a horizontal flip with probability 0.5
     ] = "none"
     crop_padding: Annotated[int, Field(ge=1, le=32)] = 1
     magnitude: Annotated[int, Field(ge=0, le=30)] = 9  # randaugment

@@ -108,6 +108,7 @@ def build(
         stochastic_depth=config.reg.stochastic_depth,
         image_size=config.data.image_size,
         load_weights=load_weights,
+        eval_crop=models.eval_crop(config.data),
     )
 
 

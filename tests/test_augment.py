@@ -20,6 +20,7 @@ from harness import finetune, models
 from harness.spec import AugSpec, TrialConfig
 
 POLICIES = ["crop", "flip_crop", "randaugment", "trivialaugment", "autoaugment", "random_erasing"]
+POLICIES += ["random_resized_crop", "random_resized_crop_flip"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -267,3 +268,18 @@ def test_evaluate_never_augments(monkeypatch):
     # the same patch does catch the training path (so the check above can fail)
     with pytest.raises(AssertionError, match="augment was called"):
         finetune.fit(config, model, task)
+
+
+def test_random_resized_crop_takes_each_image_s_own_box_and_keeps_the_full_box_exact():
+    """The whole image as the box gives the image back (roi_align, aligned sampling); a
+    constant image stays constant; each image draws its own box."""
+    x = images(16, 3, 24)
+    full = A.random_resized_crop(
+        x, torch.Generator().manual_seed(0), scale=(1.0, 1.0), ratio=(1.0, 1.0)
+    )
+    assert torch.equal(full, x)
+    flat = torch.full((4, 1, 20, 20), 77, dtype=torch.uint8)
+    assert torch.equal(A.random_resized_crop(flat, torch.Generator().manual_seed(1)), flat)
+    out = A.random_resized_crop(x, torch.Generator().manual_seed(2))
+    assert changed(out, x).all()  # 16 boxes, none the whole image
+    assert len({o.float().mean().item() for o in out}) > 1

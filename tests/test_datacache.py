@@ -313,3 +313,51 @@ def test_parallel_build_with_an_unreadable_file_equals_the_uncached_load(tmp_pat
     assert built.built_now and "2 worker(s)" in decodes(cache)[0]
     assert built.x.shape[0] == 69  # the unreadable file's row compacted away
     same_task(hdata.load_target(spec, 0, cache_dir=cache), plain)
+
+
+# --- data.cache_size: crop from more pixels than the network sees --------------------------------
+def test_cache_size_keeps_a_larger_side_and_evaluation_takes_its_center(tmp_path):
+    """The folder is decoded at cache_size; the model resizes a training batch whole (after its
+    random-resized crop) and, in eval mode, takes the center image_size/cache_size first."""
+    import torch.nn.functional as F
+
+    from harness import tasks
+    from harness.spec import TrialConfig
+
+    root = tmp_path / "pets"
+    make_folder(root, {"a": 6, "b": 6, "c": 6}, size=(40, 30))
+    data_keys = spec_of(root, image_size=16, cache_size=24).model_dump()
+    config = TrialConfig.model_validate(
+        {
+            "name": "t",
+            "data": data_keys,
+            "model": {"pretrained": "none", "width": 8},
+            "train": {"device": "cpu"},
+            "aug": {"policy": "random_resized_crop_flip"},
+        }
+    )
+    task = hdata.load_target(config.data, 0, cache_dir=tmp_path / "cache")
+    assert task.image_size == 24  # the cached side
+    model = tasks.build(config, task)
+    assert model.prep.size == 16 and model.prep.eval_crop == pytest.approx(16 / 24)
+    x = task.x_val[:3] if isinstance(task.x_val, torch.Tensor) else task.x_val[:3]
+    model.eval()
+    center = x[..., 4:20, 4:20].float() / 255.0  # the center 16 of 24, then no resize
+    expected = (center - model.prep.mean) / model.prep.std
+    torch.testing.assert_close(model.prep(x), expected)
+    model.train()
+    whole = F.interpolate(x.float() / 255.0, size=(16, 16), mode="bilinear", antialias=True)
+    torch.testing.assert_close(model.prep(x), (whole - model.prep.mean) / model.prep.std)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"image_size": 16, "cache_size": 12}, "cache_size: 12 needs an image_size at most"),
+        ({"image_size": None, "cache_size": 32}, "needs an image_size"),
+        ({"dataset": "digits", "cache_size": 32}, "for imagefolder data only"),
+    ],
+)
+def test_cache_size_is_checked(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        spec_of(tmp_path, **extra)
