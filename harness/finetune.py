@@ -20,7 +20,8 @@ keeps every BatchNorm in eval mode. Penalties, MixUp/CutMix and the EMA are
 `harness.regularizers`; with an EMA, the metrics, best state and restored weights are the EMA's.
 
 Resume: after every epoch's `on_epoch_end` calls, callbacks that also have an
-`on_checkpoint(epoch, state)` method get fit's whole resume state (`harness.resume_state` lists
+`on_checkpoint(epoch, state)` method (and, if they have one, whose `wants_state(epoch)` is
+true) get fit's whole resume state (`harness.resume_state` lists
 its keys; built only when some callback has the method), and `fit(..., resume=state)` on a
 model built the same way continues at the next epoch exactly as an uninterrupted fit would on
 the CPU.
@@ -448,12 +449,13 @@ def fit(
             progress.best.update(epoch, m, lambda: loop.copy_state(scored))
             for cb in callbacks:
                 cb.on_epoch_end(epoch, m)
-            if savers:
+            due = [cb for cb in savers if getattr(cb, "wants_state", lambda _e: True)(epoch)]
+            if due:  # built only at the epochs some callback keeps it
                 state = resume_state.capture(
                     epoch, config, model, run, progress, generator, device, cpu_anchors
                 )
                 state["seconds"] = progress.seconds + time.perf_counter() - started
-                for cb in savers:
+                for cb in due:
                     cb.on_checkpoint(epoch, state)
     finally:
         for p, flag in requires_grad:

@@ -30,14 +30,21 @@ def raise_interrupted(signum, _frame) -> None:
 
 
 class TrialWatch:
-    """Core callback: a heartbeat on the trial every epoch (how other processes tell a live
-    trial from a dead one), and the resume state written atomically every epoch."""
+    """Core callback, after the trial's epoch logger: at each epoch whose metrics the logger
+    has just written (its `search.flush_seconds` cadence), a heartbeat on the trial (how other
+    processes tell a live trial from a dead one) and the resume state, written atomically.
+    So a trial killed between two writes resumes from the last state, and the metrics its run
+    logged are those of the epochs that state covers."""
 
-    def __init__(self, trial: optuna.Trial, resume_file: Path):
-        self.trial, self.resume_file = trial, resume_file
+    def __init__(self, trial: optuna.Trial, resume_file: Path, logger):
+        self.trial, self.resume_file, self.logger = trial, resume_file, logger
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.trial.set_user_attr("harness.heartbeat", time.time())
+        if self.logger.written_upto == epoch:
+            self.trial.set_user_attr("harness.heartbeat", time.time())
+
+    def wants_state(self, epoch: int) -> bool:
+        return self.logger.written_upto == epoch
 
     def on_checkpoint(self, epoch: int, state: dict) -> None:
         resume_state.save_state(state, self.resume_file)

@@ -97,13 +97,14 @@ def start(
     config: TrialConfig,
     tags: dict[str, str],
     synchronous: bool = True,
+    flush_seconds: float = 0.0,
 ) -> TrackedRun:
     """Create the run with `tags`, the params of `config` and its `config.yaml`."""
     started = time.perf_counter()
     run_id = tracking.create_run(client, exp_id, run_name, tags, params(config))
     text = tracking.yaml_text(config.model_dump(mode="json"))
     tracking.log_text(client, run_id, text, "config.yaml")
-    logger = tracking.EpochLogger(client, run_id, synchronous=synchronous)
+    logger = tracking.EpochLogger(client, run_id, synchronous, flush_seconds)
     return TrackedRun(client, run_id, logger, time.perf_counter() - started)
 
 

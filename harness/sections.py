@@ -440,6 +440,10 @@ class SearchSpec(_Section):
     # true: per-epoch metrics go through MLflow's async logging queue. Measured on the local
     # SQLite store it costs more (the queue's flush adds ~0.9 s a run): off by default.
     async_logging: bool = False
+    # per-epoch metrics are written to MLflow at most every this many seconds (and when the
+    # trial ends), the resume state and the heartbeat with them: a 1 s trial makes one write,
+    # a 10 min trial still shows live curves. 0: every epoch.
+    flush_seconds: Annotated[float, Field(ge=0.0, le=3600.0)] = 2.0
     # Trials to run first, each a mapping of searched keys to values (the other keys are
     # sampled), e.g. one trial per algorithm: Optuna's enqueue_trial, once per study.
     enqueue: Annotated[

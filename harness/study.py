@@ -214,6 +214,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         config,
         tags,
         synchronous=not spec.search.async_logging,
+        flush_seconds=spec.search.flush_seconds,
     )
     run_id, logger = run.run_id, run.logger
     trial.set_user_attr("mlflow_run_id", run_id)
@@ -236,7 +237,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
             end_tags["harness.resumed_from_epoch"] = resume["epoch"]
         callbacks = [
             logger,
-            TrialWatch(trial, resume_file),
+            TrialWatch(trial, resume_file, logger),
             pruner,
             ctx.progress.epoch_line(trial.number, config.epochs, KINDS[config.task.kind].headline),
         ]

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import io
 import logging
+import math
 import os
 import platform
 import re
@@ -272,21 +273,42 @@ class EpochLogger:
     `seconds` is the time the training loop spent in here.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, synchronous: bool = True):
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        synchronous: bool = True,
+        flush_seconds: float = 0.0,
+    ):
         self.client, self.run_id, self.synchronous = client, run_id, synchronous
-        self.pending, self.seconds = [], 0.0
+        self.flush_seconds = flush_seconds  # write at most this often; 0: every epoch
+        self.pending, self.buffer, self.seconds = [], [], 0.0
+        self.written_upto = 0  # the last epoch whose metrics were sent
+        self.last_write = -math.inf  # the first epoch is written at once: the curve shows
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         started = time.perf_counter()
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
-        ops = self.client.log_batch(self.run_id, metrics=batch, synchronous=self.synchronous)
-        if ops is not None:
-            self.pending.append(ops)
+        self.buffer += [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
+        if time.monotonic() - self.last_write >= self.flush_seconds:
+            self._write(epoch)
         self.seconds += time.perf_counter() - started
 
+    def _write(self, epoch: int) -> None:
+        for i in range(0, len(self.buffer), 1000):  # MLflow's batch limit
+            ops = self.client.log_batch(
+                self.run_id, metrics=self.buffer[i : i + 1000], synchronous=self.synchronous
+            )
+            if ops is not None:
+                self.pending.append(ops)
+        self.buffer.clear()
+        self.written_upto, self.last_write = epoch, time.monotonic()
+
     def flush(self) -> None:
+        """Send what is buffered and wait for every batch (the run is about to end)."""
         started = time.perf_counter()
+        if self.buffer:
+            self._write(max(m.step for m in self.buffer))
         for ops in self.pending:
             ops.wait()
         self.pending.clear()

@@ -27,10 +27,13 @@ SLOW = [
     "data.val_per_class=20",
     "train.epochs=4",
     "search.pruner=none",
+    "search.flush_seconds=0.5",  # metrics, resume state and heartbeat about every other epoch
 ]
 
 
-def _args(results, n_trials: int, study: str = "quickstart") -> list[str]:
+def _args(
+    results, n_trials: int, study: str = "quickstart", extra: tuple[str, ...] = ()
+) -> list[str]:
     args = [
         str(QUICKSTART),
         "--n-trials",
@@ -41,14 +44,14 @@ def _args(results, n_trials: int, study: str = "quickstart") -> list[str]:
         "--study-name",
         study,
     ]
-    for s in SLOW:
+    for s in (*SLOW, *extra):
         args += ["--set", s]
     return args
 
 
-def _start(results, n_trials: int) -> subprocess.Popen:
+def _start(results, n_trials: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(REPO / "run_study.py"), *_args(results, n_trials)],
+        [sys.executable, str(REPO / "run_study.py"), *_args(results, n_trials, extra=extra)],
         cwd=results.parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -175,3 +178,40 @@ def test_faults_inside_a_trial_fail_it_and_the_study_stops_cleanly(results_dir, 
             assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]
     assert not any((results_dir / "resume").rglob("*.pt"))
     assert not any((results_dir / "checkpoints").rglob("*.pt"))
+
+
+def test_kill_9_between_two_flushes_loses_nothing_and_logs_nothing_twice(tmp_path):
+    """Metrics go to MLflow at most every search.flush_seconds, the resume state with them: a
+    trial killed between two writes resumes from the last state; its dead attempt logged
+    exactly the epochs that state covers, the retry the rest: the combined curve has every
+    epoch once and equals an uninterrupted run."""
+    extra = ("train.epochs=8", "search.flush_seconds=1.2")  # writes at epochs 1, about 4, 7, 8
+    results = tmp_path / "results"
+    proc = _start(results, n_trials=1, extra=extra)
+    _wait_for_epoch(proc, results, 3)
+    proc.kill()  # between two writes: the next is seconds away
+    proc.wait(timeout=30)
+    again = run_cli(*_args(results, 1, extra=extra), cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    trials, runs, client = _records(results)
+    dead = next(r for r in runs.values() if r.info.status == "KILLED")
+    retry = next(r for r in runs.values() if r.info.status == "FINISHED")
+    resumed = int(retry.data.tags["harness.resumed_from_epoch"])
+    assert 3 <= resumed < 8
+    for key in ("val_acc", "train_loss", "lr"):
+        before = [m.step for m in client.get_metric_history(dead.info.run_id, key)]
+        after = [m.step for m in client.get_metric_history(retry.info.run_id, key)]
+        assert sorted(before) == list(range(1, resumed + 1)), key  # exactly the state's epochs
+        assert sorted(after) == list(range(resumed + 1, 9)), key
+    straight = tmp_path / "straight"
+    proc = run_cli(*_args(straight, 1, study="straight", extra=extra), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    _, straight_runs, straight_client = _records(straight, study="straight")
+    (base,) = straight_runs.values()
+    for key in ("val_acc", "train_loss", "overfit_gap"):
+        ours = {m.step: m.value for m in client.get_metric_history(dead.info.run_id, key)}
+        ours |= {m.step: m.value for m in client.get_metric_history(retry.info.run_id, key)}
+        theirs = {
+            m.step: m.value for m in straight_client.get_metric_history(base.info.run_id, key)
+        }
+        assert ours == theirs, key
