@@ -11,8 +11,7 @@ from pathlib import Path
 import optuna
 
 from harness import datacache, report, runs, tasks, tracking
-from harness.finetune import evaluate
-from harness.loop import resolve_device, seed_everything
+from harness.loop import seed_everything
 from harness.metrics import KINDS, best_name
 from harness.models import load_state
 from harness.runs import Resources, StudyOptions, best_weights_path, load_config
@@ -43,14 +42,7 @@ def test_once(client, results: Path, name: str, trial) -> dict[str, float] | Non
     data = tasks.load_data(config, datacache.under(results))
     model = tasks.build(config, data, None, load_weights=False)  # the checkpoint comes next
     model.load_state_dict(load_state(path))
-    if meta:
-        metrics = tasks.meta_test(config, model, data)
-    else:
-        device = resolve_device(config.train.device)
-        model.to(device)
-        loss, correct = evaluate(model, data.x_test.to(device), data.y_test.to(device))
-        n = len(data.y_test)
-        metrics = {"test_acc": correct.item() / n, "test_loss": loss.item() / n}
+    metrics = tasks.test_metrics(config, model, data)
     tracking.log_metrics_once(client, run_id, metrics)
     return metrics
 
