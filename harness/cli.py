@@ -3,7 +3,7 @@
     python run_study.py experiments/NAME.yaml [--n-trials N] [--timeout S] [--set key=value ...]
     python run_study.py check experiments/NAME.yaml [--set key=value ...]
     python run_study.py ui [--host 127.0.0.1] [--port 5000]
-    python run_study.py report STUDY [--seeds N]
+    python run_study.py report STUDY [--seeds N] [--ablate]
     python run_study.py reproduce RUN_ID
 
 Every command takes --results DIR, --storage URL and --tracking-uri URI.
@@ -113,7 +113,15 @@ def _report_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="re-run the top 3 configs and the "
-        "baseline over N training seeds (same data split) and report mean ± std",
+        "baseline over N training seeds (same data split) and report mean ± std; with "
+        "--ablate, the ablation's seeds instead (default 3)",
+    )
+    p.add_argument(
+        "--ablate",
+        action="store_true",
+        help="ablate the best trial against the baseline: each searched choice it changed, "
+        "left out of the best and added alone to the baseline, over --seeds seeds; effects "
+        "with 95%% intervals, a table and ablation.png in the report",
     )
     _common(p)
     return p
@@ -157,7 +165,7 @@ def cmd_report(args) -> int:
         tracking_uri=args.tracking_uri,
         study_name=args.study,
     )
-    print(report.render(report_study(opts, seeds=args.seeds)))
+    print(report.render(report_study(opts, seeds=args.seeds, ablate=args.ablate)))
     return 0
 
 

@@ -60,6 +60,7 @@ class Summary:
     files: list[Path] = field(default_factory=list)  # the written report (report.md first)
     pareto: set[int] = field(default_factory=set)  # multi-objective: the Pareto front
     objectives: tuple[str, ...] = ()
+    ablation: str = ""  # report --ablate: the ablation's table (harness.ablation)
 
     def complete(self) -> list[TrialRow]:
         rows = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None]
@@ -339,6 +340,8 @@ def render(summary: Summary, top: int = 5) -> str:
         out.append(f"\nOver seeds (each setting's complete trials; {metric} mean ± std):")
         for g in groups:
             out.append(f"  {g.label}: {g.mean:.4f} ± {g.std:.4f} (n={g.n})")
+    if summary.ablation:
+        out.append(f"\n{summary.ablation}")
     if summary.files:
         out.append(f"\nReport: {summary.files[0]}")
     out.append(f"\nOpen the MLflow UI on these results: {ui_hint(summary.opts)}")

@@ -495,7 +495,7 @@ def _preflight(ctx: _Context, config: TrialConfig) -> None:
             raise SpecError(f"{err}") from None
 
 
-def report_study(opts: StudyOptions, seeds: int = 0) -> report.Summary:
+def report_study(opts: StudyOptions, seeds: int = 0, ablate: bool = False) -> report.Summary:
     """The report of an existing study, found by name in the storage (`run_study.py report`)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = opts.storage_url()
@@ -512,7 +512,7 @@ def report_study(opts: StudyOptions, seeds: int = 0) -> report.Summary:
         )
     study = optuna.load_study(study_name=opts.study_name, storage=storage)
     client = tracking.connect(opts.tracking())
-    return finish_report(study, opts, opts.study_name, client, seeds=seeds)
+    return finish_report(study, opts, opts.study_name, client, seeds=seeds, ablate=ablate)
 
 
 def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:

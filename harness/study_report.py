@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 
 from harness import datacache, report, runs, tasks, tracking
+from harness.ablation import ablate_study
 from harness.loop import seed_everything
 from harness.metrics import KINDS, best_name
 from harness.models import load_state
@@ -100,11 +101,22 @@ def seed_reruns(
 
 
 def finish_report(
-    study: optuna.Study, opts: StudyOptions, name: str, client, seeds: int = 0
+    study: optuna.Study,
+    opts: StudyOptions,
+    name: str,
+    client,
+    seeds: int = 0,
+    ablate: bool = False,
 ) -> report.Summary:
     """Test the best trial and the baseline (once), register the best model, write the report
-    (plots and report.md under RESULTS/reports/STUDY/, also logged to the study's parent run)."""
+    (plots and report.md under RESULTS/reports/STUDY/, also logged to the study's parent run).
+    `ablate`: the ablation of the best trial over `seeds` seeds (3 by default) instead of the
+    seed re-runs (its best and baseline variants are those)."""
     summary = summarize(study, opts, name)
+    ablation = None
+    if ablate:  # an input error before anything else; trains what earlier calls did not
+        ablation = ablate_study(client, opts, summary, study.user_attrs, seeds or 3)
+        seeds = 0
     complete = summary.complete()
     chosen = [t for t in (complete[0] if complete else None, summary.baseline()) if t]
     if any("seed" in t.params for t in complete):  # settings x seeds: every one is reported
@@ -141,9 +153,13 @@ def finish_report(
         seeded = seed_reruns(
             Resources(opts.results, client, exp_id, notes.note), parent, shown, seeds
         )
-    summary = dataclasses.replace(summary, test=test, seeds=seeded)
+    summary = dataclasses.replace(
+        summary, test=test, seeds=seeded, ablation=ablation.table() if ablation else ""
+    )
     folder = opts.results / "reports" / safe_name(name)
     files = report.write_report(study, summary, curves, labels, folder)
+    if ablation is not None:
+        files += ablation.add_to_report(files[0])
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:
         tracking.log_report(client, parent, files)

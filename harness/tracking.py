@@ -416,6 +416,33 @@ def finished_reruns(
     }
 
 
+def finished_ablations(
+    client: MlflowClient, exp_id: str, of_run: str, metrics: tuple[str, ...]
+) -> dict[tuple[str, int], dict[str, float]]:
+    """{(variant, seed index): {metric: value}} of the finished ablation runs of a trial run
+    (tags `harness.ablation_of`, `harness.ablation`, `harness.seed_index`) that logged every
+    one of `metrics`."""
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`harness.ablation_of` = '{of_run}' "
+        "and tags.`harness.role` = 'ablation'",
+        max_results=10000,
+    )
+    return {
+        (r.data.tags["harness.ablation"], int(r.data.tags["harness.seed_index"])): {
+            m: r.data.metrics[m] for m in metrics
+        }
+        for r in runs
+        if r.info.status == "FINISHED" and all(m in r.data.metrics for m in metrics)
+    }
+
+
+def run_record(client: MlflowClient, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(params, tags) of a run."""
+    run = client.get_run(run_id)
+    return dict(run.data.params), dict(run.data.tags)
+
+
 def log_report(client: MlflowClient, run_id: str, files: list[Path]) -> None:
     for path in files:
         client.log_artifact(run_id, str(path), "report")
