@@ -122,16 +122,20 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def parents_of(space: dict[str, ParamSpec]) -> dict[str, list[str]]:
+    """Each searched key's parents: the keys its `when` names."""
+    return {k: list(p.condition()) for k, p in space.items()}
+
+
 def groups(
-    best: dict[str, Any], base: dict[str, Any], space: dict[str, ParamSpec], searched: list[str]
+    best: dict[str, Any], base: dict[str, Any], parents: dict[str, list[str]], searched: list[str]
 ) -> list[Group]:
     """The searched keys whose flat values differ between the best and the baseline config,
     each conditional key with the nearest differing key its `when` names (transitively)."""
     diff = [k for k in searched if k != "seed" and best.get(k) != base.get(k)]
 
     def leader(key: str, seen: tuple = ()) -> str:
-        p = space.get(key)
-        for parent in p.condition() if p is not None else ():
+        for parent in parents.get(key, ()):
             if parent in diff and parent not in seen:
                 return leader(parent, (*seen, key))
         return key
@@ -444,7 +448,14 @@ def plan(client, parent: str, best_row, base_row) -> Ablation:
             "are not grouped with their parents"
         )
     searched = [*space, *(k for k in sampled if k not in space)]
-    gs = groups(best_flat, base_flat, space, searched)
+    parents = parents_of(space)
+    if best_flat["task.kind"] != base_flat["task.kind"]:  # a multi-task best, its baseline a
+        # plain fine-tune: the auxiliary tasks are a choice, their searched settings its children
+        searched.insert(0, "task.kind")
+        for k in searched:
+            if k.startswith(f"{best.task.kind}."):
+                parents[k] = [*parents.get(k, []), "task.kind"]
+    gs = groups(best_flat, base_flat, parents, searched)
     if not gs:
         raise SpecError(
             f"--ablate: the best trial ({best_row.number}) has the baseline's value for every "

@@ -89,7 +89,7 @@ def test_conditional_keys_move_with_their_parent():
     }
     base = {**best, "strategy.kind": "full", "strategy.lp_epochs": 2, "aug.magnitude": 9}
     base["train.lr"] = 0.001
-    gs = ablation.groups(best, base, space, list(space))
+    gs = ablation.groups(best, base, ablation.parents_of(space), list(space))
     assert gs == [
         Group(("strategy.kind", "strategy.lp_epochs"), ("lp_ft", 5), ("full", 2)),
         Group(("aug.magnitude",), (12,), (9,)),
@@ -192,3 +192,33 @@ def test_ablate_refuses_bad_input(tmp_path, results_dir, monkeypatch, capsys):
     assert cli.main([*report, "--seeds", "1"]) == 2
     assert "at least 2 seeds" in capsys.readouterr().err
     assert _ablation_runs(results_dir) == []
+
+
+def test_a_multitask_best_ablates_its_auxiliary_tasks_as_one_choice(monkeypatch):
+    from harness import runs, tracking
+    from harness.report import TrialRow
+    from harness.spec import baseline_config, load_spec, trial_config
+
+    spec = load_spec(QUICKSTART.parent / "digits_multitask.yaml")
+    values = {"multitask.weighting": "fixed", "multitask.tasks.parity.weight": 0.9}
+    values |= {"train.lr": 0.01, "aug.policy": "none"}
+    best, base = trial_config(spec, values), baseline_config(spec)
+    space = tracking.yaml_text(spec.model_dump(mode="json", by_alias=True)["search"]["space"])
+    records = {
+        "best": ({}, {"harness.sampled": ",".join(values)}),
+        "p": ({"search.space": space}, {}),
+    }
+    monkeypatch.setattr(runs, "load_config", {"best": best, "base": base}.__getitem__)
+    monkeypatch.setattr(tracking, "run_record", lambda client, run_id: records[run_id])
+    row = lambda n, run, b: TrialRow(n, "COMPLETE", 0.9, b, {}, {"mlflow_run_id": run})  # noqa: E731
+    ab = ablation.plan(None, "p", row(3, "best", False), row(0, "base", True))
+    assert [g.keys for g in ab.groups] == [
+        ("task.kind", "multitask.tasks.parity.weight"),
+        ("train.lr",),
+    ]
+    by = {v.name: v.config for v in ab.variants}
+    assert by["loo:task.kind"].task.kind == "finetune" and by["loo:task.kind"].train.lr == 0.01
+    assert by["add:task.kind"].task.kind == "multitask" and by["add:task.kind"].train.lr == 0.001
+    assert by["add:task.kind"].multitask.tasks["parity"].weight == 0.9
+    assert {v.config.data.split_seed for v in ab.variants} == {best.split_seed}
+    assert any("train.schedule=cosine" in note for note in ab.notes)  # outside the search
