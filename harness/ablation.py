@@ -112,6 +112,10 @@ class Group:
     def values(self, which: tuple) -> dict[str, Any]:
         return dict(zip(self.keys, which, strict=True))
 
+    def short(self) -> str:
+        more = f" (+{len(self.keys) - 1} dependent)" if len(self.keys) > 1 else ""
+        return f"{self.leader}={_fmt(self.best[0])}{more}"
+
     def label(self) -> str:
         values = [f"{k}={_fmt(v)}" for k, v in zip(self.keys, self.best, strict=True)]
         text = values[0] + (f" (+ {', '.join(values[1:])})" if len(values) > 1 else "")
@@ -352,7 +356,7 @@ class Ablation:
             squeeze=False,
             sharey=True,
         )
-        labels = ["best vs baseline", *(g.leader for g in order)][::-1]
+        labels = [g.short() for g in order] + ["best vs baseline"]  # y = 0, 1, ...
         for ax, m in zip(axes[0], metrics, strict=True):
             scale, unit = _scaled(m)
             for offset, (name, pair) in enumerate(
@@ -385,7 +389,7 @@ class Ablation:
             ax.set_yticks(range(len(labels)), labels)
             ax.set_xlabel(f"effect on {m}{unit and ' (points)'}, mean ± 95% CI")
             ax.set_title(m + (" (after selection)" if m == self.test else ""))
-        axes[0][0].legend(fontsize=7, loc="lower right")
+        axes[0][0].legend(fontsize=7, loc="best")
         fig.tight_layout()
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
