@@ -17,6 +17,7 @@ Knows no Optuna; MLflow only through `harness.tracking` and `harness.runs`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -211,6 +212,13 @@ def _test_config(config: TrialConfig) -> TrialConfig:
     )
 
 
+def config_key(config: TrialConfig) -> str:
+    """What a reused run must have been trained from: the variant's config but its seed."""
+    return hashlib.sha256(
+        config.model_copy(update={"seed": 0}).model_dump_json().encode()
+    ).hexdigest()[:16]
+
+
 def train_variant(
     res: runs.Resources,
     parent: str,
@@ -228,6 +236,7 @@ def train_variant(
         "harness.ablation_of": of_run,
         "harness.ablation": name,
         "harness.seed_index": str(index),
+        "harness.ablation_config": config_key(config),
         "harness.role": "ablation",
         "harness.data_hash": data.data_hash,
         "harness.test": TEST_NOTE,
@@ -506,12 +515,12 @@ def run(res: runs.Resources, parent: str, ab: Ablation, n: int, note=print) -> A
         for v in ab.variants
         if v.config is not None and v.same_as is None
         for i in range(n)
-        if (v.name, i) not in done
+        if (v.name, i, config_key(v.config)) not in done
     ]
     for k, (v, i) in enumerate(todo, 1):
         config = v.config.model_copy(update={"seed": ab.seeds[i]})
         got = train_variant(res, parent, ab.of_run, v.name, i, config)
-        done[(v.name, i)] = {m: got[m] for m in wanted}
+        done[(v.name, i, config_key(v.config))] = {m: got[m] for m in wanted}
         note(
             f"ablation [{k}/{len(todo)}] {v.name} seed {ab.seeds[i]}: {ab.val} "
             f"{got[best_name(ab.val)]:.4f}" + (f", {ab.test} {got[ab.test]:.4f}" if ab.test else "")
@@ -519,7 +528,8 @@ def run(res: runs.Resources, parent: str, ab: Ablation, n: int, note=print) -> A
     ab.trained = len(todo)
     for v in ab.variants:
         if v.config is not None and v.same_as is None:
-            ab.values[v.name] = {m: [done[(v.name, i)][m] for i in range(n)] for m in wanted}
+            key = config_key(v.config)
+            ab.values[v.name] = {m: [done[(v.name, i, key)][m] for i in range(n)] for m in wanted}
     return ab
 
 

@@ -418,10 +418,10 @@ def finished_reruns(
 
 def finished_ablations(
     client: MlflowClient, exp_id: str, of_run: str, metrics: tuple[str, ...]
-) -> dict[tuple[str, int], dict[str, float]]:
-    """{(variant, seed index): {metric: value}} of the finished ablation runs of a trial run
-    (tags `harness.ablation_of`, `harness.ablation`, `harness.seed_index`) that logged every
-    one of `metrics`."""
+) -> dict[tuple[str, int, str], dict[str, float]]:
+    """{(variant, seed index, config key): {metric: value}} of the finished ablation runs of a
+    trial run (tags `harness.ablation_of`, `harness.ablation`, `harness.seed_index`,
+    `harness.ablation_config`) that logged every one of `metrics`."""
     runs = client.search_runs(
         [exp_id],
         filter_string=f"tags.`harness.ablation_of` = '{of_run}' "
@@ -429,9 +429,11 @@ def finished_ablations(
         max_results=10000,
     )
     return {
-        (r.data.tags["harness.ablation"], int(r.data.tags["harness.seed_index"])): {
-            m: r.data.metrics[m] for m in metrics
-        }
+        (
+            r.data.tags["harness.ablation"],
+            int(r.data.tags["harness.seed_index"]),
+            r.data.tags.get("harness.ablation_config", ""),
+        ): {m: r.data.metrics[m] for m in metrics}
         for r in runs
         if r.info.status == "FINISHED" and all(m in r.data.metrics for m in metrics)
     }
