@@ -510,11 +510,11 @@ def run(res: runs.Resources, parent: str, ab: Ablation, n: int, note=print) -> A
     ab.seeds = [best.seed + 1 + i for i in range(n)]
     wanted = tuple(m for m in (best_name(ab.val), ab.test) if m)
     done = tracking.finished_ablations(res.client, res.exp_id, ab.of_run, wanted)
-    todo = [
+    todo = [  # seed by seed: an interrupted call leaves whole seeds for a smaller N
         (v, i)
+        for i in range(n)
         for v in ab.variants
         if v.config is not None and v.same_as is None
-        for i in range(n)
         if (v.name, i, config_key(v.config)) not in done
     ]
     for k, (v, i) in enumerate(todo, 1):
