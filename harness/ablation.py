@@ -212,11 +212,11 @@ def _test_config(config: TrialConfig) -> TrialConfig:
     )
 
 
-def config_key(config: TrialConfig) -> str:
-    """What a reused run must have been trained from: the variant's config but its seed."""
-    return hashlib.sha256(
-        config.model_copy(update={"seed": 0}).model_dump_json().encode()
-    ).hexdigest()[:16]
+def config_key(config: TrialConfig, pretrained: str) -> str:
+    """What a reused run must have been trained from: the variant's config but its seed, and
+    its starting weights."""
+    text = config.model_copy(update={"seed": 0}).model_dump_json() + pretrained
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def train_variant(
@@ -226,17 +226,20 @@ def train_variant(
     name: str,
     index: int,
     config: TrialConfig,
+    start: tuple[Path | None, str],
+    key: str,
 ) -> dict[str, float]:
-    """One variant at one seed, as a tracked run; returns what it logged."""
+    """One variant at one seed from the starting weights `start` (path, description), as a
+    tracked run; returns what it logged."""
     data = res.data_for(config)
-    start, _ = res.pretrained_for(config)
     tags = {
         **runs.provenance(config),
         "mlflow.parentRunId": parent,
         "harness.ablation_of": of_run,
         "harness.ablation": name,
         "harness.seed_index": str(index),
-        "harness.ablation_config": config_key(config),
+        "harness.ablation_config": key,
+        "harness.pretrained": start[1],
         "harness.role": "ablation",
         "harness.data_hash": data.data_hash,
         "harness.test": TEST_NOTE,
@@ -244,7 +247,7 @@ def train_variant(
     run_name = f"ablation-{name}-seed{config.seed}"
     with runs.tracked(res.client, res.exp_id, run_name, config, tags) as (run, _):
         seed_everything(config.seed)
-        model = tasks.build(config, data, start)
+        model = tasks.build(config, data, start[0])
         result = tasks.train(config, model, data, [run.logger])
         out = {best_name(k): result.best[k] for k in KINDS[config.task.kind].headline}
         model.load_state_dict(result.best_state)
@@ -510,26 +513,27 @@ def run(res: runs.Resources, parent: str, ab: Ablation, n: int, note=print) -> A
     ab.seeds = [best.seed + 1 + i for i in range(n)]
     wanted = tuple(m for m in (best_name(ab.val), ab.test) if m)
     done = tracking.finished_ablations(res.client, res.exp_id, ab.of_run, wanted)
+    trained = [v for v in ab.variants if v.config is not None and v.same_as is None]
+    # the starting weights of the variant's config at the trial's own seed, for every seed (a
+    # source model is pretrained under the seed of the config that asks for it)
+    starts = {v.name: res.pretrained_for(v.config) for v in trained}
+    keys = {v.name: config_key(v.config, starts[v.name][1]) for v in trained}
     todo = [  # seed by seed: an interrupted call leaves whole seeds for a smaller N
-        (v, i)
-        for i in range(n)
-        for v in ab.variants
-        if v.config is not None and v.same_as is None
-        if (v.name, i, config_key(v.config)) not in done
+        (v, i) for i in range(n) for v in trained if (v.name, i, keys[v.name]) not in done
     ]
     for k, (v, i) in enumerate(todo, 1):
         config = v.config.model_copy(update={"seed": ab.seeds[i]})
-        got = train_variant(res, parent, ab.of_run, v.name, i, config)
-        done[(v.name, i, config_key(v.config))] = {m: got[m] for m in wanted}
+        got = train_variant(res, parent, ab.of_run, v.name, i, config, starts[v.name], keys[v.name])
+        done[(v.name, i, keys[v.name])] = {m: got[m] for m in wanted}
         note(
             f"ablation [{k}/{len(todo)}] {v.name} seed {ab.seeds[i]}: {ab.val} "
             f"{got[best_name(ab.val)]:.4f}" + (f", {ab.test} {got[ab.test]:.4f}" if ab.test else "")
         )
     ab.trained = len(todo)
-    for v in ab.variants:
-        if v.config is not None and v.same_as is None:
-            key = config_key(v.config)
-            ab.values[v.name] = {m: [done[(v.name, i, key)][m] for i in range(n)] for m in wanted}
+    for v in trained:
+        ab.values[v.name] = {
+            m: [done[(v.name, i, keys[v.name])][m] for i in range(n)] for m in wanted
+        }
     return ab
 
 

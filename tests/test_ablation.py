@@ -138,6 +138,15 @@ def test_report_ablate_trains_tags_reuses_and_plots(tmp_path, results_dir, monke
     assert by[("add:strategy.kind", "0")].params["strategy.freeze_stages"] == "2"
     assert by[("add:strategy.kind", "0")].params["train.lr"] == "0.001"
     assert len({r.data.params["data.split_seed"] for r in runs}) == 1
+    # the starting weights of the trials (the source model pretrained under the study's seed)
+    import mlflow
+
+    trials = [r for r in mlflow.search_runs(experiment_names=["ablate-test"], output_format="list")]
+    starts = {
+        r.data.tags["harness.pretrained"] for r in trials if "optuna.trial_number" in r.data.tags
+    }
+    assert len(starts) == 1
+    assert {r.data.tags["harness.pretrained"] for r in runs} == starts
 
     # the table: the hand-computed interval of best vs baseline on val_acc
     diffs = [
