@@ -141,7 +141,7 @@ def test_report_ablate_trains_tags_reuses_and_plots(tmp_path, results_dir, monke
     # the starting weights of the trials (the source model pretrained under the study's seed)
     import mlflow
 
-    trials = [r for r in mlflow.search_runs(experiment_names=["ablate-test"], output_format="list")]
+    trials = mlflow.search_runs(experiment_names=["ablate-test"], output_format="list")
     starts = {
         r.data.tags["harness.pretrained"] for r in trials if "optuna.trial_number" in r.data.tags
     }
