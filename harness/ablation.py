@@ -328,6 +328,7 @@ class Ablation:
                     e = self.effect(a, b, self._m(m))
                     text = verdict(e, m) if e else "not run: " + self._why(a, b)
                     out.append(f"    {label:<10}  {m:<22} {text}")
+        out += ["", *self.in_short()]
         out += ["", f"Per variant, mean ± std over the {n} seeds:"]
         for v in self.variants:
             vals = self.of(v.name)
@@ -342,6 +343,26 @@ class Ablation:
             out.append(f"  {v.name:<32} {cells}{same}")
         out += [f"Note: {note}" for note in self.notes]
         return "\n".join(out)
+
+    def in_short(self) -> list[str]:
+        """The choices by their leave-one-out verdict on the test metric (the validation
+        metric when there is none)."""
+        m = self.test or self.val
+        found: dict[str, list[str]] = {"helps": [], "hurts": [], "no effect": [], "not run": []}
+        for g, _, _ in self.effects(m):
+            e = self.effect("best", f"loo:{g.leader}", self._m(m))
+            word = verdict(e, m).split(":")[0].split(" distinguishable")[0] if e else "not run"
+            found[word].append(g.leader)
+        lines = [f"In short, each choice left out of the best recipe, on {m}:"]
+        for word, text in (
+            ("helps", "it helps"),
+            ("hurts", "it hurts"),
+            ("no effect", "no effect distinguishable from seed noise"),
+            ("not run", "not run"),
+        ):
+            if found[word]:
+                lines.append(f"  {text}: {', '.join(found[word])}")
+        return lines
 
     def _m(self, metric: str) -> str:
         return best_name(metric) if metric == self.val else metric

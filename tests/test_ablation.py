@@ -231,3 +231,25 @@ def test_a_multitask_best_ablates_its_auxiliary_tasks_as_one_choice(monkeypatch)
     assert by["add:task.kind"].multitask.tasks["parity"].weight == 0.9
     assert {v.config.data.split_seed for v in ab.variants} == {best.split_seed}
     assert any("train.schedule=cosine" in note for note in ab.notes)  # outside the search
+
+
+def test_table_sorts_by_effect_and_says_what_was_not_run(tmp_path):
+    gs = [Group(("train.lr",), (0.01,), (0.001,)), Group(("reg.dropout",), (0.3,), (0.0,))]
+    names = ["best", "baseline", "loo:train.lr", "add:train.lr", "loo:reg.dropout"]
+    vs = [ablation.Variant(n, object()) for n in names]
+    vs.append(ablation.Variant("add:reg.dropout", None, error="refused: a bad combination"))
+    ab = ablation.Ablation(7, 0, "run", [1, 2, 3], gs, vs, "val_acc", "test_acc")
+    values = {  # best - loo: lr +0.20 (steady), dropout +0.00 +-0.01
+        "best": [0.90, 0.91, 0.92],
+        "baseline": [0.60, 0.62, 0.61],
+        "loo:train.lr": [0.70, 0.71, 0.72],
+        "add:train.lr": [0.80, 0.83, 0.81],
+        "loo:reg.dropout": [0.91, 0.90, 0.92],
+    }
+    ab.values = {k: {"best_val_acc": v, "test_acc": v} for k, v in values.items()}
+    text = ab.table()
+    assert text.index("train.lr=0.01  [baseline: 0.001]") < text.index("reg.dropout=0.3")
+    assert "without it  val_acc                helps: +20.0 ± 0.0 pt" in text
+    assert "alone       test_acc               not run: add:reg.dropout: refused" in text
+    assert "  it helps: train.lr\n  no effect distinguishable from seed noise: reg.dropout" in text
+    _assert_not_blank(ab.plot(tmp_path / "ablation.png"))
