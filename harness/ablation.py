@@ -304,7 +304,7 @@ class Ablation:
             f"Ablation of the best trial ({self.best_trial}) against the baseline recipe "
             f"(trial {self.baseline_trial}): {n} seeds per variant (seeds "
             f"{self.seeds[0]}-{self.seeds[-1]}; same data split, same starting weights; "
-            f"{self.trained} runs trained now, the others reused).",
+            f"{self.trained} of {self.runs()} runs trained by this call, the rest reused).",
             "Each effect is the mean paired difference over seeds ± the half-width of its 95% "
             f"interval (Student's t, {n - 1} df).",
             "  without it = best recipe minus the best with that choice set back to the "
@@ -343,6 +343,10 @@ class Ablation:
             out.append(f"  {v.name:<32} {cells}{same}")
         out += [f"Note: {note}" for note in self.notes]
         return "\n".join(out)
+
+    def runs(self) -> int:
+        """How many runs the ablation is made of (a variant with another's config has none)."""
+        return len(self.seeds) * sum(1 for v in self.variants if v.config and not v.same_as)
 
     def in_short(self) -> list[str]:
         """The choices by their leave-one-out verdict on the test metric (the validation

@@ -159,6 +159,8 @@ def test_report_ablate_trains_tags_reuses_and_plots(tmp_path, results_dir, monke
     assert "strategy.kind=partial (+ strategy.freeze_stages=2)  [baseline: full, 1]" in out
     assert "train.lr=0.03  [baseline: 0.001]" in out
     assert "(the same config as loo:strategy.kind)" in out
+    assert "8 of 8 runs trained by this call" in out
+    assert "In short, each choice left out of the best recipe, on test_acc:" in out
     assert re.search(r"without it\s+val_acc", out) and re.search(r"alone\s+test_acc", out)
 
     folder = results_dir / "reports" / "ablate-test"
@@ -173,7 +175,8 @@ def test_report_ablate_trains_tags_reuses_and_plots(tmp_path, results_dir, monke
     with monkeypatch.context() as m:
         m.setattr(tasks, "train", refuse)
         assert cli.main([*report, "--seeds", "2"]) == 0, capsys.readouterr().err
-    assert f"{mean * 100:+.1f} ± {half * 100:.1f} pt" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{mean * 100:+.1f} ± {half * 100:.1f} pt" in out and "0 of 8 runs trained" in out
     assert len(_ablation_runs(results_dir)) == 8
     assert cli.main([*report, "--seeds", "3"]) == 0
     runs = _ablation_runs(results_dir)
