@@ -3,7 +3,7 @@
     python run_study.py experiments/NAME.yaml [--n-trials N] [--timeout S] [--set key=value ...]
     python run_study.py check experiments/NAME.yaml [--set key=value ...]
     python run_study.py ui [--host 127.0.0.1] [--port 5000]
-    python run_study.py report STUDY [--seeds N]
+    python run_study.py report STUDY [--seeds N] [--ablate]
     python run_study.py reproduce RUN_ID
 
 Every command takes --results DIR, --storage URL and --tracking-uri URI.
@@ -114,7 +114,15 @@ def _report_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="re-run the top 3 configs and the "
-        "baseline over N training seeds (same data split) and report mean ± std",
+        "baseline over N training seeds (same data split) and report mean ± std; with "
+        "--ablate, the ablation's seeds instead (default 3)",
+    )
+    p.add_argument(
+        "--ablate",
+        action="store_true",
+        help="ablate the best trial against the baseline: each searched choice it changed, "
+        "left out of the best and added alone to the baseline, over --seeds seeds; effects "
+        "with 95%% intervals, a table and ablation.png in the report",
     )
     _common(p)
     return p
@@ -158,7 +166,7 @@ def cmd_report(args) -> int:
         tracking_uri=args.tracking_uri,
         study_name=args.study,
     )
-    print(report.render(report_study(opts, seeds=args.seeds)))
+    print(report.render(report_study(opts, seeds=args.seeds, ablate=args.ablate)))
     return 0
 
 
@@ -220,7 +228,7 @@ def _without_workers(argv: list[str]) -> list[str]:
 
 
 def cmd_ui(args) -> int:
-    from harness import tracking
+    from harness import relocation, tracking
 
     uri = args.tracking_uri or tracking.default_tracking_uri(args.results)
     with socket.socket() as probe:  # a taken port is the user's error: say so, exit 2
@@ -232,7 +240,7 @@ def cmd_ui(args) -> int:
                 f"--port {args.port}: {args.host}:{args.port} is not free ({err.strerror}); "
                 "stop what uses it or give another --port."
             ) from None
-    moved = tracking.relocate(args.results, uri)
+    moved = relocation.relocate(args.results, uri)
     if moved:
         print(f"note: {moved}.", file=sys.stderr)
     cmd = tracking.ui_command(uri, args.results, args.host, args.port)

@@ -61,6 +61,7 @@ class Summary:
     objectives: tuple[str, ...] = ()
     ui_url: str = ""  # the study's runs table in the MLflow UI that `ui` starts
     classical: list = field(default_factory=list)  # harness.classical.Reference, same split
+    ablation: str = ""  # report --ablate: the ablation's table (harness.ablation)
 
     def study_metrics(self) -> dict[str, float]:
         """The study's summary, as its parent run's metrics: trial counts, the best value, the
@@ -392,6 +393,8 @@ def render(summary: Summary, top: int = 5) -> str:
         out.append(f"\nOver seeds (each setting's complete trials; {metric} mean ± std):")
         for g in groups:
             out.append(f"  {g.label}: {g.mean:.4f} ± {g.std:.4f} (n={g.n})")
+    if summary.ablation:
+        out.append(f"\n{summary.ablation}")
     if summary.files:
         out.append(f"\nReport: {summary.files[0]}")
     out.append(f"\nOpen the MLflow UI on these results: {ui_hint(summary.opts)}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from harness import datacache, runs, tracking
+from harness import datacache, relocation, runs, tracking
 from harness.metrics import KINDS, OPTIONAL_EPOCH, multitask_epoch
 from harness.source import source_key
 from harness.spec import SpecError, TrialConfig, safe_name
@@ -383,7 +383,7 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
         raise SpecError(
             f"no MLflow store at {tracking.redact(uri)}: give --results or --tracking-uri"
         )
-    moved = tracking.relocate(opts.results, uri)
+    moved = relocation.relocate(opts.results, uri)
     if moved:
         warn(moved)
     client = tracking.connect(uri)

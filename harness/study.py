@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 from harness import (
     datacache,
     inputs,
+    relocation,
     report,
     resume_state,
     retention,
@@ -430,7 +431,7 @@ def _preflight(ctx: _Context, config: TrialConfig) -> None:
             raise SpecError(f"{err}") from None
 
 
-def report_study(opts: StudyOptions, seeds: int = 0) -> report.Summary:
+def report_study(opts: StudyOptions, seeds: int = 0, ablate: bool = False) -> report.Summary:
     """The report of an existing study, found by name in the storage (`run_study.py report`)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = opts.storage_url()
@@ -446,9 +447,9 @@ def report_study(opts: StudyOptions, seeds: int = 0) -> report.Summary:
             f"(studies there: {', '.join(names) or 'none'})"
         )
     study = optuna.load_study(study_name=opts.study_name, storage=storage)
-    _note_moved(tracking.relocate(opts.results, opts.tracking()))
+    _note_moved(relocation.relocate(opts.results, opts.tracking()))
     client = tracking.connect(opts.tracking())
-    return finish_report(study, opts, opts.study_name, client, seeds=seeds)
+    return finish_report(study, opts, opts.study_name, client, seeds=seeds, ablate=ablate)
 
 
 def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
@@ -467,7 +468,7 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     if spec.search.sampler == "grid":  # a grid point runs once
         target = min(target, grid_points(spec) + int(spec.search.baseline))
     with _stores_lock(opts.results):
-        _note_moved(tracking.relocate(opts.results, opts.tracking()))
+        _note_moved(relocation.relocate(opts.results, opts.tracking()))
         client = _retry(lambda: tracking.connect(opts.tracking()), "the MLflow store")
         exp_id = _retry(
             lambda: tracking.experiment_id(client, spec.name, opts.results, opts.tracking()),

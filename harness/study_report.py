@@ -11,8 +11,8 @@ from pathlib import Path
 import optuna
 
 from harness import classical, datacache, plots, report, runs, tasks, tracking
-from harness.finetune import evaluate
-from harness.loop import resolve_device, seed_everything
+from harness.ablation import ablate_study
+from harness.loop import seed_everything
 from harness.metrics import KINDS, best_name
 from harness.models import load_state
 from harness.runs import Resources, StudyOptions, best_weights_path, load_config
@@ -69,14 +69,7 @@ def test_once(client, results: Path, name: str, trial) -> dict[str, float] | Non
     if trained is None:
         return None
     config, data, model = trained
-    if meta:
-        metrics = tasks.meta_test(config, model, data)
-    else:
-        device = resolve_device(config.train.device)
-        model.to(device)
-        loss, correct = evaluate(model, data.x_test.to(device), data.y_test.to(device))
-        n = len(data.y_test)
-        metrics = {"test_acc": correct.item() / n, "test_loss": loss.item() / n}
+    metrics = tasks.test_metrics(config, model, data)
     tracking.log_metrics_once(client, run_id, metrics)
     return metrics
 
@@ -134,11 +127,22 @@ def seed_reruns(
 
 
 def finish_report(
-    study: optuna.Study, opts: StudyOptions, name: str, client, seeds: int = 0
+    study: optuna.Study,
+    opts: StudyOptions,
+    name: str,
+    client,
+    seeds: int = 0,
+    ablate: bool = False,
 ) -> report.Summary:
     """Test the best trial and the baseline (once), register the best model, write the report
-    (plots and report.md under RESULTS/reports/STUDY/, also logged to the study's parent run)."""
+    (plots and report.md under RESULTS/reports/STUDY/, also logged to the study's parent run).
+    `ablate`: the ablation of the best trial over `seeds` seeds (3 by default) instead of the
+    seed re-runs (its best and baseline variants are those)."""
     summary = summarize(study, opts, name)
+    ablation = None
+    if ablate:  # an input error before anything else; trains what earlier calls did not
+        ablation = ablate_study(client, opts, summary, study.user_attrs, seeds or 3)
+        seeds = 0
     complete = summary.complete()
     chosen = [t for t in (complete[0] if complete else None, summary.baseline()) if t]
     if any("seed" in t.params for t in complete):  # settings x seeds: every one is reported
@@ -183,10 +187,17 @@ def finish_report(
         else ""
     )
     summary = dataclasses.replace(
-        summary, test=test, seeds=seeded, ui_url=url, classical=references
+        summary,
+        test=test,
+        seeds=seeded,
+        ui_url=url,
+        classical=references,
+        ablation=ablation.table() if ablation else "",
     )
     folder = opts.results / "reports" / safe_name(name)
     files = plots.write_report(study, summary, curves, labels, folder)
+    if ablation is not None:
+        files += ablation.add_to_report(files[0])
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:
         tracking.log_report(client, parent, files)

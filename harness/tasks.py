@@ -21,7 +21,8 @@ import torch
 
 from harness import meta, models, multitask
 from harness.data import DataReport, TaskData, load_target
-from harness.finetune import fit
+from harness.finetune import evaluate, fit
+from harness.loop import resolve_device
 from harness.spec import TrialConfig
 
 
@@ -141,3 +142,15 @@ def meta_test(config: TrialConfig, model, data: MetaPool) -> dict[str, float]:
         out[f"meta_test_acc_{shots}shot"] = acc
         out[f"meta_test_ci95_{shots}shot"] = ci95
     return out
+
+
+def test_metrics(config: TrialConfig, model, data: TaskData | MetaPool) -> dict[str, float]:
+    """A trained model's score on the held-out test data: fine-tuning and multi-task, the test
+    split (`test_acc`, `test_loss`); meta-learning, `meta_test` at each shot count."""
+    if config.task.kind == "meta":
+        return meta_test(config, model, data)
+    device = resolve_device(config.train.device)
+    model.to(device)
+    loss, correct = evaluate(model, data.x_test.to(device), data.y_test.to(device))
+    n = len(data.y_test)
+    return {"test_acc": correct.item() / n, "test_loss": loss.item() / n}

@@ -44,61 +44,6 @@ def is_local_store(tracking_uri: str) -> bool:
     return not tracking_uri.startswith(("http://", "https://", "databricks"))
 
 
-# Where MLflow's SQLite store keeps absolute artifact locations (file:// URIs).
-_LOCATIONS = (
-    ("experiments", "artifact_location"),
-    ("runs", "artifact_uri"),
-    ("logged_models", "artifact_location"),
-    ("model_versions", "source"),
-    ("model_versions", "storage_location"),
-)
-
-
-def relocate(results: Path, tracking_uri: str) -> str | None:
-    """Make a copied or moved results folder self-contained: MLflow records artifact locations
-    as absolute paths, so a copy would read and write the original's files. When the store is
-    the folder's own SQLite file and its artifact root lies elsewhere, every location under
-    the old root is rewritten to the same place under this folder. Returns a note, or None
-    when nothing was moved."""
-    import sqlite3
-
-    db = Path(results) / "mlflow.db"
-    if tracking_uri != default_tracking_uri(results) or not db.is_file():
-        return None
-    new_root = (Path(results).resolve() / "mlartifacts").as_uri()
-    with contextlib.closing(sqlite3.connect(db, timeout=60)) as con:
-        rows = con.execute("SELECT artifact_location FROM experiments").fetchall()
-        old_roots = set()
-        for (location,) in rows:
-            if location and location.startswith("file://") and "/mlartifacts/" in location:
-                old = location[: location.rindex("/mlartifacts/")] + "/mlartifacts"
-                if old != new_root:
-                    old_roots.add(old)
-        if not old_roots:
-            return None
-        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        with con:
-            for old in sorted(old_roots):
-                for table, column in _LOCATIONS:
-                    if table in tables:
-                        con.execute(
-                            f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
-                            f"WHERE {column} LIKE ? ESCAPE '\\'",
-                            (new_root, len(old) + 1, _like_prefix(old)),
-                        )
-    moved = ", ".join(
-        sorted(o.removeprefix("file://").removesuffix("/mlartifacts") for o in old_roots)
-    )
-    return (
-        f"results folder moved from {moved}: MLflow's artifact locations now point into {results}"
-    )
-
-
-def _like_prefix(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + "/%"
-
-
 def connect(tracking_uri: str) -> MlflowClient:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic"):  # store migrations and the like are not the user's news
@@ -547,6 +492,35 @@ def finished_reruns(
         for r in runs
         if r.info.status == "FINISHED" and all(n in r.data.metrics for n in names.values())
     }
+
+
+def finished_ablations(
+    client: MlflowClient, exp_id: str, of_run: str, metrics: tuple[str, ...]
+) -> dict[tuple[str, int, str], dict[str, float]]:
+    """{(variant, seed index, config key): {metric: value}} of the finished ablation runs of a
+    trial run (tags `harness.ablation_of`, `harness.ablation`, `harness.seed_index`,
+    `harness.ablation_config`) that logged every one of `metrics`."""
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`harness.ablation_of` = '{of_run}' "
+        "and tags.`harness.role` = 'ablation'",
+        max_results=10000,
+    )
+    return {
+        (
+            r.data.tags["harness.ablation"],
+            int(r.data.tags["harness.seed_index"]),
+            r.data.tags.get("harness.ablation_config", ""),
+        ): {m: r.data.metrics[m] for m in metrics}
+        for r in runs
+        if r.info.status == "FINISHED" and all(m in r.data.metrics for m in metrics)
+    }
+
+
+def run_record(client: MlflowClient, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(params, tags) of a run."""
+    run = client.get_run(run_id)
+    return dict(run.data.params), dict(run.data.tags)
 
 
 def log_report(client: MlflowClient, run_id: str, files: list[Path]) -> None:
