@@ -185,25 +185,6 @@ def test_ui_pages_render_in_a_browser(ui_server):
     shots.mkdir(exist_ok=True)
     for name, url in pages.items():
         path = shots / f"{name}.png"
-        subprocess.run(
-            [
-                CHROMIUM,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={results / 'chromium-profile'}",
-                "--window-size=1400,900",
-                "--virtual-time-budget=15000",
-                f"--screenshot={path}",
-                url,
-            ],
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
+        _chromium(results, f"--screenshot={path}", url)
         assert path.is_file() and path.stat().st_size > 20_000, f"no screenshot of {name}"
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
