@@ -74,8 +74,15 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     if "://" in url:
         # Optuna's own heartbeat: a trial whose process stops beating for 2 minutes is failed
         # by the next process that starts a trial, and re-queued like the harness's own.
+        # pool_pre_ping: a connection dropped while a long trial trained (a database restart,
+        # a pooler's or a network's idle timeout) is replaced, not handed to the next call;
+        # pool_recycle renews connections before common idle timeouts (5 min and up).
         return optuna.storages.RDBStorage(
-            url, heartbeat_interval=30, grace_period=120, heartbeat_stale_trial_callback=requeue
+            url,
+            engine_kwargs={"pool_pre_ping": True, "pool_recycle": 240},
+            heartbeat_interval=30,
+            grace_period=120,
+            heartbeat_stale_trial_callback=requeue,
         )
     if url.endswith(".journal"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage

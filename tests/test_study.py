@@ -201,6 +201,13 @@ def test_timeout_stops_starting_trials(results_dir):
     assert 1 <= len(finished) < 500
 
 
+def test_rdb_storage_pings_and_recycles_its_connections(tmp_path):
+    """A connection dropped while a long trial trained is replaced before it is used."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    pool = storage.engine.pool
+    assert pool._pre_ping is True and pool._recycle == 240
+
+
 def test_rdb_storage_url(results_dir):
     url = f"sqlite:///{results_dir / 'optuna.db'}"
     opts = StudyOptions(results=results_dir, storage=url, n_trials=2, quiet=True)
