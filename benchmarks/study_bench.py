@@ -192,7 +192,7 @@ def _stub_fit(clock: Clock):
 def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
     import optuna
 
-    from harness import resume_state, retention, study, study_report, tracking
+    from harness import resume_state, retention, study, tracking
     from harness.spec import load_spec
 
     clock = Clock()
@@ -280,7 +280,7 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
         clock.starts.append(time.perf_counter())  # the end of the last trial
         clock.trial = -2
 
-    study_report.finish_report = study_report.summarize = finish
+    study.finish_report = study.summarize = finish  # the study imports them by name
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     started = time.perf_counter()
     study.run_study(spec, study.StudyOptions(results=results, quiet=True))
