@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from harness import runs, tasks, tracking
-from harness.loop import seed_everything
 from harness.metrics import KINDS, best_name, direction
 from harness.spec import ParamSpec, SpecError, TrialConfig, flatten, parse_yaml
 
@@ -231,29 +230,26 @@ def train_variant(
 ) -> dict[str, float]:
     """One variant at one seed from the starting weights `start` (path, description), as a
     tracked run; returns what it logged."""
-    data = res.data_for(config)
     tags = {
-        **runs.provenance(config),
-        "mlflow.parentRunId": parent,
         "harness.ablation_of": of_run,
         "harness.ablation": name,
         "harness.seed_index": str(index),
         "harness.ablation_config": key,
         "harness.pretrained": start[1],
         "harness.role": "ablation",
-        "harness.data_hash": data.data_hash,
         "harness.test": TEST_NOTE,
     }
     run_name = f"ablation-{name}-seed{config.seed}"
-    with runs.tracked(res.client, res.exp_id, run_name, config, tags) as (run, _):
-        seed_everything(config.seed)
-        model = tasks.build(config, data, start[0])
-        result = tasks.train(config, model, data, [run.logger])
-        out = {best_name(k): result.best[k] for k in KINDS[config.task.kind].headline}
-        model.load_state_dict(result.best_state)
-        out |= tasks.test_metrics(_test_config(config), model, data)
-        tracking.log_metrics_once(res.client, run.run_id, out)
-    return out
+    test_config = _test_config(config)
+    return runs.retrain(
+        res,
+        parent,
+        run_name,
+        config,
+        start[0],
+        tags,
+        then=lambda model, data: tasks.test_metrics(test_config, model, data),
+    )
 
 
 @dataclass

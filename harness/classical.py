@@ -104,8 +104,8 @@ def references(data, seed: int = 0, pretrained_model=None, start: str = "") -> l
     if len(keep) > MAX_TRAIN:  # before any image is read: a large split stays on disk
         g = torch.Generator().manual_seed(seed)
         keep = torch.randperm(len(keep), generator=g)[:MAX_TRAIN].sort().values
-    x_train = data.x_train[keep] if isinstance(data.x_train, torch.Tensor) else None
-    x_train = x_train if x_train is not None else data.x_train.gather(keep)
+    x_train = data.x_train  # a HostImages split gathers only the kept rows
+    x_train = x_train[keep] if isinstance(x_train, torch.Tensor) else x_train.gather(keep)
     y = [data.y_train.cpu()[keep].numpy(), data.y_val.cpu().numpy(), data.y_test.cpu().numpy()]
     xs = [x_train.cpu(), _tensor(data.x_val), _tensor(data.x_test)]
     out = fit_reference(*_interleave([_pixels(x) for x in xs], y), "pixels", seed)

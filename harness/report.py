@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from harness.metrics import KINDS
+from harness.metrics import KINDS, best_name
 
 
 def kind_of(values: dict[str, Any]) -> str:
@@ -75,9 +75,9 @@ class Summary:
         name = self.objectives[0] if self.objectives else "objective"
         complete, base = self.complete(), self.baseline()
         if complete:
-            out[f"best_{name}"] = complete[0].value
+            out[best_name(name)] = complete[0].value
             out["best_trial"] = complete[0].number
-            out |= {f"best_{k}": v for k, v in self.test.get(complete[0].number, {}).items()}
+            out |= {best_name(k): v for k, v in self.test.get(complete[0].number, {}).items()}
         if base is not None:
             out[f"baseline_{name}"] = base.value
             if complete:

@@ -21,8 +21,8 @@ import torch
 
 from harness import datacache, models, tasks, tracking
 from harness.data import TaskData
-from harness.loop import resolve_device
-from harness.metrics import best_name
+from harness.loop import resolve_device, seed_everything
+from harness.metrics import KINDS, best_name
 from harness.source import SourceModel, get_source_model, source_key
 from harness.spec import SpecError, TrialConfig, flatten, parse_yaml, safe_name
 
@@ -151,6 +151,34 @@ def tracked(
     finally:
         ending.pop("status", None)
         end(run, status, ending)
+
+
+def retrain(
+    res: Resources,
+    parent: str,
+    run_name: str,
+    config: TrialConfig,
+    start: Path | None,
+    tags: dict[str, str],
+    then: Callable | None = None,
+) -> dict[str, float]:
+    """Train `config` from the weights `start` as a tracked run under `parent` (a seed re-run,
+    an ablation variant): tagged with provenance, the data hash and `tags`. Logs and returns
+    `best_<metric>` of the kind's headline metrics, and what `then(model, data)` measures on
+    the best epoch's weights."""
+    data = res.data_for(config)
+    tags = {**provenance(config), "mlflow.parentRunId": parent, **tags}
+    tags["harness.data_hash"] = data.data_hash
+    with tracked(res.client, res.exp_id, run_name, config, tags) as (run, _):
+        seed_everything(config.seed)
+        model = tasks.build(config, data, start)
+        result = tasks.train(config, model, data, [run.logger])
+        out = {best_name(k): result.best[k] for k in KINDS[config.task.kind].headline}
+        if then is not None:
+            model.load_state_dict(result.best_state)
+            out |= then(model, data)
+        tracking.log_metrics_once(res.client, run.run_id, out)
+    return out
 
 
 def load_config(run_id: str) -> TrialConfig:

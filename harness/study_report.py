@@ -99,24 +99,10 @@ def seed_reruns(
                         "data": config.data.model_copy(update={"split_seed": config.split_seed}),
                     }
                 )
-                data = res.data_for(rerun)
-                tags = {
-                    **runs.provenance(rerun),
-                    "mlflow.parentRunId": parent,
-                    "harness.rerun_of": run_id,
-                    "harness.role": "seed_rerun",
-                    "harness.data_hash": data.data_hash,
-                }
+                tags = {"harness.rerun_of": run_id, "harness.role": "seed_rerun"}
                 name = f"trial-{row.number}-seed{seed}"
-                with runs.tracked(res.client, res.exp_id, name, rerun, tags) as (run, _):
-                    seed_everything(seed)
-                    model = tasks.build(rerun, data, start)
-                    result = tasks.train(rerun, model, data, [run.logger])
-                    best = {k: result.best[k] for k in values}
-                    tracking.log_metrics_once(
-                        res.client, run.run_id, {best_name(k): v for k, v in best.items()}
-                    )
-                    done[seed] = best
+                logged = runs.retrain(res, parent, name, rerun, start, tags)
+                done[seed] = {k: logged[best_name(k)] for k in values}
             for k in values:
                 values[k].append(done[seed][k])
         out[row.number] = {

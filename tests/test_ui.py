@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import QUICKSTART, REPO, TINY
+from conftest import QUICKSTART, REPO, TINY, run_cli
 
 from harness.spec import load_spec
 from harness.study import StudyOptions, run_study
@@ -150,20 +150,7 @@ def test_the_printed_url_lands_on_the_trial_runs_ranked_by_the_objective(ui_serv
 def test_ui_on_a_taken_port_exits_2_with_a_sentence(ui_server, tmp_path):
     base, results, _ = ui_server
     port = base.rsplit(":", 1)[1]
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "run_study.py"),
-            "ui",
-            "--results",
-            str(results),
-            "--port",
-            port,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_cli("ui", "--results", str(results), "--port", port, cwd=tmp_path, timeout=60)
     assert out.returncode == 2
     assert f"--port {port}: 127.0.0.1:{port} is not free" in out.stderr
     assert out.stderr.strip().endswith("give another --port.")
