@@ -442,8 +442,9 @@ class SearchSpec(_Section):
     async_logging: bool = False
     # per-epoch metrics are written to MLflow at most every this many seconds (and when the
     # trial ends), the resume state and the heartbeat with them: a 1 s trial makes one write,
-    # a 10 min trial still shows live curves. 0: every epoch.
-    flush_seconds: Annotated[float, Field(ge=0.0, le=3600.0)] = 2.0
+    # a 10 min trial still shows live curves. 0: every epoch. At most 300 s: the heartbeat goes
+    # with the writes, and another host counts a trial silent for 600 s as dead.
+    flush_seconds: Annotated[float, Field(ge=0.0, le=300.0)] = 2.0
     # Trials to run first, each a mapping of searched keys to values (the other keys are
     # sampled), e.g. one trial per algorithm: Optuna's enqueue_trial, once per study.
     enqueue: Annotated[
