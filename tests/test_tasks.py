@@ -105,6 +105,7 @@ def test_meta_metrics_need_a_meta_study(tmp_path):
         ("multitask.tasks.parity.groups=[[5, 6, 7, 8, 9]]", "two or more groups"),
         ("reg.l2_sp=0.1", "reg.l2_sp: not supported in a multi-task study"),
         ("strategy.kind=linear_probe", "strategy.kind: not supported"),
+        ("train.compile=true", "train.compile: not supported in a multi-task study"),
     ],
 )
 def test_multitask_file_errors(override, message):
