@@ -6,8 +6,9 @@
     python run_study.py report STUDY [--seeds N] [--ablate]
     python run_study.py reproduce RUN_ID
 
-Every command takes --results DIR, --storage URL and --tracking-uri URI.
-Exit codes: 0 done, 2 bad input, 1 anything else.
+Every command takes --results DIR, --storage URL, --tracking-uri URI and --retry-window S.
+Exit codes: 0 done, 2 bad input, 75 stopped by the environment (a store unreachable past the
+retry window, a full disk: run the same command again), 130 interrupted, 1 anything else.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: sqlite:///RESULTS/mlflow.db)"
+    )
+    p.add_argument(
+        "--retry-window",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="how long an unreachable store (Optuna storage, MLflow) is retried before the "
+        "process stops with exit 75, its running trial re-queued (default: 300 s)",
     )
 
 
@@ -265,12 +274,24 @@ def main(argv: list[str] | None = None) -> int:
     }[command]
     args = parser().parse_args(argv[1:] if command != "run" else argv)
     args.argv = list(argv)
+    if args.retry_window < 0:
+        print(f"error: --retry-window {args.retry_window:g}: must be 0 or more", file=sys.stderr)
+        return 2
     try:
+        if command != "check":  # check imports no store library
+            from harness import envfaults
+
+            envfaults.configure(window=args.retry_window, quiet=getattr(args, "quiet", False))
         return handler(args)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        from harness.envfaults import EXIT_TEMPFAIL, EnvironmentStop
+
+        if isinstance(err, EnvironmentStop):
+            print(err.message(), file=sys.stderr)
+            return EXIT_TEMPFAIL
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:
@@ -280,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
             where = getattr(args, "experiment", None) or getattr(args, "study", None) or "data"
             print(f"error: {where}: {err}", file=sys.stderr)
             return 2
+        from harness.envfaults import EXIT_TEMPFAIL, EnvironmentStop, classify
+
+        fault = classify(err, folder=args.results)
+        if fault is not None:  # a full disk (the report's own write, say): no traceback
+            print(EnvironmentStop(fault).message(), file=sys.stderr)
+            return EXIT_TEMPFAIL
         traceback.print_exc()
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

@@ -81,7 +81,13 @@ def _alive(trial, grace: float) -> bool:
 
 def requeue(study: optuna.Study, trial) -> None:
     """Queue a trial's parameters again, naming the attempt it retries (which also tells the
-    retry where the resume state is)."""
+    retry where the resume state is). Once: an attempt that already has a retry (queued when it
+    stopped, before its own end could be stored) gets no second one."""
+    if any(
+        t.user_attrs.get("harness.retry_of") == trial.number
+        for t in study.get_trials(deepcopy=False)
+    ):
+        return
     attrs = {"harness.retry_of": trial.number}
     if trial.user_attrs.get("harness.baseline"):
         attrs["harness.baseline"] = True

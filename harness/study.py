@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -23,10 +24,13 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.storages.journal._file import get_lock_file
 from optuna.trial import TrialState
 
 from harness import (
     datacache,
+    envfaults,
     inputs,
     relocation,
     report,
@@ -69,26 +73,97 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 # --- Storages, samplers, pruners. ---
+# Every call of the storage is retried while the store is away (envfaults.retrying); the
+# private ones are those Optuna's cache in front of an RDB storage calls.
+_STORAGE_CALLS = (
+    *(n for n in dir(optuna.storages.BaseStorage) if not n.startswith("_")),
+    "_create_new_trial",
+    "_get_best_trial_id",
+    "_get_stale_trial_ids",
+    "_get_trials",
+    "_set_trial_param",
+)
+
+
+def _finished_already(err: Exception) -> bool:
+    """A retried `tell` whose first attempt had been committed before its connection dropped."""
+    return isinstance(err, optuna.exceptions.UpdateFinishedTrialError | RuntimeError) and (
+        "already finished" in str(err) or "has already" in str(err)
+    )
+
+
+def _quiet_heartbeat(beat):
+    """A heartbeat that a store outage skips (the next one, 30 s later, tries again) instead of
+    ending Optuna's heartbeat thread with a traceback."""
+
+    def record(*args, **kwargs):
+        with contextlib.suppress(Exception):
+            beat(*args, **kwargs)
+
+    return record
+
+
+class _JournalFile(JournalFileBackend):
+    """Optuna's journal file, whose append on a full disk leaves no partial record behind: a
+    later append would glue its record to it, and the journal would no longer load."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        with get_lock_file(self._lock), open(path, "rb+") as f:  # a crash's partial record
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            if end:
+                f.seek(max(0, end - 1))
+                if f.read(1) != b"\n":
+                    f.seek(0)
+                    data = f.read()
+                    f.truncate(data.rfind(b"\n") + 1)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode()
+        with get_lock_file(self._lock):
+            fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                start = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                except OSError:
+                    os.ftruncate(fd, start)
+                    raise
+            finally:
+                os.close(fd)
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """`*.journal`: an Optuna journal file (safe for several local processes); else an RDB URL."""
+    """`*.journal`: an Optuna journal file (safe for several local processes); else an RDB URL.
+    Either way every call is retried while the store is away, for --retry-window."""
     if "://" in url:
         # Optuna's own heartbeat: a trial whose process stops beating for 2 minutes is failed
         # by the next process that starts a trial, and re-queued like the harness's own.
         # pool_pre_ping: a connection dropped while a long trial trained (a database restart,
         # a pooler's or a network's idle timeout) is replaced, not handed to the next call;
         # pool_recycle renews connections before common idle timeouts (5 min and up).
-        return optuna.storages.RDBStorage(
+        store = f"the Optuna storage {tracking.redact(url)}"
+        storage = envfaults.retrying(optuna.storages.RDBStorage, store)(
             url,
             engine_kwargs={"pool_pre_ping": True, "pool_recycle": 240},
             heartbeat_interval=30,
             grace_period=120,
             heartbeat_stale_trial_callback=requeue,
         )
+        storage.record_heartbeat = _quiet_heartbeat(storage.record_heartbeat)
+        return envfaults.wrap_methods(storage, _STORAGE_CALLS, store, False, _finished_already)
     if url.endswith(".journal"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
         Path(url).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(url))
+        Path(url).touch()
+        store, folder = f"the Optuna journal {url}", Path(url).parent
+        backend = envfaults.retrying(_JournalFile, store, folder=folder)(url)
+        storage = JournalStorage(backend)
+        names = [n for n in dir(optuna.storages.BaseStorage) if not n.startswith("_")]
+        return envfaults.wrap_methods(storage, names, store, folder=folder)
     raise SpecError(
         f"--storage {url}: give a file ending in .journal or a URL such as postgresql://..."
     )
@@ -177,6 +252,44 @@ class _Context:
         return self.res.exp_id
 
 
+def _attempt(ctx: _Context, trial: optuna.Trial) -> float:
+    """One trial attempt. Stopped by a signal or by the environment anywhere (creating its run,
+    training, ending it), the trial is queued again, never failed for good: the retry resumes
+    from the attempt's last resume state. A store that is away when the stop comes leaves the
+    queueing to the next start's `reconcile`, once."""
+    try:
+        return _objective(ctx, trial)
+    except Exception as err:
+        fault = envfaults.classify(err, folder=ctx.opts.results)
+        if fault is None:
+            raise
+        stop = envfaults.EnvironmentStop(fault)
+        _queue_again(trial, stop)
+        raise stop from err
+    except (Interrupted, envfaults.EnvironmentStop) as err:
+        _queue_again(trial, err)
+        raise
+
+
+def _queue_again(trial: optuna.Trial, err: BaseException) -> None:
+    stopping = isinstance(err, envfaults.EnvironmentStop)
+    try:
+        with envfaults.one_try() if stopping else contextlib.nullcontext():
+            requeue(trial.study, trial.study.trials[trial.number])
+    except envfaults.EnvironmentStop:
+        if not stopping:
+            raise
+
+
+def _leave_for_retry(err: BaseException, end_tags: dict) -> None:
+    """An attempt stopped by a signal or by the environment: its run says why (its resume
+    state stays for the retry)."""
+    stop = err if isinstance(err, envfaults.EnvironmentStop) else None
+    end_tags["harness.fault"] = stop.fault.kind if stop else "interrupted"
+    if stop:
+        end_tags["harness.error"] = f"{stop.fault.where}: {stop.fault.detail}"
+
+
 def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     spec = ctx.spec
     is_baseline = bool(trial.user_attrs.get("harness.baseline"))
@@ -196,13 +309,15 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     tags.update(runs.provenance(config))
     retry_of = trial.user_attrs.get("harness.retry_of")
     resume_from = None
+    resume_file = resume_path(ctx.opts.results, ctx.study_name, trial.number)
     if retry_of is not None:
         previous = trial.study.trials[retry_of]
         tags["harness.retry_of"] = previous.user_attrs.get("mlflow_run_id", "")
         tags["harness.retry_of_trial"] = str(retry_of)
         old_file = resume_path(ctx.opts.results, ctx.study_name, retry_of)
-        if old_file.is_file():
-            resume_from = old_file
+        if old_file.is_file():  # this attempt holds it now, so a stop at any point keeps it
+            old_file.replace(resume_file)
+            resume_from = resume_file
         else:  # another node's attempt, or it died before its first epoch ended
             tags["harness.resume"] = "restarted from epoch 1: no resume state on this node"
     if config.task.kind != "finetune" and resume_from is not None:  # only fit resumes
@@ -232,7 +347,6 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     monitor = tracking.system_monitor(
         run_id, spec.search.system_metrics_interval, ctx.opts.tracking()
     )
-    resume_file = resume_path(ctx.opts.results, ctx.study_name, trial.number)
     try:
         seed_everything(config.seed)
         model = tasks.build(config, data, pretrained)
@@ -278,25 +392,37 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         trial.set_user_attr("harness.pruned_epoch", pruner.pruned_at)
         trial.set_user_attr("epochs_run", pruner.pruned_at)
         raise
-    except Interrupted:
+    except (Interrupted, envfaults.EnvironmentStop) as err:
         status = "KILLED"
-        end_tags["harness.fault"] = "interrupted"
-        if resume_from is not None and not resume_file.exists():  # before its first epoch
-            resume_from.replace(resume_file)  # the next retry resumes where this one did
-        requeue(trial.study, trial.study.trials[trial.number])
+        _leave_for_retry(err, end_tags)
         raise
     except Exception as err:
+        fault = envfaults.classify(err, folder=ctx.opts.results)
+        if fault is not None:  # a full disk, a store away past the window: not the trial's
+            status, stop = "KILLED", envfaults.EnvironmentStop(fault)
+            _leave_for_retry(stop, end_tags)
+            raise stop from err
         end_tags["harness.error"] = f"{type(err).__name__}: {err}"[:5000]
         end_tags["harness.fault"] = fault_kind(err)
         trial.set_user_attr("harness.error", end_tags["harness.error"][:500])
+        trial.set_user_attr("harness.fault", end_tags["harness.fault"])
         tracking.log_text(ctx.client, run_id, traceback.format_exc(), "traceback.txt")
         raise
     finally:  # the run ends with the trial's true state, whatever happened
         ending = time.perf_counter()
         monitor.finish()
-        runs.end(
-            run, status or tracking.STATUS[state], {"optuna.state": state, **end_tags}, end_metrics
-        )
+        stopping = isinstance(sys.exc_info()[1], envfaults.EnvironmentStop)
+        try:  # after a stop, one try: a store still away is mended by the next start
+            with envfaults.one_try() if stopping else contextlib.nullcontext():
+                runs.end(
+                    run,
+                    status or tracking.STATUS[state],
+                    {"optuna.state": state, **end_tags},
+                    end_metrics,
+                )
+        except envfaults.EnvironmentStop:
+            if not stopping:
+                raise
         if status != "KILLED":  # a finished or faulty attempt is not resumed: its state goes
             for number in (trial.number, retry_of):
                 if number is not None:
@@ -310,11 +436,46 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
                     )
         done = time.perf_counter()
         cost = run.setup_seconds + logger.seconds + (done - ending)
-        tracking.log_metrics_once(
-            ctx.client,
-            run_id,
-            {"tracking_ms": 1000 * cost, "tracking_share": cost / max(done - started, 1e-9)},
-        )
+        if not stopping:
+            tracking.log_metrics_once(
+                ctx.client,
+                run_id,
+                {"tracking_ms": 1000 * cost, "tracking_share": cost / max(done - started, 1e-9)},
+            )
+
+
+class SameFailure:
+    """A study callback: stop when `limit` trials in a row failed with the same error of the
+    code, data or environment (a fault that the hyperparameters explain, nan, diverged or oom,
+    does not count): one broken thing does not burn the study's budget."""
+
+    def __init__(self, limit: int = 3):
+        self.limit, self.last, self.count, self.tripped = limit, None, 0, None
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        error = None
+        if trial.state == TrialState.FAIL and trial.user_attrs.get("harness.fault") in (
+            "error",
+            "data",
+        ):
+            error = trial.user_attrs.get("harness.error")
+        self.count = self.count + 1 if error is not None and error == self.last else 1
+        self.last = error
+        if error is not None and self.count >= self.limit:
+            self.tripped = error
+            study.stop()
+
+
+def _end_parent(client, parent: str, status: str) -> None:
+    """End the study's parent run; when the process stops for the environment, one try (the
+    next start reopens it anyway)."""
+    stopping = isinstance(sys.exc_info()[1], envfaults.EnvironmentStop)
+    try:
+        with envfaults.one_try() if stopping else contextlib.nullcontext():
+            tracking.end_run(client, parent, status)
+    except envfaults.EnvironmentStop:
+        if not stopping:
+            raise
 
 
 def first_config(spec: ExperimentSpec) -> TrialConfig:
@@ -429,13 +590,29 @@ def _note_moved(note: str | None) -> None:
 def _preflight(ctx: _Context, config: TrialConfig) -> None:
     """Fetch (or pretrain) the starting weights and build the model once, before any trial,
     for the first trial and every `model.pretrained` the space can sample: a bad weights name,
-    file or model URI is an input error (exit 2), not a study of failed trials."""
+    file or model URI is an input error (exit 2), not a study of failed trials. Returns the
+    largest model's size in bytes (what a best-weights file holds)."""
+    largest = 0
     for c in inputs.starting_configs(ctx.spec, config):
         try:
             pretrained, _ = ctx.res.pretrained_for(c)
-            tasks.build(c, ctx.res.data_for(c), pretrained)
+            model = tasks.build(c, ctx.res.data_for(c), pretrained)
         except ValueError as err:
             raise SpecError(f"{err}") from None
+        state = model.state_dict().values()
+        largest = max(largest, sum(t.numel() * t.element_size() for t in state))
+    return largest
+
+
+def _space_needed(spec: ExperimentSpec, trials: int, model_bytes: int, workers: int) -> int:
+    """What a study of `trials` more trials will keep in its results folder, roughly: the kept
+    best weights (a local file and its MLflow copy each), each running trial's resume state
+    (weights, optimizer state, anchors) and best-weights file, the stores' rows, the report."""
+    search = spec.search
+    kept = {"all": trials, "none": 0}.get(search.keep_checkpoints, search.top_k + 1)
+    per_trial_rows = 64 * 1024  # MLflow's params, tags, metrics; Optuna's journal
+    running = workers * 5 * model_bytes
+    return 2 * kept * model_bytes + running + trials * per_trial_rows + 4 * 2**20
 
 
 def report_study(opts: StudyOptions, seeds: int = 0, ablate: bool = False) -> report.Summary:
@@ -485,12 +662,18 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     ctx = _Context(spec, opts, name, runs.Resources(opts.results, client, exp_id), "", notes)
     ctx.res.note = lambda text: ctx.progress.note(text)  # the progress line of the moment
     ctx.res.data[runs.data_key(first)] = base_data
-    _preflight(ctx, first)
+    model_bytes = _preflight(ctx, first)
     for line in base_data.report.lines():
         notes.note(line)
     with _stores_lock(opts.results):
         study, parent, created = _open_study(spec, opts, name, client, exp_id)
     done = finished_count(study)
+    if not opts.worker and done < target:  # before the first trial: will it fit?
+        n_workers = workers.worker_count(opts.workers or "1", workers.visible_gpus())
+        need = _space_needed(spec, target - done, model_bytes, n_workers)
+        warning = envfaults.check_space(opts.results, need)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     progress = report.Progress(total=target, done=done, quiet=opts.quiet)
     ctx.parent_run_id, ctx.progress = parent, progress
     if done >= target:
@@ -514,6 +697,7 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
             progress.note(f"Trials {retried} were left running by a dead process: re-queued.")
     deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
     budget = optuna.study.MaxTrialsCallback(target, states=FINISHED)
+    same_error = SameFailure()
     status = "FINISHED"
     handlers = {}
     if threading.current_thread() is threading.main_thread():
@@ -525,7 +709,7 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
             if left is not None and left <= 0:
                 break
             study.optimize(
-                lambda t: _objective(ctx, t),
+                lambda t: _attempt(ctx, t),
                 n_trials=target - done,
                 timeout=left,
                 callbacks=[
@@ -533,24 +717,35 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
                     lambda st, _t: retention.apply_retention(ctx, st),
                     lambda st, _t: reconcile(st, client, name, quick=True),  # a dead worker's
                     progress.on_trial_end,
+                    same_error,
                 ],
                 catch=(Exception,),
             )
             now = finished_count(study)
+            if same_error.tripped:
+                progress.note(
+                    f"The last {same_error.limit} trials failed with the same error, "
+                    f"{same_error.tripped[:300]}; stopping. See their FAILED runs."
+                )
+                status = "FAILED"
+                break
             if now == done:  # every trial of the round failed: stop instead of looping
                 progress.note("Every trial of this round failed; stopping. See the FAILED runs.")
                 status = "FAILED"
                 break
             done = now
-    except BaseException:
+    except BaseException as err:
         status = "KILLED"
+        stop = envfaults.stop_in(err)  # Optuna may have raised its own error over it
+        if stop is not None and stop is not err:
+            raise stop from None
         raise
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         progress.close()
         if not opts.worker:
-            tracking.end_run(client, parent, status)
+            _end_parent(client, parent, status)
     if opts.worker:  # the process that spawned the workers reports, once
         return summarize(study, opts, name)
     others = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
@@ -587,6 +782,10 @@ def _run_workers(study, opts, name, n, client, parent, progress) -> report.Summa
         progress.set_done(finished_count(study), study)
         progress.close()
         codes = [p.returncode for p in procs]
+        if envfaults.EXIT_TEMPFAIL in codes:  # a worker stopped for the environment: so do we
+            status = "KILLED"
+            _end_parent(client, parent, status)
+            raise envfaults.EnvironmentStop.of_workers(codes, logs)
         if any(c != 0 for c in codes):
             progress.note(f"workers ended with exit codes {codes}; see {logs}")
             if status == "FINISHED" and finished_count(study) < progress.total:

@@ -28,6 +28,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from harness import envfaults
 from harness.metrics import best_name
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
@@ -44,12 +45,35 @@ def is_local_store(tracking_uri: str) -> bool:
     return not tracking_uri.startswith(("http://", "https://", "databricks"))
 
 
+# MLflow's own HTTP retries (7 with backoff: about 4 silent minutes) are cut short: the
+# harness retries every call itself for --retry-window, saying which store it waits for.
+# pool_recycle renews the embedded store's connections before common idle timeouts (MLflow
+# already pings each one before use).
+_STORE_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    "MLFLOW_SQLALCHEMYSTORE_POOL_RECYCLE": "240",
+}
+
+
 def connect(tracking_uri: str) -> MlflowClient:
+    """A client of the tracking store whose every call is retried while the store is away
+    (`envfaults.retrying`): an outage shorter than the window costs nothing."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for key, value in _STORE_ENV.items():
+        os.environ.setdefault(key, value)
     for name in ("mlflow", "alembic"):  # store migrations and the like are not the user's news
         logging.getLogger(name).setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    calls = [n for n in dir(MlflowClient) if not n.startswith("_")]
+    store = f"the MLflow tracking store {redact(tracking_uri)}"
+    folder = None
+    if tracking_uri.startswith("sqlite:///"):  # named when its disk is full
+        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    remote = not is_local_store(tracking_uri)
+    return envfaults.wrap_methods(client, calls, store, remote, folder=folder)
 
 
 def experiment_id(client: MlflowClient, name: str, results: Path, tracking_uri: str) -> str:
