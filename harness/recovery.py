@@ -57,7 +57,7 @@ def resume_path(results: Path, study_name: str, number: int) -> Path:
     return folder / f"trial-{number}.pt"
 
 
-def _alive(trial, grace: float) -> bool:
+def alive(trial, grace: float = 600.0) -> bool:
     """Whether a RUNNING trial's process still runs: by its pid on this host, else by the age
     of its heartbeat (or of its start, before the first epoch)."""
     a = trial.user_attrs
@@ -94,17 +94,37 @@ def requeue(study: optuna.Study, trial) -> None:
     study.enqueue_trial(dict(trial.params), user_attrs=attrs)
 
 
+def mark_stopped(results: Path, study_name: str, number: int) -> None:
+    """Trial `number` was running when this process stopped for the environment; its store may
+    have been away, so that neither its end nor its retry (nor even its pid) got stored: the
+    next start on this results folder takes it for dead and re-queues it."""
+    resume_path(results, study_name, number).with_suffix(".stopped").touch()
+
+
 def reconcile(
-    study: optuna.Study, client, study_name: str, grace: float = 600.0, quick: bool = False
+    study: optuna.Study,
+    client,
+    study_name: str,
+    grace: float = 600.0,
+    quick: bool = False,
+    results: Path | None = None,
 ) -> list[int]:
-    """Before a study goes on: trials left RUNNING by a dead process are marked FAIL and
-    re-queued, and their MLflow runs (and any run of the study still RUNNING with no live
-    trial) end KILLED with `harness.fault=killed`. Returns the re-queued trial numbers."""
+    """Before a study goes on: trials left RUNNING by a dead process (or marked stopped in
+    `results` by `mark_stopped`) are marked FAIL and re-queued, and their MLflow runs (and any
+    run of the study still RUNNING with no live trial) end KILLED with `harness.fault=killed`.
+    Returns the re-queued trial numbers."""
+    stopped = _stopped_marks(results, study_name) if results is not None else {}
     dead = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if not _alive(t, grace)
+        if t.number in stopped or not alive(t, grace)
     ]
+    for number, mark in stopped.items():  # ended but perhaps not re-queued: at most once
+        t = study.trials[number] if number < len(study.trials) else None
+        if t is not None and t.state == TrialState.FAIL:
+            requeue(study, t)
+        if t is None or t.state != TrialState.RUNNING:
+            mark.unlink(missing_ok=True)
     for t in list(dead):
         try:
             study.tell(t.number, state=TrialState.FAIL)
@@ -112,6 +132,8 @@ def reconcile(
             dead.remove(t)
             continue
         requeue(study, t)
+        if t.number in stopped:
+            stopped[t.number].unlink(missing_ok=True)
     if quick and not dead:  # after every trial: only look at MLflow when a process died
         return []
     live = {
@@ -123,6 +145,11 @@ def reconcile(
             tags = {"optuna.state": "FAIL", "harness.fault": "killed"}
             tracking.end_run_tagged(client, run_id, "KILLED", tags)
     return [t.number for t in dead]
+
+
+def _stopped_marks(results: Path, study_name: str) -> dict[int, Path]:
+    folder = resume_path(results, study_name, 0).parent
+    return {int(p.stem.split("-")[1]): p for p in folder.glob("trial-*.stopped")}
 
 
 def fault_kind(err: BaseException) -> str:

@@ -47,7 +47,9 @@ from harness.metrics import KINDS
 from harness.recovery import (
     Interrupted,
     TrialWatch,
+    alive,
     fault_kind,
+    mark_stopped,
     raise_interrupted,
     reconcile,
     requeue,
@@ -264,9 +266,12 @@ def _attempt(ctx: _Context, trial: optuna.Trial) -> float:
         if fault is None:
             raise
         stop = envfaults.EnvironmentStop(fault)
+        mark_stopped(ctx.opts.results, ctx.study_name, trial.number)
         _queue_again(trial, stop)
         raise stop from err
     except (Interrupted, envfaults.EnvironmentStop) as err:
+        if isinstance(err, envfaults.EnvironmentStop):
+            mark_stopped(ctx.opts.results, ctx.study_name, trial.number)
         _queue_again(trial, err)
         raise
 
@@ -442,6 +447,24 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
                 run_id,
                 {"tracking_ms": 1000 * cost, "tracking_share": cost / max(done - started, 1e-9)},
             )
+
+
+class ExactBudget:
+    """A study callback: stop starting trials once the finished ones and those that live
+    processes of the study are running reach the budget. Optuna's MaxTrialsCallback counts the
+    finished alone, so two workers ending trials together would both start the last one."""
+
+    def __init__(self, target: int):
+        self.target, self.reached = target, False
+
+    def __call__(self, study: optuna.Study, _trial) -> None:
+        states = (*FINISHED, TrialState.RUNNING)
+        trials = study.get_trials(deepcopy=False, states=states)
+        finished = sum(t.state in FINISHED for t in trials)
+        running = sum(t.state == TrialState.RUNNING and alive(t) for t in trials)
+        if finished + running >= self.target:
+            self.reached = True
+            study.stop()
 
 
 class SameFailure:
@@ -688,15 +711,15 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
         if n > 1:
             return _run_workers(study, opts, name, n, client, parent, progress)
     if opts.worker:
-        retried = reconcile(study, client, name)
+        retried = reconcile(study, client, name, results=opts.results)
     elif not created:
         tracking.reopen_run(client, parent)
-        retried = reconcile(study, client, name)
+        retried = reconcile(study, client, name, results=opts.results)
         progress.note(f"Resuming study {name!r}: {done} of {target} trials finished.")
         if retried:
             progress.note(f"Trials {retried} were left running by a dead process: re-queued.")
     deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
-    budget = optuna.study.MaxTrialsCallback(target, states=FINISHED)
+    budget = ExactBudget(target)
     same_error = SameFailure()
     status = "FINISHED"
     handlers = {}
@@ -722,6 +745,8 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
                 catch=(Exception,),
             )
             now = finished_count(study)
+            if budget.reached:  # with the trials other workers are finishing
+                break
             if same_error.tripped:
                 progress.note(
                     f"The last {same_error.limit} trials failed with the same error, "
@@ -762,7 +787,7 @@ def _run_workers(study, opts, name, n, client, parent, progress) -> report.Summa
     the whole study's progress while they run, and report once when they are done."""
     envs = workers.assign(n, workers.visible_gpus(), os.cpu_count() or 1)
     tracking.reopen_run(client, parent)
-    reconcile(study, client, name)
+    reconcile(study, client, name, results=opts.results)
     logs = opts.results / "logs" / safe_name(name)
     progress.note(f"{n} workers of study {name!r}; their logs: {logs}")
     procs = workers.spawn(list(opts.argv), envs, logs)
