@@ -301,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
             where = getattr(args, "experiment", None) or getattr(args, "study", None) or "data"
             print(f"error: {where}: {err}", file=sys.stderr)
             return 2
-        from harness.envfaults import EXIT_TEMPFAIL, EnvironmentStop, classify
+        from harness.envfaults import EXIT_TEMPFAIL, EnvironmentStop, disk_full
 
-        fault = classify(err, folder=args.results)
+        fault = disk_full(err, args.results)
         if fault is not None:  # a full disk (the report's own write, say): no traceback
             print(EnvironmentStop(fault).message(), file=sys.stderr)
             return EXIT_TEMPFAIL

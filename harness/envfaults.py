@@ -45,6 +45,15 @@ _AWAY_TEXT = (
     "connection is closed",
     "connection already closed",
 )
+# what a store that answers says of a wrong URL or login: waiting does not mend those
+_WRONG_TEXT = (
+    "does not exist",
+    "password authentication failed",
+    "no password supplied",
+    "no pg_hba.conf entry",
+    "permission denied",
+    "invalid dsn",
+)
 _AWAY_TYPES = {  # (module prefix, class name): errors of a connection, not of a request
     ("psycopg", "OperationalError"),
     ("psycopg", "InterfaceError"),
@@ -183,6 +192,8 @@ def _folder_of(err: BaseException, folder: Path | None) -> str:
 def _away(e: BaseException, remote: bool) -> bool:
     mod, name = type(e).__module__.split(".")[0], type(e).__name__
     text = str(e).lower()
+    if any(t in text for t in _WRONG_TEXT):  # reachable, but the request itself is wrong
+        return False
     if isinstance(e, ConnectionError | TimeoutError) or (mod, name) in _AWAY_TYPES:
         return True
     texts = ("OperationalError", "InterfaceError", "StorageInternalError", "MlflowException")
@@ -219,6 +230,14 @@ def classify(
         except OSError:
             pass
     return None
+
+
+def disk_full(err: BaseException, folder: Path | None = None) -> Fault | None:
+    """The full disk behind an error raised outside the stores' retried calls (a checkpoint, a
+    resume state, the report): there, a store away has already been retried and turned into
+    `EnvironmentStop`, and a bare timeout is nobody's store."""
+    fault = classify(err, folder=folder)
+    return fault if fault is not None and fault.kind == "disk_full" else None
 
 
 def _say(text: str) -> None:

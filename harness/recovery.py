@@ -19,6 +19,8 @@ from harness.data import DataError
 from harness.loop import TrainingFault
 from harness.spec import safe_name
 
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward a study's budget
+
 
 class Interrupted(KeyboardInterrupt):
     """SIGTERM or SIGINT: the running trial keeps its resume state, its run ends KILLED
@@ -161,3 +163,44 @@ def fault_kind(err: BaseException) -> str:
     if isinstance(err, DataError | OSError):
         return "data"
     return "error"
+
+
+# --- Study callbacks: the budget across workers, and one error again and again. ---
+class ExactBudget:
+    """A study callback: stop starting trials once the finished ones and those that live
+    processes of the study are running reach the budget. Optuna's MaxTrialsCallback counts the
+    finished alone, so two workers ending trials together would both start the last one."""
+
+    def __init__(self, target: int):
+        self.target, self.reached = target, False
+
+    def __call__(self, study: optuna.Study, _trial) -> None:
+        states = (*FINISHED, TrialState.RUNNING)
+        trials = study.get_trials(deepcopy=False, states=states)
+        finished = sum(t.state in FINISHED for t in trials)
+        running = sum(t.state == TrialState.RUNNING and alive(t) for t in trials)
+        if finished + running >= self.target:
+            self.reached = True
+            study.stop()
+
+
+class SameFailure:
+    """A study callback: stop when `limit` trials in a row failed with the same error of the
+    code, data or environment (a fault that the hyperparameters explain, nan, diverged or oom,
+    does not count): one broken thing does not burn the study's budget."""
+
+    def __init__(self, limit: int = 3):
+        self.limit, self.last, self.count, self.tripped = limit, None, 0, None
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        error = None
+        if trial.state == TrialState.FAIL and trial.user_attrs.get("harness.fault") in (
+            "error",
+            "data",
+        ):
+            error = trial.user_attrs.get("harness.error")
+        self.count = self.count + 1 if error is not None and error == self.last else 1
+        self.last = error
+        if error is not None and self.count >= self.limit:
+            self.tripped = error
+            study.stop()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -24,8 +23,6 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.storages.journal import JournalFileBackend, JournalStorage
-from optuna.storages.journal._file import get_lock_file
 from optuna.trial import TrialState
 
 from harness import (
@@ -45,9 +42,11 @@ from harness.files import atomic_write
 from harness.loop import seed_everything
 from harness.metrics import KINDS
 from harness.recovery import (
+    FINISHED,
+    ExactBudget,
     Interrupted,
+    SameFailure,
     TrialWatch,
-    alive,
     fault_kind,
     mark_stopped,
     raise_interrupted,
@@ -69,108 +68,11 @@ from harness.spec import (
     spec_hash,
     trial_config,
 )
+from harness.storage import open_storage
 from harness.study_report import finish_report, summarize
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 # --- Storages, samplers, pruners. ---
-# Every call of the storage is retried while the store is away (envfaults.retrying); the
-# private ones are those Optuna's cache in front of an RDB storage calls.
-_STORAGE_CALLS = (
-    *(n for n in dir(optuna.storages.BaseStorage) if not n.startswith("_")),
-    "_create_new_trial",
-    "_get_best_trial_id",
-    "_get_stale_trial_ids",
-    "_get_trials",
-    "_set_trial_param",
-)
-
-
-def _finished_already(err: Exception) -> bool:
-    """A retried `tell` whose first attempt had been committed before its connection dropped."""
-    return isinstance(err, optuna.exceptions.UpdateFinishedTrialError | RuntimeError) and (
-        "already finished" in str(err) or "has already" in str(err)
-    )
-
-
-def _quiet_heartbeat(beat):
-    """A heartbeat that a store outage skips (the next one, 30 s later, tries again) instead of
-    ending Optuna's heartbeat thread with a traceback."""
-
-    def record(*args, **kwargs):
-        with contextlib.suppress(Exception):
-            beat(*args, **kwargs)
-
-    return record
-
-
-class _JournalFile(JournalFileBackend):
-    """Optuna's journal file, whose append on a full disk leaves no partial record behind: a
-    later append would glue its record to it, and the journal would no longer load."""
-
-    def __init__(self, path: str):
-        super().__init__(path)
-        with get_lock_file(self._lock), open(path, "rb+") as f:  # a crash's partial record
-            f.seek(0, os.SEEK_END)
-            end = f.tell()
-            if end:
-                f.seek(max(0, end - 1))
-                if f.read(1) != b"\n":
-                    f.seek(0)
-                    data = f.read()
-                    f.truncate(data.rfind(b"\n") + 1)
-
-    def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode()
-        with get_lock_file(self._lock):
-            fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                start = os.lseek(fd, 0, os.SEEK_END)
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    os.fsync(fd)
-                except OSError:
-                    os.ftruncate(fd, start)
-                    raise
-            finally:
-                os.close(fd)
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """`*.journal`: an Optuna journal file (safe for several local processes); else an RDB URL.
-    Either way every call is retried while the store is away, for --retry-window."""
-    if "://" in url:
-        # Optuna's own heartbeat: a trial whose process stops beating for 2 minutes is failed
-        # by the next process that starts a trial, and re-queued like the harness's own.
-        # pool_pre_ping: a connection dropped while a long trial trained (a database restart,
-        # a pooler's or a network's idle timeout) is replaced, not handed to the next call;
-        # pool_recycle renews connections before common idle timeouts (5 min and up).
-        store = f"the Optuna storage {tracking.redact(url)}"
-        storage = envfaults.retrying(optuna.storages.RDBStorage, store)(
-            url,
-            engine_kwargs={"pool_pre_ping": True, "pool_recycle": 240},
-            heartbeat_interval=30,
-            grace_period=120,
-            heartbeat_stale_trial_callback=requeue,
-        )
-        storage.record_heartbeat = _quiet_heartbeat(storage.record_heartbeat)
-        return envfaults.wrap_methods(storage, _STORAGE_CALLS, store, False, _finished_already)
-    if url.endswith(".journal"):
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        Path(url).touch()
-        store, folder = f"the Optuna journal {url}", Path(url).parent
-        backend = envfaults.retrying(_JournalFile, store, folder=folder)(url)
-        storage = JournalStorage(backend)
-        names = [n for n in dir(optuna.storages.BaseStorage) if not n.startswith("_")]
-        return envfaults.wrap_methods(storage, names, store, folder=folder)
-    raise SpecError(
-        f"--storage {url}: give a file ending in .journal or a URL such as postgresql://..."
-    )
-
-
 def make_sampler(spec: ExperimentSpec, salt: int = 0) -> optuna.samplers.BaseSampler:
     """The file's sampler, seeded with `seed + salt` (each worker of a study has its own salt,
     or every worker would propose the same parameters)."""
@@ -262,7 +164,7 @@ def _attempt(ctx: _Context, trial: optuna.Trial) -> float:
     try:
         return _objective(ctx, trial)
     except Exception as err:
-        fault = envfaults.classify(err, folder=ctx.opts.results)
+        fault = envfaults.disk_full(err, ctx.opts.results)
         if fault is None:
             raise
         stop = envfaults.EnvironmentStop(fault)
@@ -402,8 +304,8 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         _leave_for_retry(err, end_tags)
         raise
     except Exception as err:
-        fault = envfaults.classify(err, folder=ctx.opts.results)
-        if fault is not None:  # a full disk, a store away past the window: not the trial's
+        fault = envfaults.disk_full(err, ctx.opts.results)
+        if fault is not None:  # a full disk: not the trial's fault
             status, stop = "KILLED", envfaults.EnvironmentStop(fault)
             _leave_for_retry(stop, end_tags)
             raise stop from err
@@ -447,46 +349,6 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
                 run_id,
                 {"tracking_ms": 1000 * cost, "tracking_share": cost / max(done - started, 1e-9)},
             )
-
-
-class ExactBudget:
-    """A study callback: stop starting trials once the finished ones and those that live
-    processes of the study are running reach the budget. Optuna's MaxTrialsCallback counts the
-    finished alone, so two workers ending trials together would both start the last one."""
-
-    def __init__(self, target: int):
-        self.target, self.reached = target, False
-
-    def __call__(self, study: optuna.Study, _trial) -> None:
-        states = (*FINISHED, TrialState.RUNNING)
-        trials = study.get_trials(deepcopy=False, states=states)
-        finished = sum(t.state in FINISHED for t in trials)
-        running = sum(t.state == TrialState.RUNNING and alive(t) for t in trials)
-        if finished + running >= self.target:
-            self.reached = True
-            study.stop()
-
-
-class SameFailure:
-    """A study callback: stop when `limit` trials in a row failed with the same error of the
-    code, data or environment (a fault that the hyperparameters explain, nan, diverged or oom,
-    does not count): one broken thing does not burn the study's budget."""
-
-    def __init__(self, limit: int = 3):
-        self.limit, self.last, self.count, self.tripped = limit, None, 0, None
-
-    def __call__(self, study: optuna.Study, trial) -> None:
-        error = None
-        if trial.state == TrialState.FAIL and trial.user_attrs.get("harness.fault") in (
-            "error",
-            "data",
-        ):
-            error = trial.user_attrs.get("harness.error")
-        self.count = self.count + 1 if error is not None and error == self.last else 1
-        self.last = error
-        if error is not None and self.count >= self.limit:
-            self.tripped = error
-            study.stop()
 
 
 def _end_parent(client, parent: str, status: str) -> None:

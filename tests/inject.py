@@ -30,16 +30,16 @@ def arm(site: str, after: int) -> None:
         return calls["n"] > after
 
     if site == "journal":
-        from harness import study
+        from harness import storage
 
-        append = study._JournalFile.append_logs
+        append = storage._JournalFile.append_logs
 
         def append_logs(self, logs):
             if full():
                 raise _enospc(self._file_path)
             return append(self, logs)
 
-        study._JournalFile.append_logs = append_logs
+        storage._JournalFile.append_logs = append_logs
     elif site in ("mlflow", "artifact"):
         import sqlalchemy
         from mlflow import MlflowClient

@@ -97,6 +97,7 @@ CORE = (
     "episodes",
     "taskdata",
     "classical",
+    "envfaults",  # classifies Optuna's and MLflow's errors by name, importing neither
 )
 
 

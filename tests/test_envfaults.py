@@ -23,8 +23,8 @@ from optuna.trial import TrialState
 from harness import envfaults
 from harness.envfaults import EnvironmentStop, Fault, classify
 from harness.loop import TrainingFault
-from harness.recovery import requeue
-from harness.study import SameFailure, _JournalFile, open_storage
+from harness.recovery import SameFailure, requeue
+from harness.storage import _JournalFile, open_storage
 
 
 # --- Which errors are the environment's ---
@@ -80,6 +80,9 @@ def test_a_store_away_is_recognised_and_a_trial_fault_is_not():
     assert classify(server_500, remote=False) is None  # the local store's own error: a bug
     locked = MlflowException("(sqlite3.OperationalError) database is locked")
     assert classify(locked).kind == "store"
+    wrong = psycopg.OperationalError('connection failed: FATAL: database "nodb" does not exist')
+    assert classify(wrong) is None  # waiting does not mend a wrong URL or login
+    assert envfaults.disk_full(TimeoutError("collective timed out")) is None  # a trial's own
     for err in (
         ValueError("bad value"),
         TrainingFault("nan", "loss is nan"),
@@ -165,7 +168,7 @@ def test_a_journal_append_on_a_full_disk_leaves_no_partial_record(tmp_path, monk
             return len(data) // 2
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("harness.study.os.write", half_then_full)
+    monkeypatch.setattr("harness.storage.os.write", half_then_full)
     with pytest.raises(EnvironmentStop) as stop:
         study.enqueue_trial({"x": 2.0})
     assert stop.value.fault.kind == "disk_full"
@@ -317,3 +320,62 @@ def test_a_full_disk_at_each_write_site_stops_with_75_and_the_same_command_compl
     assert any(r.data.tags.get("harness.fault") == "disk_full" for r in killed)
     with sqlite3.connect(results / "mlflow.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 48 MB tmpfs of the test's own (root can mount one; CI runs as root), else skip."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()[:200]}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_stops_with_75_and_space_back_completes_the_study(small_disk):
+    """The issue's case on a real filesystem: the results folder's disk fills up while the
+    baseline trains. Before: 58 trials FAILED in seconds and the baseline was lost. Now: exit
+    75 at the first full write, and with space back the same command completes the study, its
+    baseline included."""
+    results = small_disk / "results"
+    args = [str(QUICKSTART), "--results", str(results), "--quiet", "--n-trials", "3"]
+    for s in [*STUDY[:-1], "train.epochs=4"]:
+        args += ["--set", s]
+    cli = [sys.executable, str(REPO / "run_study.py"), *args]
+    made = subprocess.run([*cli, "--timeout", "0.001"], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-2000:]  # the stores and the study, no trial
+    filler = small_disk / "filler"
+    left = 300 * 1024  # the baseline's first epochs fit, its run's curve and weights do not
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, envfaults.free_bytes(small_disk) - left))
+    full = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 75, (full.stdout[-2000:], full.stderr[-3000:])
+    assert "warning: " + str(results) + " has " in full.stderr  # before the first trial
+    assert "warning:" not in made.stderr  # 48 MB were enough for what it would keep
+    message = full.stderr[full.stderr.index("Stopped: the disk of ") :]
+    assert len(message.splitlines()) < 20 and "Traceback" not in full.stderr
+    assert str(small_disk) in message.splitlines()[0]
+    filler.unlink()  # space back
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(
+        study_name="quickstart", storage=open_storage(str(results / "optuna.journal"))
+    )
+    trials = study.get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 3
+    assert [t for t in finished if t.user_attrs.get("harness.baseline")], "the baseline is lost"
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) <= 1  # the one attempt the full disk interrupted, retried
+    retried = {t.user_attrs.get("harness.retry_of") for t in trials}
+    assert all(t.number in retried for t in failed)
+    with sqlite3.connect(results / "mlflow.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert not [r for r in runs if r.info.status == "RUNNING"]
