@@ -71,6 +71,7 @@ class Summary:
             "trials_complete": counts.get("COMPLETE", 0),
             "trials_pruned": counts.get("PRUNED", 0),
             "trials_failed": counts.get("FAIL", 0),
+            "trials_retried": counts.get("RETRIED", 0),
         }
         name = self.objectives[0] if self.objectives else "objective"
         complete, base = self.complete(), self.baseline()
@@ -92,9 +93,13 @@ class Summary:
         return next((t for t in self.trials if t.baseline and t.state == "COMPLETE"), None)
 
     def counts(self) -> dict[str, int]:
+        """Trials by state; an attempt that was interrupted (a signal, a dead process, the
+        environment) and re-queued counts as RETRIED, not FAIL: it did not fail for good."""
+        retried = {t.attrs.get("harness.retry_of") for t in self.trials}
         counts: dict[str, int] = {}
         for t in self.trials:
-            counts[t.state] = counts.get(t.state, 0) + 1
+            state = "RETRIED" if t.state == "FAIL" and t.number in retried else t.state
+            counts[state] = counts.get(state, 0) + 1
         return counts
 
 
@@ -315,6 +320,9 @@ def render(summary: Summary, top: int = 5) -> str:
         f"Study {summary.study_name!r}: {c.get('COMPLETE', 0)} complete, "
         f"{c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed"
     )
+    if c.get("RETRIED"):
+        n = c["RETRIED"]
+        head += f" ({n} interrupted attempt{'s' * (n > 1)}, re-queued and retried)"
     out = [head, ""]
     best = summary.complete()
     base = summary.baseline()
