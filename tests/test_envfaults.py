@@ -283,7 +283,7 @@ def test_a_full_disk_at_each_write_site_stops_with_75_and_the_same_command_compl
         assert "Traceback" not in out.stderr and "Traceback" not in out.stdout, site
         assert "run the same command again" in out.stderr
         if site != "artifact":  # that one names the artifact store's folder
-            assert f"the disk of {results} is full" in stopped[0], (site, stopped[0])
+            assert stopped[0].startswith(f"Stopped: the disk of {results}"), (site, stopped[0])
         assert not (results / "reports" / "quickstart" / "report.md").exists()
     done = _inject(results, "none", 0)
     assert done.returncode == 0, done.stderr[-3000:]
