@@ -245,6 +245,18 @@ STUDY = [
 ]
 
 
+def _completed_with_baseline(results: Path, budget: int) -> list:
+    """The study's trials, after checking that its budget finished, its baseline among them."""
+    study = optuna.load_study(
+        study_name="quickstart", storage=open_storage(str(results / "optuna.journal"))
+    )
+    trials = study.get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == budget
+    assert [t for t in finished if t.user_attrs.get("harness.baseline")], "the baseline is lost"
+    return trials
+
+
 def _inject(results: Path, site: str, after: int) -> subprocess.CompletedProcess:
     args = [str(QUICKSTART), "--results", str(results), "--quiet"]
     for s in STUDY:
@@ -289,13 +301,7 @@ def test_a_full_disk_at_each_write_site_stops_with_75_and_the_same_command_compl
     assert done.returncode == 0, done.stderr[-3000:]
     assert (results / "reports" / "quickstart" / "report.md").is_file()
 
-    study = optuna.load_study(
-        study_name="quickstart", storage=open_storage(str(results / "optuna.journal"))
-    )
-    trials = study.get_trials()
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) == 3
-    assert [t for t in finished if t.user_attrs.get("harness.baseline")], "the baseline is lost"
+    trials = _completed_with_baseline(results, 3)
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     retried = {t.user_attrs.get("harness.retry_of") for t in trials}
     for t in trials:
@@ -363,13 +369,7 @@ def test_a_real_full_disk_stops_with_75_and_space_back_completes_the_study(small
     filler.unlink()  # space back
     done = subprocess.run(cli, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    study = optuna.load_study(
-        study_name="quickstart", storage=open_storage(str(results / "optuna.journal"))
-    )
-    trials = study.get_trials()
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) == 3
-    assert [t for t in finished if t.user_attrs.get("harness.baseline")], "the baseline is lost"
+    trials = _completed_with_baseline(results, 3)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(failed) <= 1  # the one attempt the full disk interrupted, retried
     retried = {t.user_attrs.get("harness.retry_of") for t in trials}
