@@ -40,6 +40,7 @@ fixed clean-train subset of at most `data.eval_train_max` images.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from harness import loop, models, regularizers, resume_state, stream
+from harness import distributed, loop, models, regularizers, resume_state, stream
 from harness.augment import augment
 from harness.data import TaskData
 from harness.loop import (
@@ -197,15 +198,22 @@ class Run:
 
 
 def train_one_epoch(
-    model, run: Run, x, y, config: TrialConfig, generator: torch.Generator
+    model, run: Run, x, y, config: TrialConfig, generator: torch.Generator, net=None, group=None
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """One pass over (x, y) in seeded random order: augment, mix, loss + penalty, step, EMA.
 
     Returns (loss sum, correct, images seen, penalty sum over steps) of the running training
     metrics, on the device. The loss is the data loss; with mixing, `correct` compares with the
     argmax of the soft target.
+
+    With a process `group` of K ranks (`net`: the model in DistributedDataParallel), every rank
+    draws the same global order, augments and mixes the whole global batch, and trains on its
+    slice of it (`distributed.shard`); its loss is its slice's sum x K / the global batch, so
+    the averaged gradient is one device's. Batches under 2 x K images are skipped (BatchNorm).
+    The loss sum and `correct` are this rank's, `seen` the global count.
     """
     n, bs = len(x), config.train.batch_size
+    k = distributed.world(group)
     host_order = torch.randperm(n, generator=generator)  # a streamed split gathers on the host
     order = host_order.to(x.device)
     loss_sum = torch.zeros((), device=x.device)
@@ -215,16 +223,26 @@ def train_one_epoch(
     amp = config.train.amp
     for start in range(0, n, bs):
         idx = order[start : start + bs]
-        if len(idx) < 2 <= n:  # BatchNorm cannot train on a batch of one
+        if len(idx) < 2 * k <= n:  # BatchNorm cannot train on a batch of one
             continue
         xb, yb = stream.batch(x, idx, host_order[start : start + bs]), y[idx]
         xb = augment(xb, config.aug, generator)
         target = yb
         if run.mixer is not None:
             xb, target = regularizers.mix_batch(run.mixer, xb, yb)
-        with autocast(x.device, amp):
-            logits = model(xb)
-            loss = F.cross_entropy(logits, target, label_smoothing=run.label_smoothing)
+        if group is not None:  # this rank's slice of the global batch
+            mine = distributed.shard(len(idx), group)
+            xb, target = xb[mine], target[mine]
+            with autocast(x.device, amp):
+                logits = net(xb)
+                summed = F.cross_entropy(
+                    logits, target, label_smoothing=run.label_smoothing, reduction="sum"
+                )
+                loss = summed * (k / len(idx))
+        else:
+            with autocast(x.device, amp):
+                logits = model(xb)
+                loss = F.cross_entropy(logits, target, label_smoothing=run.label_smoothing)
         total = loss
         if run.penalty is not None:
             penalty = run.penalty()
@@ -237,7 +255,7 @@ def train_one_epoch(
         run.step += 1
         if run.ema is not None:
             regularizers.ema_update(run.ema, model)
-        loss_sum += loss.detach() * len(idx)
+        loss_sum += loss.detach() * len(idx) if group is None else summed.detach()
         labels = target.argmax(1) if target.ndim == 2 else target
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += len(idx)
@@ -353,12 +371,19 @@ def fit(
     data: TaskData,
     callbacks: Iterable[Callback] = (),
     resume: dict | None = None,
+    group=None,
 ) -> FitResult:
     """Fine-tune `model` on `data` as `config` says; end with the best epoch's weights loaded.
 
     With `resume` (a state offered to `on_checkpoint`), `model` must be built as for the first
     call: fit loads the state and runs the epochs after the state's, calling the callbacks for
     those only; the result (history, best epoch, seconds) covers every epoch.
+
+    With a process `group` (`harness.distributed`), every rank of it calls fit in step: rank 0's
+    weights are broadcast, `strategy.bn: sync` converts BatchNorm to SyncBatchNorm, each rank
+    trains on its slice of every global batch and evaluates its slice of the clean-train and
+    validation splits, and the metric sums are all-reduced, so that the metrics mean what one
+    device's do. Callbacks should be given on rank 0 alone; every rank leaves when it does.
     """
     started = time.perf_counter()
     if resume is not None:
@@ -373,9 +398,19 @@ def fit(
         model.to(memory_format=torch.channels_last)
     data = data.to(device)
     s, reg, train = config.strategy, config.reg, config.train
-    steps_per_epoch = loop.steps_per_epoch(len(data.x_train), train.batch_size)
+    k = distributed.world(group)
+    steps_per_epoch = loop.steps_per_epoch(len(data.x_train), train.batch_size, min_batch=2 * k)
     clean = loop.clean_subset(len(data.x_train), config.data.eval_train_max, config.seed, device)
     x_clean, y_clean = data.x_train[clean], data.y_train[clean]
+    n_clean, n_val = len(x_clean), len(data.x_val)
+    x_val, y_val, swaps, net, net_t = data.x_val, data.y_val, [], None, None
+    if group is not None:  # rank 0's weights everywhere; each rank evaluates its slice
+        distributed.broadcast_module(model, group)
+        part, val_part = distributed.shard(n_clean, group), distributed.shard(n_val, group)
+        x_clean, y_clean = x_clean[part], y_clean[part]
+        x_val, y_val = x_val[val_part], y_val[val_part]
+        if s.bn == "sync":
+            swaps = distributed.sync_batchnorm(model, group, device)
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]  # restored at the end
     units = model_units(model)
     n_stages = len(units) - 1
@@ -416,15 +451,23 @@ def fit(
             set_train_mode(model, units[1 + t :], s.bn == "frozen")
             if train.compile and epoch == first:
                 compile_seconds = _warm_up(model, data.x_train, config, device)
+            if group is not None and net_t != t:  # DDP over the parameters that train now
+                net = None
+                gc.collect()  # the old wrapper's gradient hooks go with it
+                net, net_t = distributed.wrap(model, group, device), t
             run_loss, run_correct, n_seen, penalty_sum = train_one_epoch(
-                model, run, data.x_train, data.y_train, config, generator
+                model, run, data.x_train, data.y_train, config, generator, net, group
             )
+            if group is not None:  # BatchNorm's running statistics: rank 0's
+                distributed.broadcast_module(scored, group, buffers_only=True)
             tr_loss, tr_correct = evaluate(scored, x_clean, y_clean, amp=amp)
-            va_loss, va_correct = evaluate(scored, data.x_val, data.y_val, amp=amp)
+            va_loss, va_correct = evaluate(scored, x_val, y_val, amp=amp)
             sums = [run_loss, run_correct.float(), tr_loss, tr_correct.float(), va_loss]
             sums += [va_correct.float(), *([penalty_sum] if with_penalty else [])]
-            sums = torch.stack(sums).tolist()  # the epoch's one sync with the device
-            n_clean, n_val = len(x_clean), len(data.x_val)
+            stacked = torch.stack(sums)
+            if group is not None:  # sums over examples; the penalty is the same on every rank
+                stacked = torch.cat([distributed.sum_all(stacked[:6], group), stacked[6:]])
+            sums = stacked.tolist()  # the epoch's one sync with the device
             m = {
                 "train_loss": sums[2] / n_clean,
                 "train_acc": sums[3] / n_clean,
@@ -447,17 +490,26 @@ def fit(
             check_loss(m["train_loss_running"], epoch, train)
             history.append(m)
             progress.best.update(epoch, m, lambda: loop.copy_state(scored))
-            for cb in callbacks:
-                cb.on_epoch_end(epoch, m)
-            due = [cb for cb in savers if getattr(cb, "wants_state", lambda _e: True)(epoch)]
-            if due:  # built only at the epochs some callback keeps it
-                state = resume_state.capture(
-                    epoch, config, model, run, progress, generator, device, cpu_anchors
-                )
-                state["seconds"] = progress.seconds + time.perf_counter() - started
-                for cb in due:
-                    cb.on_checkpoint(epoch, state)
+
+            def report(epoch=epoch, m=m):
+                for cb in callbacks:
+                    cb.on_epoch_end(epoch, m)
+                due = [cb for cb in savers if getattr(cb, "wants_state", lambda _e: True)(epoch)]
+                if due:  # built only at the epochs some callback keeps it
+                    state = resume_state.capture(
+                        epoch, config, model, run, progress, generator, device, cpu_anchors
+                    )
+                    state["seconds"] = progress.seconds + time.perf_counter() - started
+                    for cb in due:
+                        cb.on_checkpoint(epoch, state)
+
+            if group is None:
+                report()
+            else:  # rank 0 reports; every rank goes on, or stops, together
+                distributed.agree(group, report)
     finally:
+        net = None
+        distributed.unsync_batchnorm(swaps)
         for p, flag in requires_grad:
             p.requires_grad_(flag)
         if train.compile:

@@ -103,9 +103,10 @@ def sync(device: torch.device) -> None:
 
 
 # --- Steps, schedule, the clean-train subset ----------------------------------------------------
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Optimizer steps in one pass over n images: batches of one are skipped (BatchNorm)."""
-    return sum(1 for i in range(0, n, batch_size) if min(batch_size, n - i) >= 2) or 1
+def steps_per_epoch(n: int, batch_size: int, min_batch: int = 2) -> int:
+    """Optimizer steps in one pass over n images: batches under `min_batch` are skipped
+    (BatchNorm cannot train on one image; K data-parallel ranks need 2 x K)."""
+    return sum(1 for i in range(0, n, batch_size) if min(batch_size, n - i) >= min_batch) or 1
 
 
 def lr_factor(schedule: str, step: int, total: int) -> float:

@@ -170,6 +170,9 @@ class TrainSpec(_Section):
     amp: bool = True  # bf16 autocast on CUDA; the CPU always computes in fp32
     channels_last: bool = True  # CUDA: channels_last memory format for convolutional models
     compile: bool = False  # torch.compile the model; its compile time is `compile_seconds`
+    # data-parallel ranks of one trial (DistributedDataParallel; harness.distributed): GPUs of
+    # the node on CUDA (nccl), processes splitting the CPU threads on the CPU (gloo)
+    devices_per_trial: Annotated[int, Field(ge=1, le=64)] = 1
 
 
 class StrategySpec(_Section):
@@ -180,7 +183,9 @@ class StrategySpec(_Section):
     unfreeze_every: Annotated[int, Field(ge=1)] = 1  # gradual_unfreeze: a stage every n epochs
     layer_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0  # stage lr x decay^depth
     head_lr_mult: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
-    bn: Literal["train", "frozen"] = "train"  # frozen: BatchNorm in eval mode, statistics kept
+    # frozen: BatchNorm in eval mode, statistics kept; sync (devices_per_trial > 1): batch
+    # statistics over the global batch (SyncBatchNorm); train: each rank's own batch statistics
+    bn: Literal["train", "frozen", "sync"] = "train"
 
 
 class RegSpec(_Section):

@@ -145,6 +145,7 @@ class TrialConfig(_Section):
                 f"strategy.lp_epochs: {self.strategy.lp_epochs} leaves no fine-tuning epoch "
                 f"in train.epochs {self.train.epochs}"
             )
+        self._check_devices()
         metrics = self.objective.all_metrics
         if self.task.kind == "meta":
             self._check_meta()
@@ -153,6 +154,25 @@ class TrialConfig(_Section):
         if self.task.kind == "multitask":
             self._check_multitask()
         return self
+
+    def _check_devices(self) -> None:
+        """`train.devices_per_trial` K > 1: fine-tuning only, a global batch that splits evenly
+        over the K ranks, no torch.compile (unmeasured with DDP)."""
+        k = self.train.devices_per_trial
+        if k == 1:
+            return
+        if self.task.kind != "finetune":
+            raise ValueError(
+                f"train.devices_per_trial: {k}: data-parallel trials are for fine-tuning only; "
+                f"a {self.task.kind} study (task.kind: {self.task.kind}) runs on one device"
+            )
+        if self.train.batch_size % k:
+            raise ValueError(
+                f"train.batch_size: {self.train.batch_size} does not split over "
+                f"train.devices_per_trial {k} ranks; give a multiple of {k}"
+            )
+        if self.train.compile:
+            raise ValueError(f"train.compile: not supported with train.devices_per_trial {k} (> 1)")
 
     def _unused(self, section: str, allowed: tuple[str, ...] = ()) -> list[str]:
         """The keys of `section` set away from their defaults, less `allowed`."""
@@ -384,6 +404,16 @@ def _check_space(spec: ExperimentSpec, where: str) -> None:
     seen: dict[str, ParamSpec] = {}
     for key, param in spec.search.space.items():
         at = f"{where}: search.space.{key}"
+        if key == "train.devices_per_trial":  # it decides the workers' GPU groups
+            raise SpecError(f"{at}: not searchable; set it in the file or --devices-per-trial")
+        k = spec.train.devices_per_trial
+        if key == "train.batch_size" and k > 1 and param.kind == "int":
+            lo, step = param.int_[0], int(param.step or 1)
+            if lo % k or step % k:
+                raise SpecError(
+                    f"{at}: with train.devices_per_trial {k}, every batch size must split over "
+                    f"the ranks: give a low bound and a step that are multiples of {k}"
+                )
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""

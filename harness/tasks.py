@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from harness import meta, models, multitask
+from harness import distributed, meta, models, multitask
 from harness.data import DataReport, TaskData, load_target
 from harness.finetune import evaluate, fit
 from harness.loop import resolve_device
@@ -113,11 +113,22 @@ def build(
     )
 
 
-def train(config: TrialConfig, model, data, callbacks=(), resume: dict | None = None):
+def train(
+    config: TrialConfig,
+    model,
+    data,
+    callbacks=(),
+    resume: dict | None = None,
+    cache_dir: Path | None = None,
+):
     """Run the trial's core; its result has best, best_epoch, history, best_state, seconds.
 
-    Only fine-tuning resumes from a resume state; the other cores restart from epoch 1."""
+    Only fine-tuning resumes from a resume state; the other cores restart from epoch 1.
+    `train.devices_per_trial` > 1: fine-tuning on that many data-parallel ranks, this process
+    rank 0 (`harness.distributed`; the others load `data` again, from `cache_dir`)."""
     kind = config.task.kind
+    if config.train.devices_per_trial > 1:
+        return distributed.train(config, model, data, callbacks, resume, cache_dir)
     if kind == "meta":
         return meta.meta_fit(config, model, data.x, data.y, data.split, callbacks)
     if kind == "multitask":

@@ -1,0 +1,379 @@
+"""One trial on K devices: data-parallel training on torch's own distributed runtime.
+
+`train.devices_per_trial` K > 1. The process that runs the trial (the study process, or
+`reproduce`) is rank 0: it starts ranks 1..K-1 with `torch.multiprocessing` (spawn context),
+and every rank joins one process group (`torch.distributed`: nccl on CUDA, gloo on the CPU)
+through a `TCPStore` that rank 0 serves on a free local port. Rank 0 sends the trial's config,
+its data hash and resume state by `broadcast_object_list`; each other rank loads the same data
+split (checked by its hash), builds the same architecture without weights, and runs the same
+`finetune.fit` with the process group and no callbacks. `fit` broadcasts rank 0's weights, wraps
+the model in `DistributedDataParallel`, gives each rank its slice of every global batch (the
+global order and augmentation are one device's), and all-reduces the metric sums; its callbacks
+(MLflow, the pruner, resume states) run on rank 0 alone, which then broadcasts go on / stop so
+that every rank leaves together (`agree`).
+
+Devices: on CUDA, rank r trains on `cuda:r` of the trial's CUDA_VISIBLE_DEVICES group (a
+worker's K GPUs, `harness.workers.assign`). On the CPU, K ranks may be at most the CPU cores,
+and they split the process's threads (`rank_threads`; `train.threads`, when set, is per rank).
+
+Faults: a rank that dies or raises ends the trial with `RankFailed` (the study records
+`harness.fault=rank`); a peer's closed socket fails gloo's collectives at once, a hung rank
+fails them after `timeout_seconds()` (env HARNESS_DIST_TIMEOUT, default 300 s). Whatever way
+rank 0 leaves (a fault, a pruning, SIGTERM), it kills the other ranks, and a rank whose parent
+dies is killed by the kernel (PR_SET_PDEATHSIG): no rank outlives its trial.
+
+Core-level: imports neither Optuna nor MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import os
+import signal
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from harness.spec import SpecError, TrialConfig
+
+STOP, GO = 1, 0
+
+
+class RankFailed(RuntimeError):
+    """A rank of a data-parallel trial died, raised, or stopped answering."""
+
+
+class Stopped(Exception):
+    """Rank 0 left the fit (a pruning, a fault, an interrupt): the other ranks stop too."""
+
+
+def timeout_seconds() -> float:
+    return float(os.environ.get("HARNESS_DIST_TIMEOUT", "300"))
+
+
+# --- Devices and threads ---------------------------------------------------------------------
+def uses_cuda(config: TrialConfig) -> bool:
+    d = config.train.device
+    return d == "cuda" or (d == "auto" and torch.cuda.is_available())
+
+
+def check_devices(config: TrialConfig, what: str = "train.devices_per_trial") -> None:
+    """K at most the visible GPUs (CUDA) or the CPU cores (the CPU): SpecError naming the key."""
+    k = config.train.devices_per_trial
+    if k == 1:
+        return
+    if uses_cuda(config):
+        have, kind = torch.cuda.device_count(), "visible GPUs (CUDA_VISIBLE_DEVICES)"
+    else:
+        have, kind = len(os.sched_getaffinity(0)), "CPU cores of this process"
+    if k > have:
+        raise SpecError(f"{what}: {k} devices per trial, but there are only {have} {kind}")
+
+
+def rank_threads(config: TrialConfig) -> int:
+    """CPU threads of each rank: `train.threads`, else the process's threads split over K."""
+    if config.train.threads:
+        return config.train.threads
+    return max(1, torch.get_num_threads() // config.train.devices_per_trial)
+
+
+# --- What fit does with a process group (collectives; every rank calls them in step) ----------
+def rank_of(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def world(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def shard(n: int, group) -> slice:
+    """This rank's contiguous slice of n items (sizes differ by at most one)."""
+    k, r = world(group), rank_of(group)
+    base, extra = divmod(n, k)
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (r < extra))
+
+
+def broadcast_module(module: nn.Module, group, buffers_only: bool = False) -> None:
+    """Rank 0's parameters and buffers (or its buffers only) on every rank."""
+    with torch.no_grad():
+        for t in [*([] if buffers_only else module.parameters()), *module.buffers()]:
+            dist.broadcast(t.data, src=dist.get_global_rank(group, 0), group=group)
+
+
+def sum_all(values: torch.Tensor, group) -> torch.Tensor:
+    """The element-wise sum over the ranks (a new tensor)."""
+    out = values.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def agree(group, act) -> None:
+    """Rank 0 runs `act` (its callbacks); every rank learns whether to go on. A callback that
+    raises on rank 0 (a pruning, an interrupt, a fault) is re-raised there after the others are
+    told to stop; they raise `Stopped`."""
+    device = torch.device("cuda") if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    flag = torch.tensor([GO], device=device)
+    if rank_of(group) == 0:
+        try:
+            act()
+        except BaseException:
+            flag.fill_(STOP)
+            with contextlib.suppress(Exception):
+                dist.broadcast(flag, src=dist.get_global_rank(group, 0), group=group)
+            raise
+    dist.broadcast(flag, src=dist.get_global_rank(group, 0), group=group)
+    if int(flag.item()) == STOP:
+        raise Stopped("rank 0 stopped the trial")
+
+
+def wrap(model: nn.Module, group, device: torch.device) -> nn.Module:
+    """`model` in DistributedDataParallel over its parameters that train now (the caller wraps
+    again when that set changes: LP-FT's switch, gradual unfreezing). Buffers (BatchNorm's
+    running statistics) are rank 0's, broadcast at each forward (torch's default)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = None
+    if device.type == "cuda":
+        ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    return DistributedDataParallel(
+        model,
+        device_ids=ids,
+        process_group=group,  # buffers: rank 0's, broadcast at each forward (the default)
+    )
+
+
+# --- BatchNorm: `strategy.bn: sync` -----------------------------------------------------------
+class GlooSyncBatchNorm(_BatchNorm):
+    """What torch's SyncBatchNorm does on CUDA, for the CPU (torch's, and DDP, refuse it there):
+    in training, the batch mean and variance over every rank's slice of the global batch (a
+    differentiable all-reduce of the sums), so that K ranks normalise as one device would."""
+
+    process_group = None
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    @classmethod
+    def of(cls, bn: _BatchNorm) -> GlooSyncBatchNorm:
+        """A copy of `bn` sharing its parameters and buffers."""
+        out = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        if bn.affine:
+            out.weight, out.bias = bn.weight, bn.bias
+        if bn.track_running_stats:
+            out.running_mean, out.running_var = bn.running_mean, bn.running_var
+            out.num_batches_tracked = bn.num_batches_tracked
+        out.train(bn.training)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        group = dist.group.WORLD
+        dims = [d for d in range(x.dim()) if d != 1]
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])
+        with warnings.catch_warnings():  # deprecated in 2.14 for a private module's
+            warnings.simplefilter("ignore", FutureWarning)
+            stats = torch.distributed.nn.functional.all_reduce(stats, group=group)
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = stats[c : 2 * c] / n - mean * mean
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum
+                if m is None:
+                    m = 1.0 / float(self.num_batches_tracked)
+                unbiased = var.detach() * n / (n - 1).clamp(min=1)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def sync_batchnorm(model: nn.Module, group, device: torch.device) -> list[tuple]:
+    """Replace every BatchNorm of `model` by a SyncBatchNorm (GlooSyncBatchNorm on the CPU)
+    sharing its parameters and buffers; the swaps, for `unsync_batchnorm`."""
+    swaps = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            synced_kinds = (nn.SyncBatchNorm, GlooSyncBatchNorm)
+            if isinstance(child, _BatchNorm) and not isinstance(child, synced_kinds):
+                if device.type != "cuda":
+                    synced = GlooSyncBatchNorm.of(child)
+                else:  # the default group as None: the EMA's deep copy cannot copy a group
+                    scope = None if group is dist.group.WORLD else group
+                    synced = nn.SyncBatchNorm.convert_sync_batchnorm(child, scope)
+                setattr(parent, name, synced)
+                swaps.append((parent, name, child))
+    return swaps
+
+
+def unsync_batchnorm(swaps: list[tuple]) -> None:
+    """Put the original BatchNorm modules back, with the synced ones' state."""
+    for parent, name, original in reversed(swaps):
+        synced = getattr(parent, name)
+        original.load_state_dict(synced.state_dict())
+        original.train(synced.training)
+        setattr(parent, name, original)
+
+
+# --- The runtime: rank 0 starts the others --------------------------------------------------
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent dies (no orphaned rank)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _backend(config: TrialConfig) -> str:
+    return "nccl" if uses_cuda(config) else "gloo"
+
+
+def _rank_main(rank: int, world_size: int, port: int, backend: str, errors) -> None:
+    """Ranks 1..K-1: join the group, take the trial from rank 0, fit with no callbacks."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches rank 0, which stops us
+    timeout = datetime.timedelta(seconds=timeout_seconds())
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        store = dist.TCPStore("127.0.0.1", port, world_size, False, timeout=timeout)
+        store.set(f"ready{rank}", "1")
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
+        payload = [None]
+        dist.broadcast_object_list(payload, src=0)
+        config, data_hash, resume, threads, cache_dir = payload[0]
+        torch.set_num_threads(threads)
+        from harness import loop, tasks
+        from harness.finetune import fit
+
+        data = tasks.load_data(config, cache_dir)
+        if data.data_hash != data_hash:
+            raise RankFailed(f"rank {rank}: data hash {data.data_hash}, rank 0 has {data_hash}")
+        loop.seed_everything(config.seed)
+        model = tasks.build(config, data, None, load_weights=False)
+        with contextlib.suppress(Stopped):
+            fit(config, model, data, (), resume=resume, group=dist.group.WORLD)
+        dist.destroy_process_group()
+    except BaseException as err:
+        errors.put((rank, f"{type(err).__name__}: {err}", traceback.format_exc()))
+        os._exit(1)  # no atexit: a broken group's teardown could wait
+    os._exit(0)
+
+
+def _free_store(timeout: datetime.timedelta) -> dist.TCPStore:
+    return dist.TCPStore("127.0.0.1", 0, None, True, timeout=timeout, wait_for_workers=False)
+
+
+def _failure(procs, errors, wait: float = 5.0) -> str | None:
+    """What went wrong on ranks 1..K-1, if anything: a reported error, else an exit status;
+    waits up to `wait` seconds for a rank that is ending to say so."""
+    deadline, dead_since = time.monotonic() + wait, None
+    while True:
+        if not errors.empty():
+            rank, message, _trace = errors.get()
+            return f"rank {rank} raised {message}"
+        dead = [(i + 1, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+        if dead:
+            dead_since = dead_since or time.monotonic()
+            if time.monotonic() - dead_since > 0.5:  # time to report its error, if it raised
+                r, code = dead[0]
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+                return f"rank {r} {how}"
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _start(config: TrialConfig, timeout: datetime.timedelta):
+    """Spawn ranks 1..K-1 and join the group as rank 0; (processes, error queue)."""
+    k, backend = config.train.devices_per_trial, _backend(config)
+    store = _free_store(timeout)
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()  # a put is written before the rank exits
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(r, k, store.port, backend, errors),
+            daemon=True,
+            name=f"harness-rank-{r}",
+        )
+        for r in range(1, k)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout.total_seconds()
+    waiting = [f"ready{r}" for r in range(1, k)]
+    while not store.check(waiting):  # a rank that dies while it starts fails the trial now
+        if any(not p.is_alive() for p in procs) or time.monotonic() > deadline:
+            _stop(procs)
+            raise RankFailed(_failure(procs, errors, 1.0) or "a rank did not start in time")
+        time.sleep(0.05)
+    if backend == "nccl":
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend, store=store, rank=0, world_size=k, timeout=timeout)
+    return procs, errors, store
+
+
+def _stop(procs, grace: float = 0.0) -> None:
+    """Wait up to `grace` seconds for the ranks to end, then kill those left, and reap them."""
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join(10)
+
+
+def train(
+    config: TrialConfig, model, data, callbacks=(), resume=None, cache_dir: Path | None = None
+):
+    """`finetune.fit` on `config.train.devices_per_trial` ranks, this process rank 0 (its
+    callbacks run here); the result is rank 0's. Raises RankFailed when another rank fails."""
+    from harness.finetune import fit
+
+    timeout = datetime.timedelta(seconds=timeout_seconds())
+    threads_before = torch.get_num_threads()
+    threads = rank_threads(config)
+    procs, errors, _store = _start(config, timeout)
+    ok = False
+    try:
+        torch.set_num_threads(threads)
+        payload = [(config, data.data_hash, resume, threads, cache_dir)]
+        dist.broadcast_object_list(payload, src=0)
+        try:
+            result = fit(config, model, data, callbacks, resume=resume, group=dist.group.WORLD)
+        except RuntimeError as err:  # a collective that failed: a lost rank?
+            why = _failure(procs, errors)
+            if why is not None:
+                message = f"{why}; the trial stops ({type(err).__name__}: {err})"
+                raise RankFailed(message[:2000]) from err
+            raise
+        ok = True
+        return result
+    finally:
+        torch.set_num_threads(threads_before)
+        _stop(procs, grace=timeout.total_seconds() if ok else 0.0)
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        if ok and any(p.exitcode != 0 for p in procs):
+            raise RankFailed(_failure(procs, errors, 0.5) or "a rank did not end cleanly")
