@@ -84,6 +84,13 @@ def _run_parser() -> argparse.ArgumentParser:
         help="N or auto: N worker processes of the study on this "
         "machine (auto: one per visible GPU, else 1), one GPU each",
     )
+    p.add_argument(
+        "--devices-per-trial",
+        type=int,
+        metavar="K",
+        help="each trial trains data-parallel on K devices (GPUs of the node, or CPU processes): "
+        "the same as --set train.devices_per_trial=K",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     _common(p)
     return p
@@ -201,6 +208,10 @@ def cmd_run(args) -> int:
         args.workers == "auto" or (args.workers.isdigit() and int(args.workers) >= 1)
     ):
         raise SpecError(f"--workers {args.workers}: give a number of at least 1, or auto")
+    if args.devices_per_trial is not None:
+        if args.devices_per_trial < 1:
+            raise SpecError(f"--devices-per-trial {args.devices_per_trial}: must be at least 1")
+        args.overrides = [*args.overrides, f"train.devices_per_trial={args.devices_per_trial}"]
     spec = load_spec(args.experiment, args.overrides)  # fails before anything is created
     from harness import report
     from harness.study import StudyOptions, run_study

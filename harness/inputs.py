@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness import models, tracking
+from harness import distributed, models, tracking
 from harness.runs import StudyOptions
 from harness.spec import ExperimentSpec, SpecError, TrialConfig, trial_config
 
@@ -28,6 +28,7 @@ def check_inputs(
     weights name, a state_dict file, a registry model or run URI (in an existing store: none is
     created to look); with `weights_files`, the torchvision weights' files (downloaded where
     the network allows). A bad one is SpecError (exit 2), and nothing is created."""
+    distributed.check_devices(config, "train.devices_per_trial (--devices-per-trial)")
     for c in starting_configs(spec, config):
         m = c.model
         kind = m.pretrained_kind

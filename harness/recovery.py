@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from harness import resume_state, tracking
 from harness.data import DataError
+from harness.distributed import RankFailed
 from harness.loop import TrainingFault
 from harness.spec import safe_name
 
@@ -155,7 +156,10 @@ def _stopped_marks(results: Path, study_name: str) -> dict[int, Path]:
 
 
 def fault_kind(err: BaseException) -> str:
-    """`harness.fault` of a failed trial: nan, diverged, oom, data, or error."""
+    """`harness.fault` of a failed trial: nan, diverged, oom, data, rank (a rank of a
+    data-parallel trial died, raised or hung), or error."""
+    if isinstance(err, RankFailed):
+        return "rank"
     if isinstance(err, TrainingFault):
         return err.kind
     if isinstance(err, torch.cuda.OutOfMemoryError):

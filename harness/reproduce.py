@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from harness import datacache, relocation, runs, tracking
+from harness import datacache, distributed, relocation, runs, tracking
 from harness.metrics import KINDS, OPTIONAL_EPOCH, multitask_epoch
 from harness.source import source_key
 from harness.spec import SpecError, TrialConfig, safe_name
@@ -400,6 +400,14 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
     else:
         threads = config.train.threads or torch.get_num_threads()
         warn(f"the record has no harness.threads tag; using {threads} threads")
+    k = config.train.devices_per_trial  # a data-parallel trial re-runs on as many devices
+    if k > 1:  # harness.threads is then each rank's
+        config = config.model_copy(
+            update={"train": config.train.model_copy(update={"threads": threads})}
+        )
+        distributed.check_devices(
+            config, f"run {run_id} ran on {k} devices (train.devices_per_trial); it cannot here"
+        )
     keys = compared_keys(config)
     recorded = recorded_histories(client, run, [*keys, *OPTIONAL])
     pruned_epoch = None
@@ -427,7 +435,7 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
                 f"run {run_id}: the data split differs from the record (data hash "
                 f"{recorded_hash} recorded, {data.data_hash} now); refusing to compare"
             )
-        now = tracking.provenance_tags(device, threads)
+        now = {**tracking.provenance_tags(device, threads), "harness.devices_per_trial": str(k)}
         _provenance_warnings(tags, now)
         if same_environment(tags, now):
             tolerance = GPU_TOLERANCE if gpu else EXACT
@@ -443,7 +451,8 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
         trial = tags["optuna.trial_number"]
         print(
             f"Reproducing trial {trial} of study {tags.get('optuna.study', '?')} (run {run_id}): "
-            f"{epochs} epochs{' (pruned there)' if pruned_epoch else ''} on {device}, "
+            f"{epochs} epochs{' (pruned there)' if pruned_epoch else ''} on {device}"
+            f"{f' x {k} data-parallel ranks' if k > 1 else ''}, "
             f"{threads} CPU threads, seed {config.seed}, data hash {data.data_hash}",
             file=out,
             flush=True,
@@ -459,7 +468,7 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
             seed_everything(config.seed)
             model = tasks.build(config, data, start)
             with contextlib.suppress(_Stop):
-                tasks.train(config, model, data, callbacks)
+                tasks.train(config, model, data, callbacks, cache_dir=datacache.under(opts.results))
             rows = compare(recorded, recorder.history, epochs, tolerance, keys)
             outcome = Outcome(
                 run_id,

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from harness import datacache, models, tasks, tracking
+from harness import datacache, distributed, models, tasks, tracking
 from harness.data import TaskData
 from harness.loop import resolve_device, seed_everything
 from harness.metrics import KINDS, best_name
@@ -77,9 +77,15 @@ def params(config: TrialConfig) -> dict[str, Any]:
 
 
 def provenance(config: TrialConfig) -> dict[str, str]:
-    """Code, libraries, device and CPU threads of a run of `config` in this process."""
+    """Code, libraries, device and CPU threads of a run of `config` in this process; with
+    `train.devices_per_trial` K > 1, the threads of each rank, and K
+    (`harness.devices_per_trial`, also a param: `reproduce` re-runs on K devices)."""
+    k = config.train.devices_per_trial
     threads = config.train.threads or torch.get_num_threads()
-    return tracking.provenance_tags(str(resolve_device(config.train.device)), threads)
+    if k > 1:
+        threads = distributed.rank_threads(config)
+    tags = tracking.provenance_tags(str(resolve_device(config.train.device)), threads)
+    return {**tags, "harness.devices_per_trial": str(k)}
 
 
 @dataclass

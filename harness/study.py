@@ -270,7 +270,8 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
             pruner,
             ctx.progress.epoch_line(trial.number, config.epochs, KINDS[config.task.kind].headline),
         ]
-        result = tasks.train(config, model, data, callbacks, resume=resume)
+        cache = datacache.under(ctx.opts.results)  # where ranks 1..K-1 load the data from
+        result = tasks.train(config, model, data, callbacks, resume=resume, cache_dir=cache)
         if spec.search.keep_checkpoints != "none":
             atomic_write(
                 best_weights_path(ctx.opts.results, ctx.study_name, trial.number),
@@ -569,9 +570,10 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
         )
         return finish_report(study, opts, name, client)
     if opts.workers and not opts.worker:
-        n = workers.worker_count(opts.workers, workers.visible_gpus())
+        k = spec.train.devices_per_trial
+        n = workers.worker_count(opts.workers, workers.visible_gpus(), k)
         if n > 1:
-            return _run_workers(study, opts, name, n, client, parent, progress)
+            return _run_workers(study, opts, name, n, client, parent, progress, k)
     if opts.worker:
         retried = reconcile(study, client, name, results=opts.results)
     elif not created:
@@ -644,10 +646,11 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     return finish_report(study, opts, name, client)
 
 
-def _run_workers(study, opts, name, n, client, parent, progress) -> report.Summary:
-    """Spawn `n` workers of the study (one GPU each, an even share of the CPU threads), show
-    the whole study's progress while they run, and report once when they are done."""
-    envs = workers.assign(n, workers.visible_gpus(), os.cpu_count() or 1)
+def _run_workers(study, opts, name, n, client, parent, progress, k=1) -> report.Summary:
+    """Spawn `n` workers of the study (a group of `k` GPUs each, an even share of the CPU
+    threads), show the whole study's progress while they run, and report once when they are
+    done."""
+    envs = workers.assign(n, workers.visible_gpus(), os.cpu_count() or 1, k)
     tracking.reopen_run(client, parent)
     reconcile(study, client, name, results=opts.results)
     logs = opts.results / "logs" / safe_name(name)

@@ -28,24 +28,28 @@ def visible_gpus(env: dict[str, str] | None = None, device_count: int | None = N
     return [str(i) for i in range(device_count)]
 
 
-def worker_count(requested: str, gpus: list[str]) -> int:
-    """`auto`: one worker per visible GPU, else one. A number: that many."""
+def worker_count(requested: str, gpus: list[str], per_trial: int = 1) -> int:
+    """`auto`: one worker per group of `per_trial` visible GPUs (one per GPU when a trial
+    takes one), else one. A number: that many."""
     if requested == "auto":
-        return max(1, len(gpus))
+        return max(1, len(gpus) // per_trial)
     n = int(requested)
     if n < 1:
         raise ValueError(f"--workers {requested}: must be at least 1 or auto")
     return n
 
 
-def assign(n_workers: int, gpus: list[str], cpus: int) -> list[dict[str, str]]:
-    """The environment of each worker: one GPU each (round robin when there are more workers
-    than GPUs; an empty CUDA_VISIBLE_DEVICES hides the GPUs when there are none) and an even
-    share of the CPU threads (at least one)."""
+def assign(n_workers: int, gpus: list[str], cpus: int, per_trial: int = 1) -> list[dict[str, str]]:
+    """The environment of each worker: a group of `per_trial` GPUs each (its trials' ranks:
+    `train.devices_per_trial`; groups round robin when there are more workers than groups;
+    an empty CUDA_VISIBLE_DEVICES hides the GPUs when there are none, or fewer than a group)
+    and an even share of the CPU threads (at least one; a worker's ranks split its share)."""
     threads = max(1, cpus // n_workers)
+    groups = [",".join(gpus[j : j + per_trial]) for j in range(0, len(gpus), per_trial)]
+    groups = [g for g in groups if g.count(",") + 1 == per_trial]  # whole groups only
     out = []
     for i in range(n_workers):
-        env = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)] if gpus else ""}
+        env = {"CUDA_VISIBLE_DEVICES": groups[i % len(groups)] if groups else ""}
         env["HARNESS_WORKER_INDEX"] = str(i)  # seeds its sampler apart from the others
         env["OMP_NUM_THREADS"] = str(threads)  # torch takes its thread count from it
         out.append(env)
