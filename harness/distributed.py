@@ -358,9 +358,9 @@ def train(
     ok = False
     try:
         torch.set_num_threads(threads)
-        payload = [(config, data.data_hash, resume, threads, cache_dir)]
-        dist.broadcast_object_list(payload, src=0)
         try:
+            payload = [(config, data.data_hash, resume, threads, cache_dir)]
+            dist.broadcast_object_list(payload, src=0)
             result = fit(config, model, data, callbacks, resume=resume, group=dist.group.WORLD)
         except RuntimeError as err:  # a collective that failed: a lost rank?
             why = _failure(procs, errors)

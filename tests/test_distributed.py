@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from conftest import QUICKSTART, REPO, TINY, make_config, run_cli
@@ -249,3 +250,134 @@ def test_study_on_two_ranks_end_to_end(tmp_path, results_dir):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "x 2 data-parallel ranks" in again.stdout
     assert "bit for bit" in again.stdout
+
+
+# --- Faults with real processes: a rank killed, the study stopped ----------------------------
+def _rank_pids(pid: int) -> list[int]:
+    """The spawned ranks among the children of process `pid` (not multiprocessing's tracker)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    out = []
+    for child in children:
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_text()
+        except OSError:
+            continue
+        if "spawn_main" in cmdline:
+            out.append(int(child))
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+def _study_args(results, n_trials: int, *extra: str) -> list[str]:
+    args = [str(QUICKSTART), "--n-trials", str(n_trials), "--results", str(results), "--quiet"]
+    args += ["--devices-per-trial", "2"]
+    for s in ("train.threads=1", "search.pruner=none", *extra):
+        args += ["--set", s]
+    return args
+
+
+def _records(results):
+    import mlflow
+    import optuna
+    from mlflow import MlflowClient
+
+    from harness.study import open_storage
+
+    storage = open_storage(str(results / "optuna.journal"))
+    trials = optuna.load_study(study_name="quickstart", storage=storage).get_trials()
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["quickstart"], output_format="list")
+    runs = {r.info.run_id: r for r in runs if "optuna.trial_number" in r.data.tags}
+    return trials, runs, MlflowClient(uri)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_its_trial_and_the_study_goes_on(results_dir):
+    import subprocess
+    import sys
+
+    args = _study_args(results_dir, 2, *TINY)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "run_study.py"), *args],
+        cwd=results_dir.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline, killed = time.monotonic() + 120, None
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        ranks = _rank_pids(proc.pid)
+        if ranks:
+            time.sleep(1.0)  # mid-start or mid-trial: either way the trial fails
+            os.kill(ranks[0], signal.SIGKILL)
+            killed = ranks[0]
+        time.sleep(0.05)
+    assert killed is not None, "no rank process appeared"
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    trials, runs, _client = _records(results_dir)
+    states = [t.state.name for t in trials]
+    assert states.count("FAIL") == 1 and states.count("COMPLETE") == 2, states
+    failed = next(t for t in trials if t.state.name == "FAIL")
+    assert "rank 1" in failed.user_attrs["harness.error"]
+    run = runs[failed.user_attrs["mlflow_run_id"]]
+    assert run.info.status == "FAILED" and run.data.tags["harness.fault"] == "rank"
+    assert len(runs) == 3  # one run per trial, not per rank
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_rank_and_the_trial_resumes_on_two_ranks(results_dir):
+    import subprocess
+    import sys
+
+    from harness.resume_state import load_state_file
+
+    extra = ("model.pretrained=none", "data.shots_per_class=150", "data.val_per_class=20")
+    extra += ("train.epochs=6",)
+    args = _study_args(results_dir, 1, *extra, "search.flush_seconds=0")
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "run_study.py"), *args],
+        cwd=results_dir.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    state = results_dir / "resume" / "quickstart" / "trial-0.pt"
+    deadline, ranks = time.monotonic() + 180, []
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        ranks = _rank_pids(proc.pid) or ranks
+        try:
+            if state.is_file() and load_state_file(state)["epoch"] >= 2:
+                break
+        except (OSError, EOFError, RuntimeError, ValueError):
+            pass  # being replaced this instant
+        time.sleep(0.05)
+    assert ranks, "no rank process seen"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode not in (0, None), out
+    assert all(_gone(pid) for pid in ranks), "a rank outlived the study"
+
+    again = run_cli(*args, cwd=results_dir.parent, timeout=600)
+    assert again.returncode == 0, again.stderr
+    trials, runs, client = _records(results_dir)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    killed = runs[trials[0].user_attrs["mlflow_run_id"]]
+    assert killed.info.status == "KILLED" and killed.data.tags["harness.fault"] == "interrupted"
+    retry = runs[trials[1].user_attrs["mlflow_run_id"]]
+    resumed = int(retry.data.tags["harness.resumed_from_epoch"])
+    assert resumed >= 2 and retry.data.tags["harness.devices_per_trial"] == "2"
+    steps = [m.step for m in client.get_metric_history(retry.info.run_id, "val_acc")]
+    assert steps == list(range(resumed + 1, 7))
