@@ -84,6 +84,7 @@ CORE = (
     "meta",
     "multitask",
     "loop",
+    "distributed",
     "regularizers",
     "augment",
     "resume_state",
