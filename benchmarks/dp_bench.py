@@ -43,7 +43,7 @@ def trial(k: int, device: str, arch: str, size: int, per_device: int, epochs: in
     config = TrialConfig.model_validate(
         {
             "name": "dp-bench",
-            "data": {"dataset": "digits", "shots_per_class": None, "image_size": size},
+            "data": {"dataset": "digits", "shots_per_class": 140, "image_size": size},
             "model": {"arch": arch, "pretrained": "none"},
             "train": {
                 "epochs": epochs,
@@ -72,6 +72,11 @@ def main() -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--epochs", type=int, default=6, help="epochs per trial (the first warms up)")
     p.add_argument("--per-device-batch", type=int, help="default: CPU 64, CUDA 128")
+    p.add_argument(
+        "--same-global-batch",
+        action="store_true",
+        help="K=1 trains on the global batch of K=2 (2 x per device): strong scaling",
+    )
     args = p.parse_args()
     cuda = args.device == "cuda"
     arch, size = ("resnet50", 224) if cuda else ("resnet18", 32)
@@ -79,8 +84,10 @@ def main() -> int:
     threads = torch.get_num_threads()
     rows = {}
     for k in (1, 2):
-        rows[k] = trial(k, args.device, arch, size, per_device, args.epochs, threads)
-    print(f"{'K':>2} {'img/s':>9} {'start s':>8}   ({arch} {size}px, {per_device} per device)")
+        per = per_device * 2 if args.same_global_batch and k == 1 else per_device
+        rows[k] = trial(k, args.device, arch, size, per, args.epochs, threads)
+    scaling = "same global batch" if args.same_global_batch else f"{per_device} per device"
+    print(f"{'K':>2} {'img/s':>9} {'start s':>8}   ({arch} {size}px, {scaling})")
     for k, (ips, setup) in rows.items():
         print(f"{k:>2} {ips:>9.1f} {setup:>8.1f}")
     print(f"ratio k2/k1 {rows[2][0] / rows[1][0]:.3f}")

@@ -250,6 +250,9 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, errors) -> N
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches rank 0, which stops us
     timeout = datetime.timedelta(seconds=timeout_seconds())
     try:
+        from harness import loop, tasks  # imported before the group's clock starts
+        from harness.finetune import fit
+
         if backend == "nccl":
             torch.cuda.set_device(rank)
         store = dist.TCPStore("127.0.0.1", port, world_size, False, timeout=timeout)
@@ -261,9 +264,6 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, errors) -> N
         dist.broadcast_object_list(payload, src=0)
         config, data_hash, resume, threads, cache_dir = payload[0]
         torch.set_num_threads(threads)
-        from harness import loop, tasks
-        from harness.finetune import fit
-
         data = tasks.load_data(config, cache_dir)
         if data.data_hash != data_hash:
             raise RankFailed(f"rank {rank}: data hash {data.data_hash}, rank 0 has {data_hash}")
@@ -319,7 +319,7 @@ def _start(config: TrialConfig, timeout: datetime.timedelta):
     ]
     for p in procs:
         p.start()
-    deadline = time.monotonic() + timeout.total_seconds()
+    deadline = time.monotonic() + max(timeout.total_seconds(), 120.0)  # spawn and imports
     waiting = [f"ready{r}" for r in range(1, k)]
     while not store.check(waiting):  # a rank that dies while it starts fails the trial now
         if any(not p.is_alive() for p in procs) or time.monotonic() > deadline:
@@ -364,6 +364,8 @@ def train(
             result = fit(config, model, data, callbacks, resume=resume, group=dist.group.WORLD)
         except RuntimeError as err:  # a collective that failed: a lost rank?
             why = _failure(procs, errors)
+            if why is None and "timed out" in str(err).lower():  # alive, but hung
+                why = f"a rank did not answer within {timeout_seconds():g} s (HARNESS_DIST_TIMEOUT)"
             if why is not None:
                 message = f"{why}; the trial stops ({type(err).__name__}: {err})"
                 raise RankFailed(message[:2000]) from err

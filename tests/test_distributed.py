@@ -381,3 +381,20 @@ def test_sigterm_stops_every_rank_and_the_trial_resumes_on_two_ranks(results_dir
     assert resumed >= 2 and retry.data.tags["harness.devices_per_trial"] == "2"
     steps = [m.step for m in client.get_metric_history(retry.info.run_id, "val_acc")]
     assert steps == list(range(resumed + 1, 7))
+
+
+def test_a_hung_rank_fails_the_trial_after_the_timeout(monkeypatch):
+    monkeypatch.setenv("HARNESS_DIST_TIMEOUT", "8")
+
+    class StopRank1:  # SIGSTOP: the rank lives on but never answers a collective again
+        def on_epoch_end(self, epoch, metrics):
+            if epoch == 1:
+                for child in multiprocessing.active_children():
+                    if child.name == "harness-rank-1":
+                        os.kill(child.pid, signal.SIGSTOP)
+
+    started = time.monotonic()
+    with pytest.raises(distributed.RankFailed, match="did not answer within 8 s"):
+        _fit(_config(2, epochs=3), [StopRank1()])
+    assert time.monotonic() - started < 60
+    assert _no_ranks_left()
