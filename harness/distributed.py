@@ -117,6 +117,22 @@ def sum_all(values: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+def rank_rng(seed: int, step: int, group):
+    """A context in which torch's RNGs draw from a stream of this rank and step, and after
+    which they are as before: every rank keeps the same global RNG state (it mixes the same
+    global batch, and a resume state holds one RNG state for all)."""
+    devices = [torch.cuda.current_device()] if dist.get_backend(group) == "nccl" else []
+    fork = torch.random.fork_rng(devices=devices)
+
+    @contextlib.contextmanager
+    def seeded():
+        with fork:
+            torch.manual_seed((seed * 1_000_003 + step * 1_009 + rank_of(group) + 1) % 2**63)
+            yield
+
+    return seeded()
+
+
 def agree(group, act) -> None:
     """Rank 0 runs `act` (its callbacks); every rank learns whether to go on. A callback that
     raises on rank 0 (a pruning, an interrupt, a fault) is re-raised there after the others are

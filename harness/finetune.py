@@ -210,7 +210,10 @@ def train_one_epoch(
     draws the same global order, augments and mixes the whole global batch, and trains on its
     slice of it (`distributed.shard`); its loss is its slice's sum x K / the global batch, so
     the averaged gradient is one device's. Batches under 2 x K images are skipped (BatchNorm).
-    The loss sum and `correct` are this rank's, `seen` the global count.
+    The loss sum and `correct` are this rank's, `seen` the global count. The forward pass
+    draws its randomness (dropout, stochastic depth) from a stream of its own per rank and step
+    (`distributed.rank_rng`), so the ranks' slices get independent masks while the global RNG
+    (MixUp, CutMix) stays the same on every rank.
     """
     n, bs = len(x), config.train.batch_size
     k = distributed.world(group)
@@ -233,7 +236,7 @@ def train_one_epoch(
         if group is not None:  # this rank's slice of the global batch
             mine = distributed.shard(len(idx), group)
             xb, target = xb[mine], target[mine]
-            with autocast(x.device, amp):
+            with distributed.rank_rng(config.seed, run.step, group), autocast(x.device, amp):
                 logits = net(xb)
                 summed = F.cross_entropy(
                     logits, target, label_smoothing=run.label_smoothing, reduction="sum"

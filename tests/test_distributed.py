@@ -52,16 +52,32 @@ def _no_ranks_left():
 
 # --- The core on two gloo ranks ---------------------------------------------------------------
 def test_two_ranks_repeat_bit_for_bit():
-    a, b = _fit(_config(2)), _fit(_config(2))
+    config = _config(2).model_copy(
+        update={"reg": make_config(reg={"dropout": 0.3, "mixup_alpha": 0.2}).reg}
+    )  # dropout: a stream per rank; MixUp: the global RNG, the same on every rank
+    a, b = _fit(config), _fit(config)
     assert a.history == b.history
     assert a.best_state.keys() == b.best_state.keys()
     assert all((a.best_state[k] == b.best_state[k]).all() for k in a.best_state)
     assert a.threads == 1 and _no_ranks_left()
 
 
-def test_two_ranks_equal_one_device_with_the_same_global_batch():
-    one, two = _fit(_config(1, bn="sync")), _fit(_config(2, bn="sync"))
-    assert len(one.history) == len(two.history) == 2
+@pytest.mark.parametrize("kind", ["full", "lp_ft"])
+def test_two_ranks_equal_one_device_with_the_same_global_batch(kind):
+    epochs = 3 if kind == "lp_ft" else 2  # lp_ft: DDP wrapped again at its switch (epoch 2)
+
+    def config(k):
+        c = _config(k, bn="sync", epochs=epochs)
+        return c.model_copy(
+            update={
+                "strategy": make_config(
+                    strategy={"kind": kind, "bn": "sync", "lp_epochs": 1}
+                ).strategy
+            }
+        )
+
+    one, two = _fit(config(1)), _fit(config(2))
+    assert len(one.history) == len(two.history) == epochs
     for m1, m2 in zip(one.history, two.history, strict=True):
         assert m1.keys() == m2.keys()
         for key in ("train_loss", "val_loss", "train_loss_running", "overfit_gap_loss"):
