@@ -555,7 +555,9 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
         study, parent, created = _open_study(spec, opts, name, client, exp_id)
     done = finished_count(study)
     if not opts.worker and done < target:  # before the first trial: will it fit?
-        n_workers = workers.worker_count(opts.workers or "1", workers.visible_gpus())
+        n_workers = workers.worker_count(
+            opts.workers or "1", workers.visible_gpus(), spec.train.devices_per_trial
+        )
         need = _space_needed(spec, target - done, model_bytes, n_workers)
         warning = envfaults.check_space(opts.results, need)
         if warning:
