@@ -91,6 +91,27 @@ def test_two_ranks_equal_one_device_with_the_same_global_batch(kind):
     assert one.best_epoch == two.best_epoch
 
 
+def test_two_ranks_resume_equals_uninterrupted():
+    class Keep:  # on rank 0: the resume state after epoch 1
+        state = None
+
+        def on_epoch_end(self, epoch, metrics):
+            pass
+
+        def on_checkpoint(self, epoch, state):
+            if epoch == 1:
+                Keep.state = state
+
+    config = _config(2, epochs=3).model_copy(update={"reg": make_config(reg={"dropout": 0.3}).reg})
+    straight = _fit(config, [Keep()])
+    assert Keep.state is not None and Keep.state["epoch"] == 1
+    data = tasks.load_data(config)
+    loop.seed_everything(config.seed)
+    resumed = tasks.train(config, tasks.build(config, data, None), data, resume=Keep.state)
+    assert resumed.history == straight.history
+    assert all((resumed.best_state[k] == straight.best_state[k]).all() for k in resumed.best_state)
+
+
 def test_a_killed_rank_fails_the_trial_within_the_timeout(monkeypatch):
     monkeypatch.setenv("HARNESS_DIST_TIMEOUT", "60")
 
