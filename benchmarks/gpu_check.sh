@@ -7,7 +7,9 @@
 #      deterministic algorithms) and the throughput ratio;
 #   4. a two-trial study of experiments/cifar10_resnet50.yaml on generated CIFAR-10-format data
 #      (the files are not the official ones: only torchvision's md5 check is bypassed, as the
-#      tests do), then `reproduce` of its first complete trial.
+#      tests do), then `reproduce` of its first complete trial;
+#   5. with 2 GPUs or more: a trial on 2 data-parallel ranks (nccl) against 1, `ratio k2/k1`
+#      for resnet50 at 224 px (benchmarks/dp_bench.py; the goal is >= 1.8); skipped on one GPU.
 # Prints one line per figure (`gpu_check NAME VALUE`) and ends with `gpu_check done`.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
@@ -21,7 +23,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python
-STEPS=${STEPS:-"tests bench stream study"}
+STEPS=${STEPS:-"tests bench stream study dp"}
 WORK=$(mktemp -d /tmp/gpu-check-XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 status=0
@@ -184,6 +186,21 @@ EOF
         fi
     else
         figure study_FAILED "$(tail -1 "$WORK/study.log")"; tail -30 "$WORK/study.log"; status=1
+    fi
+fi
+# --- 5. one trial on two GPUs (train.devices_per_trial: 2, nccl) ---
+if has dp; then
+    gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+    if [ "${gpus:-0}" -ge 2 ]; then
+        step_start
+        if timeout 600 "$PY" benchmarks/dp_bench.py --device cuda --epochs 4 >"$WORK/dp.log" 2>&1; then
+            grep -E "^(ratio|device| *[12] )" "$WORK/dp.log" | sed 's/^/gpu_check dp /'
+        else
+            figure dp_FAILED "$(tail -1 "$WORK/dp.log")"; tail -30 "$WORK/dp.log"; status=1
+        fi
+        figure dp_seconds "$(step_seconds)"
+    else
+        figure dp_SKIPPED "$gpus GPU(s): a 2-rank trial needs 2"
     fi
 fi
 figure done "status $status"
