@@ -247,7 +247,7 @@ def test_more_devices_than_cpu_cores_exits_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_study_on_two_ranks_end_to_end(tmp_path, results_dir):
+def test_study_on_two_ranks_end_to_end(tmp_path, results_dir, monkeypatch):
     import mlflow
     import optuna
     from mlflow import MlflowClient
@@ -287,6 +287,13 @@ def test_study_on_two_ranks_end_to_end(tmp_path, results_dir):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "x 2 data-parallel ranks" in again.stdout
     assert "bit for bit" in again.stdout
+
+    from harness.reproduce import reproduce
+    from harness.runs import StudyOptions
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})  # a one-core machine
+    with pytest.raises(SpecError, match="ran on 2 devices .* only 1 CPU cores"):
+        reproduce(trial_runs[0].info.run_id, StudyOptions(results=results_dir))
 
 
 # --- Faults with real processes: a rank killed, the study stopped ----------------------------
