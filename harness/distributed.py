@@ -263,6 +263,9 @@ def _backend(config: TrialConfig) -> str:
 def _rank_main(rank: int, world_size: int, port: int, backend: str, errors) -> None:
     """Ranks 1..K-1: join the group, take the trial from rank 0, fit with no callbacks."""
     _die_with_parent()
+    parent = mp.parent_process()
+    if parent is not None and not parent.is_alive():  # it died before the line above
+        os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches rank 0, which stops us
     timeout = datetime.timedelta(seconds=timeout_seconds())
     try:
@@ -333,18 +336,21 @@ def _start(config: TrialConfig, timeout: datetime.timedelta):
         )
         for r in range(1, k)
     ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + max(timeout.total_seconds(), 120.0)  # spawn and imports
-    waiting = [f"ready{r}" for r in range(1, k)]
-    while not store.check(waiting):  # a rank that dies while it starts fails the trial now
-        if any(not p.is_alive() for p in procs) or time.monotonic() > deadline:
-            _stop(procs)
-            raise RankFailed(_failure(procs, errors, 1.0) or "a rank did not start in time")
-        time.sleep(0.05)
-    if backend == "nccl":
-        torch.cuda.set_device(0)
-    dist.init_process_group(backend, store=store, rank=0, world_size=k, timeout=timeout)
+    try:  # whatever stops the start (a rank's death, SIGTERM, a timeout) stops every rank
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + max(timeout.total_seconds(), 120.0)  # spawn and imports
+        waiting = [f"ready{r}" for r in range(1, k)]
+        while not store.check(waiting):  # a rank that dies while it starts fails the trial now
+            if any(not p.is_alive() for p in procs) or time.monotonic() > deadline:
+                raise RankFailed(_failure(procs, errors, 1.0) or "a rank did not start in time")
+            time.sleep(0.05)
+        if backend == "nccl":
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend, store=store, rank=0, world_size=k, timeout=timeout)
+    except BaseException:
+        _stop([p for p in procs if p.pid is not None])
+        raise
     return procs, errors, store
 
 
