@@ -38,7 +38,7 @@ class _Marks:
         self.marks.append(time.perf_counter())
 
 
-def trial(k: int, device: str, arch: str, size: int, per_device: int, epochs: int, threads: int):
+def trial(k: int, device: str, arch: str, size: int, per_device: int, epochs: int, threads: int):  # noqa: E501
     """(images per second in steady state, seconds before the first epoch started)."""
     config = TrialConfig.model_validate(
         {
@@ -73,6 +73,12 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=6, help="epochs per trial (the first warms up)")
     p.add_argument("--per-device-batch", type=int, help="default: CPU 64, CUDA 128")
     p.add_argument(
+        "--threads-per-rank",
+        type=int,
+        help="CPU: each rank's threads (K=2 then uses twice the cores of K=1, as 2 GPUs are "
+        "twice one); default: the process's threads split over the ranks",
+    )
+    p.add_argument(
         "--same-global-batch",
         action="store_true",
         help="K=1 trains on the global batch of K=2 (2 x per device): strong scaling",
@@ -85,8 +91,11 @@ def main() -> int:
     rows = {}
     for k in (1, 2):
         per = per_device * 2 if args.same_global_batch and k == 1 else per_device
-        rows[k] = trial(k, args.device, arch, size, per, args.epochs, threads)
+        total = threads if args.threads_per_rank is None else args.threads_per_rank * k
+        rows[k] = trial(k, args.device, arch, size, per, args.epochs, total)
     scaling = "same global batch" if args.same_global_batch else f"{per_device} per device"
+    if args.threads_per_rank is not None:
+        scaling += f", {args.threads_per_rank} threads per rank"
     print(f"{'K':>2} {'img/s':>9} {'start s':>8}   ({arch} {size}px, {scaling})")
     for k, (ips, setup) in rows.items():
         print(f"{k:>2} {ips:>9.1f} {setup:>8.1f}")
