@@ -212,6 +212,7 @@ def test_auto_workers_on_an_eight_gpu_node():
 
 
 # --- The CLI -----------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, named",
     [
@@ -231,6 +232,7 @@ def test_bad_input_exits_2_and_creates_nothing(tmp_path, args, named):
     assert not results.exists()
 
 
+@pytest.mark.slow
 def test_more_devices_than_cpu_cores_exits_2(tmp_path):
     cores = len(os.sched_getaffinity(0))
     k = next((k for k in (4, 8, 16) if k > cores), None)
