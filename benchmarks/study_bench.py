@@ -135,7 +135,8 @@ class Clock:
 
 def _stub_fit(clock: Clock):
     """fit without training: the real callbacks every epoch, made-up metrics (better near
-    lr 1e-2), and a resume state holding the model's weights."""
+    lr 1e-2), and a resume state holding the model's weights, offered as fit offers it (at the
+    epochs whose `wants_state` is true)."""
     import torch
 
     from harness import finetune, resume_state
@@ -162,7 +163,8 @@ def _stub_fit(clock: Clock):
             history.append(m)
             for cb in callbacks:  # their own time is the trial's, not the stub's
                 clock.wrap(cb.on_epoch_end, "other")(epoch, m)
-            if savers:
+            due = [c for c in savers if getattr(c, "wants_state", lambda _e: True)(epoch)]
+            if due:  # as fit: the state only at the epochs a callback keeps it
                 state = {k: None for k in resume_state.KEYS}
                 state.update(
                     version=resume_state.VERSION,
@@ -173,7 +175,7 @@ def _stub_fit(clock: Clock):
                     best_state=weights,
                     generator=torch.Generator().get_state(),
                 )
-                for cb in savers:
+                for cb in due:
                     clock.wrap(cb.on_checkpoint, "other")(epoch, state)
         best_epoch = max(range(len(history)), key=lambda i: history[i]["val_acc"]) + 1
         return finetune.FitResult(
@@ -258,7 +260,7 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
         ours = getattr(fn, "__module__", "") == "harness.tracking" and name[0] != "_"
         if ours and callable(fn) and not isinstance(fn, type):
             setattr(tracking, name, clock.wrap(fn, "tracking"))
-    for name in ("on_epoch_end", "flush"):
+    for name in ("on_epoch_end", "flush", "end_run"):
         setattr(
             tracking.EpochLogger, name, clock.wrap(getattr(tracking.EpochLogger, name), "tracking")
         )
