@@ -106,23 +106,32 @@ class Clock:
 
     def __init__(self):
         self.trial = -1  # the trial in progress; -1: the study's set-up
-        self.stack: list[float] = []  # per open call: time spent in wrapped calls inside it
+        self.stack: list[tuple[float, float]] = []  # per open call: wrapped calls inside it
         self.spent: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.cpu: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.starts: list[float] = []
+        self.cpu_starts: list[float] = []  # the process's CPU time (all its threads)
+
+    def mark(self) -> None:
+        self.starts.append(time.perf_counter())
+        self.cpu_starts.append(time.process_time())
 
     def wrap(self, fn, category: str):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            self.stack.append(0.0)
-            started = time.perf_counter()
+            self.stack.append((0.0, 0.0))
+            started, cpu_started = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 elapsed = time.perf_counter() - started
-                inner = self.stack.pop()
+                cpu = time.thread_time() - cpu_started
+                inner, inner_cpu = self.stack.pop()
                 self.spent[self.trial][category] += elapsed - inner
+                self.cpu[self.trial][category] += cpu - inner_cpu
                 if self.stack:
-                    self.stack[-1] += elapsed
+                    outer, outer_cpu = self.stack[-1]
+                    self.stack[-1] = (outer + elapsed, outer_cpu + cpu)
 
         return timed
 
@@ -261,9 +270,12 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
         if ours and callable(fn) and not isinstance(fn, type):
             setattr(tracking, name, clock.wrap(fn, "tracking"))
     for name in ("on_epoch_end", "flush", "end_run"):
-        setattr(
-            tracking.EpochLogger, name, clock.wrap(getattr(tracking.EpochLogger, name), "tracking")
-        )
+        if hasattr(tracking.EpochLogger, name):  # the names of this version of the logger
+            setattr(
+                tracking.EpochLogger,
+                name,
+                clock.wrap(getattr(tracking.EpochLogger, name), "tracking"),
+            )
     # checkpoint: the resume state, the best weights' file, the retention policy
     resume_state.save_state = clock.wrap(resume_state.save_state, "checkpoint")
     study.atomic_write = clock.wrap(study.atomic_write, "checkpoint")
@@ -273,13 +285,13 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
 
     def timed_objective(ctx, trial):
         clock.trial = trial.number
-        clock.starts.append(time.perf_counter())
+        clock.mark()
         return objective(ctx, trial)
 
     study._objective = timed_objective
 
     def finish(*a, **k):
-        clock.starts.append(time.perf_counter())  # the end of the last trial
+        clock.mark()  # the end of the last trial
         clock.trial = -2
 
     study.finish_report = study.summarize = finish  # the study imports them by name
@@ -287,30 +299,40 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
     started = time.perf_counter()
     study.run_study(spec, study.StudyOptions(results=results, quiet=True))
     wall = time.perf_counter() - started
-    totals = [b - a for a, b in zip(clock.starts, clock.starts[1:], strict=False)]
-    n = len(totals)
+    n = len(clock.starts) - 1
     print(f"{n} trials of the stubbed quickstart study in {wall:.1f} s; results in {results}")
     categories = ("sampling", "storage", "tracking", "checkpoint")
     lines = []
-    for label, trials in (
-        (f"at_{window}", range(1, 1 + window)),
-        (f"at_{n}", range(n - window, n)),
+    # wall: what a trial waits for; cpu: the CPU time it costs (the process's, background
+    # threads included, by category the trial thread's), which other load on the machine
+    # inflates much less than the wall time (it leaves out time waiting for a core or a disk)
+    for unit, marks, spent in (
+        ("ms", clock.starts, clock.spent),
+        ("cpu_ms", clock.cpu_starts, clock.cpu),
     ):
-        trials = [i for i in trials if 0 <= i < n]
-        mean = {c: 1000 * sum(clock.spent[i][c] for i in trials) / len(trials) for c in categories}
-        stub = 1000 * sum(clock.spent[i]["stub"] for i in trials) / len(trials)
-        total = 1000 * sum(totals[i] for i in trials) / len(trials) - stub
-        other = total - sum(mean.values())
-        print(
-            f"{label:>7} (trials {trials[0]}-{trials[-1]}): {total:7.1f} ms a trial = "
-            + " + ".join(f"{c} {v:.1f}" for c, v in mean.items())
-            + f" + other {other:.1f}   (the stub's own time, {stub:.1f} ms, left out)"
-        )
-        lines.append(f"bookkeeping_ms {label} {total:.1f}")
-        lines += [f"bookkeeping_ms {label} {c} {v:.1f}" for c, v in mean.items()]
-        lines.append(f"bookkeeping_ms {label} other {other:.1f}")
-    mean_all = 1000 * (sum(totals) - sum(clock.spent[i]["stub"] for i in range(n))) / n
-    lines.append(f"bookkeeping_ms mean_of_{n} {mean_all:.1f}")
+        totals = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+        for label, trials in (
+            (f"at_{window}", range(1, 1 + window)),
+            (f"at_{n}", range(n - window, n)),
+        ):
+            trials = [i for i in trials if 0 <= i < n]
+            mean = {c: 1000 * sum(spent[i][c] for i in trials) / len(trials) for c in categories}
+            stub = 1000 * sum(spent[i]["stub"] for i in trials) / len(trials)
+            total = 1000 * sum(totals[i] for i in trials) / len(trials) - stub
+            other = total - sum(mean.values())
+            print(
+                f"{label:>7} (trials {trials[0]}-{trials[-1]}) {unit:>6}: {total:7.1f} a trial = "
+                + " + ".join(f"{c} {v:.1f}" for c, v in mean.items())
+                + f" + other {other:.1f}   (the stub's own, {stub:.1f}, left out)"
+            )
+            lines.append(f"bookkeeping_{unit} {label} {total:.1f}")
+            lines += [f"bookkeeping_{unit} {label} {c} {v:.1f}" for c, v in mean.items()]
+            lines.append(f"bookkeeping_{unit} {label} other {other:.1f}")
+        mean_all = 1000 * (sum(totals) - sum(spent[i]["stub"] for i in range(n))) / n
+        print(f"mean of all {n} trials {unit:>6}: {mean_all:.1f} a trial")
+        lines.append(f"bookkeeping_{unit} mean_of_{n} {mean_all:.1f}")
+    load = os.getloadavg()
+    lines.append(f"bookkeeping load_average_1m {load[0]:.2f}")  # of the machine, at the end
     return lines
 
 

@@ -68,8 +68,9 @@ def _retain(ctx, t, kept: bool) -> None:
             ctx.logged.add(run_id)
     elif path.is_file():
         path.unlink()
+        logged = run_id in ctx.logged  # logged by this process: no need to ask MLflow
         ctx.logged.discard(run_id)
-        if tracking.checkpoint_state(ctx.client, run_id) == "logged":
+        if logged or tracking.checkpoint_state(ctx.client, run_id) == "logged":
             tracking.delete_checkpoint(ctx.client, run_id)
         else:  # fell out before it was ever logged
             ctx.client.set_tag(run_id, "harness.checkpoint", "deleted")
