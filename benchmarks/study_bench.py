@@ -3,6 +3,7 @@
     python benchmarks/study_bench.py pruning [--n-trials N]    # median pruner vs none
     python benchmarks/study_bench.py bookkeeping [--trials 300]  # ms a trial, training stubbed
     python benchmarks/study_bench.py memory                     # peak RSS, quickstart study
+    python benchmarks/study_bench.py workers [--n-trials N] [--threads 1,2]  # 2 workers vs 1
     python benchmarks/study_bench.py all
 
 Run by hand, never as a timed test. Each part prints a readable summary, then machine-readable
@@ -20,6 +21,13 @@ lines (name, then value).
   best-weights file and retention (checkpoint) is summed per trial, each call's own time
   (nested calls counted where they belong); `other` is the rest of the trial (configuration,
   model build, Optuna's loop). Reported at 10 trials (trials 1-10) and at N (the last 10).
+- workers: `run_study.py experiments/digits_regularization.yaml` with one worker and with
+  `--workers 2`, each with 1 and 2 CPU threads a worker (`train.threads`), in fresh results
+  folders that start with the source model already pretrained. Trial throughput is finished
+  trials over the time from the first trial's start to the last one's end (Optuna's
+  datetime_start/datetime_complete: start-up left out); `ratio workers2/workers1` compares
+  each worker count at its fastest thread count (and per thread count, and in epochs a
+  second, which pruning's different choices under two samplers do not skew).
 - memory: `run_study.py experiments/quickstart.yaml` (the default study, as a user types it) in
   a fresh results folder; the peak resident set size of that process.
 """
@@ -336,6 +344,79 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
     return lines
 
 
+# --- two workers against one ---------------------------------------------------------------------
+def _throughput(results: Path, name: str) -> dict[str, float]:
+    """Finished trials and epochs a second, from the first trial's start to the last one's end
+    (the process start-up, data and source model loading left out)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    from optuna.trial import TrialState
+
+    storage = JournalStorage(JournalFileBackend(str(results / "optuna.journal")))
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    first = min(t.datetime_start for t in trials if t.datetime_start)
+    last = max(t.datetime_complete for t in finished)
+    seconds = (last - first).total_seconds()
+    epochs = sum(t.user_attrs.get("epochs_run", len(t.intermediate_values)) for t in finished)
+    return {
+        "trials": len(finished),
+        "epochs": epochs,
+        "trial_seconds": round(seconds, 2),
+        "trials_per_s": len(finished) / seconds,
+        "epochs_per_s": epochs / seconds,
+    }
+
+
+def workers(n_trials: int | None, threads: list[int]) -> list[str]:
+    """`experiments/digits_regularization.yaml` with one worker, then `--workers 2`, each with
+    every thread count a worker of `threads` (`train.threads`), in fresh results folders that
+    start with the source model already pretrained (copied from a warm-up study)."""
+    import shutil
+
+    from harness.spec import load_spec
+
+    experiment = REPO / "experiments" / "digits_regularization.yaml"
+    spec = load_spec(experiment, [])
+    n = n_trials or spec.search.n_trials
+    warm = Path(tempfile.mkdtemp(prefix="bench-workers-warm-"))
+    _run_cli(str(experiment), "--results", str(warm), "--quiet", "--n-trials", "1")
+    figures: dict[tuple[int, int], dict[str, float]] = {}
+    for count in (1, 2):
+        for t in threads:
+            results = Path(tempfile.mkdtemp(prefix=f"bench-workers-{count}x{t}-"))
+            shutil.copytree(warm / "sources", results / "sources")
+            args = [str(experiment), "--results", str(results), "--quiet", "--n-trials", str(n)]
+            args += ["--set", f"train.threads={t}"]
+            if count > 1:
+                args += ["--workers", str(count)]
+            load = os.getloadavg()[0]
+            seconds = _run_cli(*args)
+            figures[count, t] = {
+                **_throughput(results, spec.name),
+                "wall_seconds": round(seconds, 1),
+                "load_1m_before": load,
+                "load_1m_after": os.getloadavg()[0],
+            }
+            print(f"workers {count} threads {t}: {json.dumps(figures[count, t])}", flush=True)
+    lines = []
+    for (count, t), f in figures.items():
+        lines.append(f"workers {count} threads {t} trials_per_s {f['trials_per_s']:.3f}")
+        lines.append(f"workers {count} threads {t} epochs_per_s {f['epochs_per_s']:.2f}")
+    for t in threads:
+        one, two = figures[1, t], figures[2, t]
+        lines.append(
+            f"ratio workers2/workers1 threads{t} {two['trials_per_s'] / one['trials_per_s']:.3f}"
+        )  # noqa: E501
+    best1 = max((figures[1, t] for t in threads), key=lambda f: f["trials_per_s"])
+    best2 = max((figures[2, t] for t in threads), key=lambda f: f["trials_per_s"])
+    lines.append(f"ratio workers2/workers1 {best2['trials_per_s'] / best1['trials_per_s']:.3f}")
+    lines.append(
+        f"ratio workers2/workers1 epochs_per_s {best2['epochs_per_s'] / best1['epochs_per_s']:.3f}"
+    )
+    return lines
+
+
 # --- memory of the default study ----------------------------------------------------------------
 def memory() -> list[str]:
     results = Path(tempfile.mkdtemp(prefix="bench-memory-"))
@@ -350,9 +431,12 @@ def memory() -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=["pruning", "bookkeeping", "memory", "all"])
+    p.add_argument("part", choices=["pruning", "bookkeeping", "memory", "workers", "all"])
     p.add_argument("--n-trials", type=int, help="pruning: trials of each study (default: file's)")
     p.add_argument("--trials", type=int, default=300, help="bookkeeping: trials of the study")
+    p.add_argument(
+        "--threads", default="1,2", help="workers: CPU threads a worker, each measured (1,2)"
+    )
     args = p.parse_args()
     lines = []
     if args.part in ("memory", "all"):  # first: the peak of the first child process is its own
@@ -361,6 +445,8 @@ def main() -> int:
         lines += pruning(args.n_trials)
     if args.part in ("bookkeeping", "all"):
         lines += bookkeeping(args.trials)
+    if args.part in ("workers", "all"):
+        lines += workers(args.n_trials, [int(t) for t in args.threads.split(",")])
     import torch
 
     print("\n".join(lines))
