@@ -3,6 +3,7 @@
     python benchmarks/study_bench.py pruning [--n-trials N]    # median pruner vs none
     python benchmarks/study_bench.py bookkeeping [--trials 300]  # ms a trial, training stubbed
     python benchmarks/study_bench.py memory                     # peak RSS, quickstart study
+    python benchmarks/study_bench.py workers [--n-trials N] [--threads 1,2]  # 2 workers vs 1
     python benchmarks/study_bench.py all
 
 Run by hand, never as a timed test. Each part prints a readable summary, then machine-readable
@@ -20,6 +21,13 @@ lines (name, then value).
   best-weights file and retention (checkpoint) is summed per trial, each call's own time
   (nested calls counted where they belong); `other` is the rest of the trial (configuration,
   model build, Optuna's loop). Reported at 10 trials (trials 1-10) and at N (the last 10).
+- workers: `run_study.py experiments/digits_regularization.yaml` with one worker and with
+  `--workers 2`, each with 1 and 2 CPU threads a worker (`train.threads`), in fresh results
+  folders that start with the source model already pretrained. Trial throughput is finished
+  trials over the time from the first trial's start to the last one's end (Optuna's
+  datetime_start/datetime_complete: start-up left out); `ratio workers2/workers1` compares
+  each worker count at its fastest thread count (and per thread count, and in epochs a
+  second, which pruning's different choices under two samplers do not skew).
 - memory: `run_study.py experiments/quickstart.yaml` (the default study, as a user types it) in
   a fresh results folder; the peak resident set size of that process.
 """
@@ -106,23 +114,32 @@ class Clock:
 
     def __init__(self):
         self.trial = -1  # the trial in progress; -1: the study's set-up
-        self.stack: list[float] = []  # per open call: time spent in wrapped calls inside it
+        self.stack: list[tuple[float, float]] = []  # per open call: wrapped calls inside it
         self.spent: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.cpu: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.starts: list[float] = []
+        self.cpu_starts: list[float] = []  # the process's CPU time (all its threads)
+
+    def mark(self) -> None:
+        self.starts.append(time.perf_counter())
+        self.cpu_starts.append(time.process_time())
 
     def wrap(self, fn, category: str):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            self.stack.append(0.0)
-            started = time.perf_counter()
+            self.stack.append((0.0, 0.0))
+            started, cpu_started = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 elapsed = time.perf_counter() - started
-                inner = self.stack.pop()
+                cpu = time.thread_time() - cpu_started
+                inner, inner_cpu = self.stack.pop()
                 self.spent[self.trial][category] += elapsed - inner
+                self.cpu[self.trial][category] += cpu - inner_cpu
                 if self.stack:
-                    self.stack[-1] += elapsed
+                    outer, outer_cpu = self.stack[-1]
+                    self.stack[-1] = (outer + elapsed, outer_cpu + cpu)
 
         return timed
 
@@ -135,7 +152,8 @@ class Clock:
 
 def _stub_fit(clock: Clock):
     """fit without training: the real callbacks every epoch, made-up metrics (better near
-    lr 1e-2), and a resume state holding the model's weights."""
+    lr 1e-2), and a resume state holding the model's weights, offered as fit offers it (at the
+    epochs whose `wants_state` is true)."""
     import torch
 
     from harness import finetune, resume_state
@@ -162,7 +180,8 @@ def _stub_fit(clock: Clock):
             history.append(m)
             for cb in callbacks:  # their own time is the trial's, not the stub's
                 clock.wrap(cb.on_epoch_end, "other")(epoch, m)
-            if savers:
+            due = [c for c in savers if getattr(c, "wants_state", lambda _e: True)(epoch)]
+            if due:  # as fit: the state only at the epochs a callback keeps it
                 state = {k: None for k in resume_state.KEYS}
                 state.update(
                     version=resume_state.VERSION,
@@ -173,7 +192,7 @@ def _stub_fit(clock: Clock):
                     best_state=weights,
                     generator=torch.Generator().get_state(),
                 )
-                for cb in savers:
+                for cb in due:
                     clock.wrap(cb.on_checkpoint, "other")(epoch, state)
         best_epoch = max(range(len(history)), key=lambda i: history[i]["val_acc"]) + 1
         return finetune.FitResult(
@@ -258,10 +277,13 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
         ours = getattr(fn, "__module__", "") == "harness.tracking" and name[0] != "_"
         if ours and callable(fn) and not isinstance(fn, type):
             setattr(tracking, name, clock.wrap(fn, "tracking"))
-    for name in ("on_epoch_end", "flush"):
-        setattr(
-            tracking.EpochLogger, name, clock.wrap(getattr(tracking.EpochLogger, name), "tracking")
-        )
+    for name in ("on_epoch_end", "flush", "end_run"):
+        if hasattr(tracking.EpochLogger, name):  # the names of this version of the logger
+            setattr(
+                tracking.EpochLogger,
+                name,
+                clock.wrap(getattr(tracking.EpochLogger, name), "tracking"),
+            )
     # checkpoint: the resume state, the best weights' file, the retention policy
     resume_state.save_state = clock.wrap(resume_state.save_state, "checkpoint")
     study.atomic_write = clock.wrap(study.atomic_write, "checkpoint")
@@ -271,13 +293,13 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
 
     def timed_objective(ctx, trial):
         clock.trial = trial.number
-        clock.starts.append(time.perf_counter())
+        clock.mark()
         return objective(ctx, trial)
 
     study._objective = timed_objective
 
     def finish(*a, **k):
-        clock.starts.append(time.perf_counter())  # the end of the last trial
+        clock.mark()  # the end of the last trial
         clock.trial = -2
 
     study.finish_report = study.summarize = finish  # the study imports them by name
@@ -285,30 +307,113 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
     started = time.perf_counter()
     study.run_study(spec, study.StudyOptions(results=results, quiet=True))
     wall = time.perf_counter() - started
-    totals = [b - a for a, b in zip(clock.starts, clock.starts[1:], strict=False)]
-    n = len(totals)
+    n = len(clock.starts) - 1
     print(f"{n} trials of the stubbed quickstart study in {wall:.1f} s; results in {results}")
     categories = ("sampling", "storage", "tracking", "checkpoint")
     lines = []
-    for label, trials in (
-        (f"at_{window}", range(1, 1 + window)),
-        (f"at_{n}", range(n - window, n)),
+    # wall: what a trial waits for; cpu: the CPU time it costs (the process's, background
+    # threads included, by category the trial thread's), which other load on the machine
+    # inflates much less than the wall time (it leaves out time waiting for a core or a disk)
+    for unit, marks, spent in (
+        ("ms", clock.starts, clock.spent),
+        ("cpu_ms", clock.cpu_starts, clock.cpu),
     ):
-        trials = [i for i in trials if 0 <= i < n]
-        mean = {c: 1000 * sum(clock.spent[i][c] for i in trials) / len(trials) for c in categories}
-        stub = 1000 * sum(clock.spent[i]["stub"] for i in trials) / len(trials)
-        total = 1000 * sum(totals[i] for i in trials) / len(trials) - stub
-        other = total - sum(mean.values())
-        print(
-            f"{label:>7} (trials {trials[0]}-{trials[-1]}): {total:7.1f} ms a trial = "
-            + " + ".join(f"{c} {v:.1f}" for c, v in mean.items())
-            + f" + other {other:.1f}   (the stub's own time, {stub:.1f} ms, left out)"
-        )
-        lines.append(f"bookkeeping_ms {label} {total:.1f}")
-        lines += [f"bookkeeping_ms {label} {c} {v:.1f}" for c, v in mean.items()]
-        lines.append(f"bookkeeping_ms {label} other {other:.1f}")
-    mean_all = 1000 * (sum(totals) - sum(clock.spent[i]["stub"] for i in range(n))) / n
-    lines.append(f"bookkeeping_ms mean_of_{n} {mean_all:.1f}")
+        totals = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+        for label, trials in (
+            (f"at_{window}", range(1, 1 + window)),
+            (f"at_{n}", range(n - window, n)),
+        ):
+            trials = [i for i in trials if 0 <= i < n]
+            mean = {c: 1000 * sum(spent[i][c] for i in trials) / len(trials) for c in categories}
+            stub = 1000 * sum(spent[i]["stub"] for i in trials) / len(trials)
+            total = 1000 * sum(totals[i] for i in trials) / len(trials) - stub
+            other = total - sum(mean.values())
+            print(
+                f"{label:>7} (trials {trials[0]}-{trials[-1]}) {unit:>6}: {total:7.1f} a trial = "
+                + " + ".join(f"{c} {v:.1f}" for c, v in mean.items())
+                + f" + other {other:.1f}   (the stub's own, {stub:.1f}, left out)"
+            )
+            lines.append(f"bookkeeping_{unit} {label} {total:.1f}")
+            lines += [f"bookkeeping_{unit} {label} {c} {v:.1f}" for c, v in mean.items()]
+            lines.append(f"bookkeeping_{unit} {label} other {other:.1f}")
+        mean_all = 1000 * (sum(totals) - sum(spent[i]["stub"] for i in range(n))) / n
+        print(f"mean of all {n} trials {unit:>6}: {mean_all:.1f} a trial")
+        lines.append(f"bookkeeping_{unit} mean_of_{n} {mean_all:.1f}")
+    load = os.getloadavg()
+    lines.append(f"bookkeeping load_average_1m {load[0]:.2f}")  # of the machine, at the end
+    return lines
+
+
+# --- two workers against one ---------------------------------------------------------------------
+def _throughput(results: Path, name: str) -> dict[str, float]:
+    """Finished trials and epochs a second, from the first trial's start to the last one's end
+    (the process start-up, data and source model loading left out)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    from optuna.trial import TrialState
+
+    storage = JournalStorage(JournalFileBackend(str(results / "optuna.journal")))
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    first = min(t.datetime_start for t in trials if t.datetime_start)
+    last = max(t.datetime_complete for t in finished)
+    seconds = (last - first).total_seconds()
+    epochs = sum(t.user_attrs.get("epochs_run", len(t.intermediate_values)) for t in finished)
+    return {
+        "trials": len(finished),
+        "epochs": epochs,
+        "trial_seconds": round(seconds, 2),
+        "trials_per_s": len(finished) / seconds,
+        "epochs_per_s": epochs / seconds,
+    }
+
+
+def workers(n_trials: int | None, threads: list[int]) -> list[str]:
+    """`experiments/digits_regularization.yaml` with one worker, then `--workers 2`, each with
+    every thread count a worker of `threads` (`train.threads`), in fresh results folders that
+    start with the source model already pretrained (copied from a warm-up study)."""
+    import shutil
+
+    from harness.spec import load_spec
+
+    experiment = REPO / "experiments" / "digits_regularization.yaml"
+    spec = load_spec(experiment, [])
+    n = n_trials or spec.search.n_trials
+    warm = Path(tempfile.mkdtemp(prefix="bench-workers-warm-"))
+    _run_cli(str(experiment), "--results", str(warm), "--quiet", "--n-trials", "1")
+    figures: dict[tuple[int, int], dict[str, float]] = {}
+    for count in (1, 2):
+        for t in threads:
+            results = Path(tempfile.mkdtemp(prefix=f"bench-workers-{count}x{t}-"))
+            shutil.copytree(warm / "sources", results / "sources")
+            args = [str(experiment), "--results", str(results), "--quiet", "--n-trials", str(n)]
+            args += ["--set", f"train.threads={t}"]
+            if count > 1:
+                args += ["--workers", str(count)]
+            load = os.getloadavg()[0]
+            seconds = _run_cli(*args)
+            figures[count, t] = {
+                **_throughput(results, spec.name),
+                "wall_seconds": round(seconds, 1),
+                "load_1m_before": load,
+                "load_1m_after": os.getloadavg()[0],
+            }
+            print(f"workers {count} threads {t}: {json.dumps(figures[count, t])}", flush=True)
+    lines = []
+    for (count, t), f in figures.items():
+        lines.append(f"workers {count} threads {t} trials_per_s {f['trials_per_s']:.3f}")
+        lines.append(f"workers {count} threads {t} epochs_per_s {f['epochs_per_s']:.2f}")
+    for t in threads:
+        one, two = figures[1, t], figures[2, t]
+        lines.append(
+            f"ratio workers2/workers1 threads{t} {two['trials_per_s'] / one['trials_per_s']:.3f}"
+        )  # noqa: E501
+    best1 = max((figures[1, t] for t in threads), key=lambda f: f["trials_per_s"])
+    best2 = max((figures[2, t] for t in threads), key=lambda f: f["trials_per_s"])
+    lines.append(f"ratio workers2/workers1 {best2['trials_per_s'] / best1['trials_per_s']:.3f}")
+    lines.append(
+        f"ratio workers2/workers1 epochs_per_s {best2['epochs_per_s'] / best1['epochs_per_s']:.3f}"
+    )
     return lines
 
 
@@ -326,9 +431,12 @@ def memory() -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=["pruning", "bookkeeping", "memory", "all"])
+    p.add_argument("part", choices=["pruning", "bookkeeping", "memory", "workers", "all"])
     p.add_argument("--n-trials", type=int, help="pruning: trials of each study (default: file's)")
     p.add_argument("--trials", type=int, default=300, help="bookkeeping: trials of the study")
+    p.add_argument(
+        "--threads", default="1,2", help="workers: CPU threads a worker, each measured (1,2)"
+    )
     args = p.parse_args()
     lines = []
     if args.part in ("memory", "all"):  # first: the peak of the first child process is its own
@@ -337,6 +445,8 @@ def main() -> int:
         lines += pruning(args.n_trials)
     if args.part in ("bookkeeping", "all"):
         lines += bookkeeping(args.trials)
+    if args.part in ("workers", "all"):
+        lines += workers(args.n_trials, [int(t) for t in args.threads.split(",")])
     import torch
 
     print("\n".join(lines))

@@ -46,8 +46,14 @@ def apply_retention(ctx, study: optuna.Study) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the workers sharing this results folder, in turn
         keep = keep_set(study, search.keep_checkpoints, search.top_k)
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            kept = t.number in keep
+            # a trial once decided is looked at again only when it falls out (a finished
+            # trial's rank only falls): no file check per complete trial after every trial
+            if ctx.retained.get(t.number) == kept:
+                continue
             try:
-                _retain(ctx, t, t.number in keep)
+                _retain(ctx, t, kept)
+                ctx.retained[t.number] = kept
             except (OSError, tracking.TrackingError) as err:  # another node got there first
                 ctx.progress.note(f"checkpoint of trial {t.number}: {err}; left as it is")
 
@@ -62,8 +68,9 @@ def _retain(ctx, t, kept: bool) -> None:
             ctx.logged.add(run_id)
     elif path.is_file():
         path.unlink()
+        logged = run_id in ctx.logged  # logged by this process: no need to ask MLflow
         ctx.logged.discard(run_id)
-        if tracking.checkpoint_state(ctx.client, run_id) == "logged":
+        if logged or tracking.checkpoint_state(ctx.client, run_id) == "logged":
             tracking.delete_checkpoint(ctx.client, run_id)
         else:  # fell out before it was ever logged
             ctx.client.set_tag(run_id, "harness.checkpoint", "deleted")

@@ -105,12 +105,12 @@ def start(
     synchronous: bool = True,
     flush_seconds: float = 0.0,
 ) -> TrackedRun:
-    """Create the run with `tags`, the params of `config` and its `config.yaml`."""
+    """Create the run with `tags`, the params of `config` (written by its logger: with its
+    first batch, at most `flush_seconds` after the start) and its `config.yaml`."""
     started = time.perf_counter()
-    run_id = tracking.create_run(client, exp_id, run_name, tags, params(config))
     text = tracking.yaml_text(config.model_dump(mode="json"))
-    tracking.log_text(client, run_id, text, "config.yaml")
-    logger = tracking.EpochLogger(client, run_id, synchronous, flush_seconds)
+    run_id = tracking.create_run(client, exp_id, run_name, tags, {}, {"config.yaml": text})
+    logger = tracking.EpochLogger(client, run_id, synchronous, flush_seconds, params(config))
     return TrackedRun(client, run_id, logger, time.perf_counter() - started)
 
 
@@ -120,10 +120,9 @@ def end(
     tags: dict[str, Any] | None = None,
     metrics: dict[str, float] | None = None,
 ) -> None:
-    """Flush the epoch logger, tag the run (and log its final `metrics`), end it with `status`
-    (FINISHED, FAILED, KILLED)."""
-    run.logger.flush()
-    tracking.end_run_tagged(run.client, run.run_id, status, tags or {}, metrics)
+    """Tag the run, log its final `metrics` and the epochs its logger still holds (one write),
+    end it with `status` (FINISHED, FAILED, KILLED)."""
+    run.logger.end_run(status, tags or {}, metrics)
 
 
 def chosen_epoch_metrics(result, metric_names) -> dict[str, float]:

@@ -445,8 +445,9 @@ class SearchSpec(_Section):
     # true: per-epoch metrics go through MLflow's async logging queue. Measured on the local
     # SQLite store it costs more (the queue's flush adds ~0.9 s a run): off by default.
     async_logging: bool = False
-    # per-epoch metrics are written to MLflow at most every this many seconds (and when the
-    # trial ends), the resume state and the heartbeat with them: a 1 s trial makes one write,
+    # per-epoch metrics are written to MLflow at most every this many seconds from the run's
+    # start (and when the trial ends), the resume state and the heartbeat with them, the params
+    # with the first write or this long after the start: a 1 s trial makes one write,
     # a 10 min trial still shows live curves. 0: every epoch. At most 300 s: the heartbeat goes
     # with the writes, and another host counts a trial silent for 600 s as dead.
     flush_seconds: Annotated[float, Field(ge=0.0, le=300.0)] = 2.0

@@ -146,6 +146,7 @@ class _Context:
     parent_run_id: str
     progress: report.Progress
     logged: set[str] = field(default_factory=set)  # runs whose best weights are in MLflow
+    retained: dict[int, bool] = field(default_factory=dict)  # retention's decision by trial
 
     @property
     def client(self):

@@ -14,12 +14,12 @@ import contextlib
 import functools
 import io
 import logging
-import math
 import os
 import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -183,9 +183,8 @@ def _params(flat: dict[str, Any]) -> list[Param]:
 
 
 def log_params(client: MlflowClient, run_id: str, flat: dict[str, Any]) -> None:
-    params = _params(flat)
-    for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
-        client.log_batch(run_id, params=params[i : i + 100])
+    for _, batch, _ in _batches([], _params(flat), []):
+        client.log_batch(run_id, params=batch)
 
 
 def create_parent_run(
@@ -207,12 +206,36 @@ def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None
 
 
 def create_run(
-    client: MlflowClient, exp_id: str, run_name: str, tags: dict[str, str], flat: dict[str, Any]
+    client: MlflowClient,
+    exp_id: str,
+    run_name: str,
+    tags: dict[str, str],
+    flat: dict[str, Any],
+    texts: dict[str, str] | None = None,
 ) -> str:
-    """A new run with `tags` (a `mlflow.parentRunId` among them nests it) and params `flat`."""
+    """A new run with `tags` (a `mlflow.parentRunId` among them nests it), params `flat` (none:
+    its EpochLogger writes them) and text artifacts `texts` ({artifact file: text}), written
+    straight to the run's artifact location (no read of the run back to find it)."""
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
-    log_params(client, run.info.run_id, flat)
+    if flat:
+        log_params(client, run.info.run_id, flat)
+    if texts:
+        _write_texts(run.info.artifact_uri, texts)
     return run.info.run_id
+
+
+def _write_texts(artifact_uri: str, texts: dict[str, str]) -> None:
+    import posixpath
+    import tempfile
+
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(artifact_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in texts.items():
+            path = Path(tmp) / posixpath.basename(name)
+            path.write_text(text, encoding="utf-8")
+            repo.log_artifact(str(path), posixpath.dirname(name) or None)
 
 
 def redact(url: str) -> str:
@@ -220,26 +243,58 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
 
-def system_monitor(run_id: str, interval: float, tracking_uri: str):
-    """MLflow's own system metrics (CPU, memory, disk, network; GPU where present) for a run.
+class _DeferredMonitor:
+    """MLflow's system-metrics monitor, started only once the run has lasted `interval`
+    seconds: a shorter run would log no sample anyway (the monitor logs its first one after an
+    interval), and building and stopping it (its thread, a GPU probe, a read of the run at
+    its end) cost a short trial tens of milliseconds."""
 
-    Returns the started monitor; call `.finish()` when the run ends.
-    """
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    def __init__(self, run_id: str, interval: float, tracking_uri: str):
+        self.args = (run_id, interval, tracking_uri)
+        self.lock, self.monitor, self.done = threading.Lock(), None, False
+        self.timer = threading.Timer(interval, self._start)
+        self.timer.daemon = True
+        self.timer.start()
 
-    monitor = SystemMetricsMonitor(
-        run_id, sampling_interval=interval, samples_before_logging=1, tracking_uri=tracking_uri
-    )
-    monitor.start()
-    return monitor
+    def _start(self) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        run_id, interval, uri = self.args
+        with self.lock:
+            if self.done:
+                return
+            self.monitor = SystemMetricsMonitor(
+                run_id, sampling_interval=interval, samples_before_logging=1, tracking_uri=uri
+            )
+            self.monitor.start()
+
+    def finish(self) -> None:
+        self.timer.cancel()
+        with self.lock:
+            self.done = True
+            monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.finish()
+
+
+def system_monitor(run_id: str, interval: float, tracking_uri: str) -> _DeferredMonitor:
+    """MLflow's own system metrics (CPU, memory, disk, network; GPU where present) for a run,
+    sampled every `interval` seconds from `interval` seconds after the start (a run shorter than
+    two intervals has none). Call `.finish()` when the run ends."""
+    return _DeferredMonitor(run_id, interval, tracking_uri)
 
 
 class EpochLogger:
-    """Core callback: the epoch's metrics as one batch, step = epoch.
+    """Core callback: the epochs' metrics in batches, step = epoch, written at most every
+    `flush_seconds` (counted from the logger's start, so a run shorter than that writes its
+    curves once, with its end: `end_run`). The run's `params` go with its first write, and
+    at the latest `flush_seconds` after the start (from a timer thread): a run of a second
+    or two makes one write at its end, a long one shows its params and curves live.
 
-    `synchronous=False` uses MLflow's async logging (a background queue): training goes on
-    while the batch is written; `flush()` waits for every batch before the run ends.
-    `seconds` is the time the training loop spent in here.
+    `synchronous=False` uses MLflow's async logging (a background queue) for the metrics:
+    training goes on while the batch is written; `flush()` waits for every batch before the
+    run ends. `seconds` is the time the training loop spent in here (the run's end is its
+    caller's).
     """
 
     def __init__(
@@ -248,12 +303,30 @@ class EpochLogger:
         run_id: str,
         synchronous: bool = True,
         flush_seconds: float = 0.0,
+        params: dict[str, Any] | None = None,
     ):
         self.client, self.run_id, self.synchronous = client, run_id, synchronous
         self.flush_seconds = flush_seconds  # write at most this often; 0: every epoch
         self.pending, self.buffer, self.seconds = [], [], 0.0
         self.written_upto = 0  # the last epoch whose metrics were sent
-        self.last_write = -math.inf  # the first epoch is written at once: the curve shows
+        self.last_write = time.monotonic()
+        self.lock = threading.Lock()  # the params' timer writes from its own thread
+        self.params, self.timer = _params(params or {}), None
+        if self.params and flush_seconds > 0:
+            self.timer = threading.Timer(flush_seconds, self._write_params)
+            self.timer.daemon = True
+            self.timer.start()
+        elif self.params:
+            self._write_params()
+
+    def _write_params(self) -> None:
+        with self.lock:
+            params, self.params = self.params, []
+            try:
+                for _, batch, _ in _batches([], params, []):
+                    self.client.log_batch(self.run_id, params=batch)
+            except Exception:  # noqa: BLE001 - a timer thread: the run's end writes them
+                self.params = params
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         started = time.perf_counter()
@@ -264,24 +337,50 @@ class EpochLogger:
         self.seconds += time.perf_counter() - started
 
     def _write(self, epoch: int) -> None:
-        for i in range(0, len(self.buffer), 1000):  # MLflow's batch limit
-            ops = self.client.log_batch(
-                self.run_id, metrics=self.buffer[i : i + 1000], synchronous=self.synchronous
-            )
-            if ops is not None:
-                self.pending.append(ops)
-        self.buffer.clear()
-        self.written_upto, self.last_write = epoch, time.monotonic()
+        with self.lock:
+            params, self.params = self.params, []
+            for metrics, batch, _ in _batches(self.buffer, params, []):
+                ops = self.client.log_batch(
+                    self.run_id, metrics=metrics, params=batch, synchronous=self.synchronous
+                )
+                if ops is not None:
+                    self.pending.append(ops)
+            self.buffer = []
+            self.written_upto, self.last_write = epoch, time.monotonic()
 
     def flush(self) -> None:
         """Send what is buffered and wait for every batch (the run is about to end)."""
-        started = time.perf_counter()
-        if self.buffer:
-            self._write(max(m.step for m in self.buffer))
-        for ops in self.pending:
-            ops.wait()
-        self.pending.clear()
-        self.seconds += time.perf_counter() - started
+        self.end_run(None)
+
+    def end_run(
+        self,
+        status: str | None,
+        tags: dict[str, str] | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
+        """The params and epochs not yet written, `tags` and `metrics` (step 0) in one write,
+        then the run ends with `status` (None: the run goes on)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        with self.lock:
+            for ops in self.pending:
+                ops.wait()
+            self.pending.clear()
+            epochs, params, self.buffer, self.params = self.buffer, self.params, [], []
+            if epochs:
+                self.written_upto = max(m.step for m in epochs)
+            _write_end(self.client, self.run_id, status, tags or {}, metrics, epochs, params)
+
+
+def _batches(metrics: list, params: list, tags: list):
+    """(metrics, params, tags) in batches within MLflow's limits: 1000 metrics, 100 params,
+    100 tags, 1000 in all."""
+    while metrics or params or tags:
+        p, params = params[:100], params[100:]
+        t, tags = tags[:100], tags[100:]
+        n = 1000 - len(p) - len(t)
+        m, metrics = metrics[:n], metrics[n:]
+        yield m, p, t
 
 
 def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -> None:
@@ -609,10 +708,14 @@ def end_run_tagged(
 ) -> None:
     """Tag a run (and log `metrics` at step 0), then end it with `status` (FINISHED, FAILED or
     KILLED)."""
+    _write_end(client, run_id, status, tags, metrics, [], [])
+
+
+def _write_end(client, run_id, status, tags, metrics, epochs: list, params: list) -> None:
     now = int(time.time() * 1000)
-    client.log_batch(
-        run_id,
-        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
-        tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()],
-    )
-    client.set_terminated(run_id, status=status)
+    ms = epochs + [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+    ts = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+    for m, p, t in _batches(ms, params, ts):
+        client.log_batch(run_id, metrics=m, params=p, tags=t)
+    if status is not None:
+        client.set_terminated(run_id, status=status)
