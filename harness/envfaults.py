@@ -259,8 +259,8 @@ class _Wait:
 
     def pause(self, fault: Fault) -> bool:
         """Sleep before the next try; False when the window is spent."""
-        elapsed = self.elapsed
-        if elapsed >= settings.window:
+        elapsed, window = self.elapsed, _window()
+        if elapsed >= window:
             return False
         if elapsed >= self.next_line:
             _say(
@@ -269,7 +269,7 @@ class _Wait:
             )
             self.next_line = elapsed + (60.0 if settings.quiet else 10.0)
         delay = min(10.0, 0.25 * 2**self.attempt) * random.uniform(0.5, 1.0)
-        time.sleep(max(0.0, min(delay, settings.window - elapsed)))
+        time.sleep(max(0.0, min(delay, window - elapsed)))
         self.attempt += 1
         return True
 
@@ -333,13 +333,18 @@ def wrap_methods(
 
 @contextlib.contextmanager
 def one_try():
-    """Store calls made while stopping get one try each: no second window of waiting."""
-    saved = settings.window
-    settings.window = 0.0
+    """Store calls this thread makes inside get one try each (no window of waiting): the calls
+    made while stopping, and those of a helper thread whose work the next write redoes."""
+    saved = getattr(_local, "one_try", False)
+    _local.one_try = True
     try:
         yield
     finally:
-        settings.window = saved
+        _local.one_try = saved
+
+
+def _window() -> float:
+    return 0.0 if getattr(_local, "one_try", False) else settings.window
 
 
 def check_space(folder: Path, need: int) -> str | None:

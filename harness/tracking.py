@@ -322,11 +322,12 @@ class EpochLogger:
     def _write_params(self) -> None:
         with self.lock:
             params, self.params = self.params, []
-            try:
-                for _, batch, _ in _batches([], params, []):
-                    self.client.log_batch(self.run_id, params=batch)
-            except Exception:  # noqa: BLE001 - a timer thread: the run's end writes them
-                self.params = params
+            try:  # one try: a store away is retried (and waited for) by the next write
+                with envfaults.one_try():
+                    for _, batch, _ in _batches([], params, []):
+                        self.client.log_batch(self.run_id, params=batch)
+            except (Exception, envfaults.EnvironmentStop):  # a timer thread: the run's end
+                self.params = params  # writes them
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         started = time.perf_counter()

@@ -381,3 +381,26 @@ def test_a_real_full_disk_stops_with_75_and_space_back_completes_the_study(small
     client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_one_try_holds_for_its_own_thread_only(monkeypatch):
+    """A helper thread's one try (the params' timer) never shortens another thread's window."""
+    import threading
+
+    monkeypatch.setattr(envfaults.settings, "window", 30.0)
+    away = envfaults.retrying(lambda: (_ for _ in ()).throw(TimeoutError("timed out")), "db")
+    seen = {}
+
+    def helper():
+        with envfaults.one_try():
+            try:
+                away()
+            except EnvironmentStop as stop:
+                seen["waited"] = stop.waited
+
+    with envfaults.one_try():
+        pass
+    thread = threading.Thread(target=helper)
+    thread.start()
+    thread.join(timeout=10)
+    assert seen["waited"] < 1 and envfaults._window() == 30.0
