@@ -15,13 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
-from conftest import QUICKSTART, REPO
+from conftest import QUICKSTART, REPO, free_port, start_mlflow_server
 from optuna.trial import TrialState
 
 from harness.study import open_storage
@@ -43,14 +42,6 @@ def _bin(name: str) -> str | None:
     return found[-1] if found else shutil.which(name)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Cluster:
     """A scratch PostgreSQL cluster in a temporary folder, on its own port (as the postgres
     user when the tests run as root: PostgreSQL refuses to run as root)."""
@@ -60,7 +51,7 @@ class Cluster:
         if not initdb or not self.pg_ctl:
             pytest.skip("PostgreSQL's initdb and pg_ctl are not installed (.ci/run installs them)")
         self.dir = Path(tempfile.mkdtemp(prefix="harness-pg-"))
-        self.port = _free_port()
+        self.port = free_port()
         self.user = "postgres" if os.geteuid() == 0 else None
         if self.user:
             shutil.chown(self.dir, self.user)
@@ -111,42 +102,6 @@ def cluster():
     c.remove()
 
 
-def _server(db_url: str, artifacts: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            db_url,
-            "--artifacts-destination",
-            str(artifacts),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],  # fmt: skip
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r,
-        ):
-            if r.read().strip() == b"OK":
-                return proc
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail("mlflow server did not start")
-
-
 def _cli(*args: str) -> list[str]:
     return [sys.executable, str(REPO / "run_study.py"), *args]
 
@@ -195,9 +150,9 @@ def test_two_restarts_of_postgresql_and_a_30_s_tracking_server_outage_cost_nothi
 ):
     optuna_url = cluster.create("outage_optuna")
     mlflow_db = cluster.create("outage_mlflow")
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = _server(mlflow_db, tmp_path / "artifacts", port)
+    server = start_mlflow_server(mlflow_db, tmp_path / "artifacts", port)
     results = tmp_path / "results"
     args = [str(QUICKSTART), "--results", str(results), "--storage", optuna_url]
     args += ["--tracking-uri", uri, "--n-trials", "12", "--workers", "2"]
@@ -214,7 +169,7 @@ def test_two_restarts_of_postgresql_and_a_30_s_tracking_server_outage_cost_nothi
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
         time.sleep(30)
-        server = _server(mlflow_db, tmp_path / "artifacts", port)
+        server = start_mlflow_server(mlflow_db, tmp_path / "artifacts", port)
         assert study.wait(timeout=600) == 0, (tmp_path / "study.log").read_text()[-3000:]
         trials = _check(optuna_url, uri, 12)
         assert not [t for t in trials if t.state == TrialState.FAIL]  # no trial failed at all

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,19 +13,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import QUICKSTART, REPO, TINY, run_cli
+from conftest import QUICKSTART, REPO, TINY, free_port, run_cli
 
 from harness.spec import load_spec
 from harness.study import StudyOptions, run_study
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, body: dict | None = None, timeout: float = 5) -> dict:
@@ -43,7 +36,7 @@ def ui_server(tmp_path_factory):
     results = tmp_path_factory.mktemp("ui") / "results"
     spec = load_spec(QUICKSTART, TINY)
     run_study(spec, StudyOptions(results=results, n_trials=2, quiet=True))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,

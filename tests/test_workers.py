@@ -6,17 +6,15 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 
 import mlflow
 import optuna
 import pytest
-from conftest import QUICKSTART, REPO
+from conftest import QUICKSTART, REPO, free_port, start_mlflow_server
 
 from harness.study import open_storage
 from harness.workers import assign, visible_gpus, worker_count
@@ -140,12 +138,6 @@ def test_three_local_workers_share_the_journal_and_sqlite(tmp_path):
     assert len(list((results / "reports" / "quickstart").glob("report.md"))) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def pg_stores(tmp_path):
     """Two fresh PostgreSQL databases (Optuna, MLflow) and an MLflow server on the second."""
@@ -159,41 +151,9 @@ def pg_stores(tmp_path):
             conn.execute(f"CREATE DATABASE {name}")
     base = PG.rsplit("/", 1)[0]
     optuna_url, mlflow_db = (f"{base}/{n}" for n in names)
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            mlflow_db,
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    port = free_port()
+    server = start_mlflow_server(mlflow_db, tmp_path / "artifacts", port)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.read().strip() == b"OK":
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(server.pid, signal.SIGKILL)
-        pytest.fail("mlflow server on PostgreSQL did not start")
     yield optuna_url, uri
     os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)
