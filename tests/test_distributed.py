@@ -112,19 +112,25 @@ def test_two_ranks_resume_equals_uninterrupted():
     assert all((resumed.best_state[k] == straight.best_state[k]).all() for k in resumed.best_state)
 
 
+class _SignalRank1:
+    """Runs on rank 0, the parent of rank 1: a real signal to the real process after epoch 1."""
+
+    def __init__(self, sig: int):
+        self.sig = sig
+
+    def on_epoch_end(self, epoch, metrics):
+        if epoch == 1:
+            for child in multiprocessing.active_children():
+                if child.name == "harness-rank-1":
+                    os.kill(child.pid, self.sig)
+
+
 def test_a_killed_rank_fails_the_trial_within_the_timeout(monkeypatch):
     monkeypatch.setenv("HARNESS_DIST_TIMEOUT", "60")
 
-    class KillRank1:  # runs on rank 0, the parent of rank 1: a real SIGKILL of a real process
-        def on_epoch_end(self, epoch, metrics):
-            if epoch == 1:
-                for child in multiprocessing.active_children():
-                    if child.name == "harness-rank-1":
-                        os.kill(child.pid, signal.SIGKILL)
-
     started = time.monotonic()
     with pytest.raises(distributed.RankFailed, match="rank 1 was killed by signal 9"):
-        _fit(_config(2, epochs=3), [KillRank1()])
+        _fit(_config(2, epochs=3), [_SignalRank1(signal.SIGKILL)])
     assert time.monotonic() - started < 60
     assert _no_ranks_left()
 
@@ -432,15 +438,8 @@ def test_sigterm_stops_every_rank_and_the_trial_resumes_on_two_ranks(results_dir
 def test_a_hung_rank_fails_the_trial_after_the_timeout(monkeypatch):
     monkeypatch.setenv("HARNESS_DIST_TIMEOUT", "8")
 
-    class StopRank1:  # SIGSTOP: the rank lives on but never answers a collective again
-        def on_epoch_end(self, epoch, metrics):
-            if epoch == 1:
-                for child in multiprocessing.active_children():
-                    if child.name == "harness-rank-1":
-                        os.kill(child.pid, signal.SIGSTOP)
-
-    started = time.monotonic()
+    started = time.monotonic()  # SIGSTOP: the rank lives on but never answers a collective
     with pytest.raises(distributed.RankFailed, match="did not answer within 8 s"):
-        _fit(_config(2, epochs=3), [StopRank1()])
+        _fit(_config(2, epochs=3), [_SignalRank1(signal.SIGSTOP)])
     assert time.monotonic() - started < 60
     assert _no_ranks_left()
