@@ -343,6 +343,18 @@ def one_try():
         _local.one_try = saved
 
 
+@contextlib.contextmanager
+def while_stopping(stopping: bool):
+    """Store calls made as the process stops for the environment get one try each, and a store
+    still away is left to the next start (its `EnvironmentStop` goes no further); when not
+    `stopping`, nothing changes."""
+    if not stopping:
+        yield
+        return
+    with one_try(), contextlib.suppress(EnvironmentStop):
+        yield
+
+
 def _window() -> float:
     return 0.0 if getattr(_local, "one_try", False) else settings.window
 

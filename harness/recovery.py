@@ -122,8 +122,9 @@ def reconcile(
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if t.number in stopped or not alive(t, grace)
     ]
+    trials = study.get_trials(deepcopy=False) if stopped else []
     for number, mark in stopped.items():  # ended but perhaps not re-queued: at most once
-        t = study.trials[number] if number < len(study.trials) else None
+        t = trials[number] if number < len(trials) else None
         if t is not None and t.state == TrialState.FAIL:
             requeue(study, t)
         if t is None or t.state != TrialState.RUNNING:

@@ -163,30 +163,20 @@ def _attempt(ctx: _Context, trial: optuna.Trial) -> float:
     from the attempt's last resume state. A store that is away when the stop comes leaves the
     queueing to the next start's `reconcile`, once."""
     try:
-        return _objective(ctx, trial)
-    except Exception as err:
-        fault = envfaults.disk_full(err, ctx.opts.results)
-        if fault is None:
-            raise
-        stop = envfaults.EnvironmentStop(fault)
-        mark_stopped(ctx.opts.results, ctx.study_name, trial.number)
-        _queue_again(trial, stop)
-        raise stop from err
+        try:
+            return _objective(ctx, trial)
+        except Exception as err:  # raised outside the objective's own handling (its run's start)
+            fault = envfaults.disk_full(err, ctx.opts.results)
+            if fault is None:
+                raise
+            raise envfaults.EnvironmentStop(fault) from err
     except (Interrupted, envfaults.EnvironmentStop) as err:
-        if isinstance(err, envfaults.EnvironmentStop):
+        stopping = isinstance(err, envfaults.EnvironmentStop)
+        if stopping:
             mark_stopped(ctx.opts.results, ctx.study_name, trial.number)
-        _queue_again(trial, err)
-        raise
-
-
-def _queue_again(trial: optuna.Trial, err: BaseException) -> None:
-    stopping = isinstance(err, envfaults.EnvironmentStop)
-    try:
-        with envfaults.one_try() if stopping else contextlib.nullcontext():
+        with envfaults.while_stopping(stopping):
             requeue(trial.study, trial.study.trials[trial.number])
-    except envfaults.EnvironmentStop:
-        if not stopping:
-            raise
+        raise
 
 
 def _leave_for_retry(err: BaseException, end_tags: dict) -> None:
@@ -321,17 +311,13 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
         ending = time.perf_counter()
         monitor.finish()
         stopping = isinstance(sys.exc_info()[1], envfaults.EnvironmentStop)
-        try:  # after a stop, one try: a store still away is mended by the next start
-            with envfaults.one_try() if stopping else contextlib.nullcontext():
-                runs.end(
-                    run,
-                    status or tracking.STATUS[state],
-                    {"optuna.state": state, **end_tags},
-                    end_metrics,
-                )
-        except envfaults.EnvironmentStop:
-            if not stopping:
-                raise
+        with envfaults.while_stopping(stopping):  # a store still away: the next start mends it
+            runs.end(
+                run,
+                status or tracking.STATUS[state],
+                {"optuna.state": state, **end_tags},
+                end_metrics,
+            )
         if status != "KILLED":  # a finished or faulty attempt is not resumed: its state goes
             for number in (trial.number, retry_of):
                 if number is not None:
@@ -356,13 +342,8 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
 def _end_parent(client, parent: str, status: str) -> None:
     """End the study's parent run; when the process stops for the environment, one try (the
     next start reopens it anyway)."""
-    stopping = isinstance(sys.exc_info()[1], envfaults.EnvironmentStop)
-    try:
-        with envfaults.one_try() if stopping else contextlib.nullcontext():
-            tracking.end_run(client, parent, status)
-    except envfaults.EnvironmentStop:
-        if not stopping:
-            raise
+    with envfaults.while_stopping(isinstance(sys.exc_info()[1], envfaults.EnvironmentStop)):
+        tracking.end_run(client, parent, status)
 
 
 def first_config(spec: ExperimentSpec) -> TrialConfig:

@@ -404,3 +404,27 @@ def test_one_try_holds_for_its_own_thread_only(monkeypatch):
     thread.start()
     thread.join(timeout=10)
     assert seen["waited"] < 1 and envfaults._window() == 30.0
+
+
+def test_the_budget_counts_trials_that_live_workers_are_running():
+    """Two workers ending trials together would both start the last one: the finished trials
+    and those live processes run make the budget; a dead process's trial does not count."""
+    import os
+    import socket
+
+    from harness.recovery import ExactBudget
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **_TEXT)
+    for pid, new_trials in ((int(ended.stdout), 3), (os.getpid(), 2)):
+        study = optuna.create_study()
+        study.tell(study.ask(), 1.0)
+        other = study.ask()  # another worker's trial, still RUNNING
+        other.set_user_attr("harness.host", socket.gethostname())
+        other.set_user_attr("harness.pid", pid)
+        budget = ExactBudget(4)
+        study.optimize(lambda t: 1.0, n_trials=10, callbacks=[budget])
+        assert budget.reached
+        assert len(study.trials) == 2 + new_trials, pid  # 1 + new (+ 1 live) reach 4
+
+
+_TEXT = {"capture_output": True, "text": True}
