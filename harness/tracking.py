@@ -68,12 +68,20 @@ def connect(tracking_uri: str) -> MlflowClient:
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     calls = [n for n in dir(MlflowClient) if not n.startswith("_")]
-    store = f"the MLflow tracking store {redact(tracking_uri)}"
+    return envfaults.wrap_methods(client, calls, **_store(tracking_uri))
+
+
+def _store(tracking_uri: str) -> dict[str, Any]:
+    """How `envfaults.retrying` names the tracking store, whether it answers over HTTP, and
+    the folder a local one writes to (named when its disk is full)."""
     folder = None
-    if tracking_uri.startswith("sqlite:///"):  # named when its disk is full
+    if tracking_uri.startswith("sqlite:///"):
         folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
-    remote = not is_local_store(tracking_uri)
-    return envfaults.wrap_methods(client, calls, store, remote, folder=folder)
+    return {
+        "store": f"the MLflow tracking store {redact(tracking_uri)}",
+        "remote": not is_local_store(tracking_uri),
+        "folder": folder,
+    }
 
 
 def experiment_id(client: MlflowClient, name: str, results: Path, tracking_uri: str) -> str:
@@ -220,7 +228,10 @@ def create_run(
     if flat:
         log_params(client, run.info.run_id, flat)
     if texts:
-        _write_texts(run.info.artifact_uri, texts)
+        # the artifact store, reached without the client: retried the same way
+        envfaults.retrying(_write_texts, **_store(client.tracking_uri))(
+            run.info.artifact_uri, texts
+        )
     return run.info.run_id
 
 
