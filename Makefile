@@ -1,10 +1,11 @@
 # `make quickstart`: set up .venv (once) and run the default study on the bundled digits data.
 # `make test`: set up .venv (once), lint with ruff, run the whole test suite.
+# `make numerics`: the tests marked `numerics` again on other CPU kernel paths (CI runs it).
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test lint
+.PHONY: quickstart test lint numerics
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,3 +20,12 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/python -m pytest -q
+
+# Values compared within a tolerance (goldens, K ranks against 1, reproduce across machines)
+# must hold on any x86 CPU: torch's portable kernels, oneDNN capped at AVX2, and an AVX2-only
+# CPU's paths (torch, MKL and oneDNN all at AVX2) stand for CPUs this machine is not.
+numerics: $(STAMP)
+	ATEN_CPU_CAPABILITY=default $(VENV)/bin/python -m pytest -q -m numerics
+	ONEDNN_MAX_CPU_ISA=AVX2 $(VENV)/bin/python -m pytest -q -m numerics
+	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
+		$(VENV)/bin/python -m pytest -q -m numerics

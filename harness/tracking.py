@@ -162,6 +162,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+KERNEL_SETTINGS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+
+
+def cpu_kernels() -> str:
+    """The CPU code paths torch computes on ('AVX512'; 'DEFAULT, ONEDNN_MAX_CPU_ISA=AVX2'):
+    torch's vectorised kernels (`ATEN_CPU_CAPABILITY` caps them) and any setting that makes
+    MKL or oneDNN take another path. One CPU model gives other last bits on another path."""
+    import torch
+
+    kernels = [torch.backends.cpu.get_cpu_capability()]
+    kernels += [f"{k}={os.environ[k]}" for k in KERNEL_SETTINGS if os.environ.get(k)]
+    return ", ".join(kernels)
+
+
 def provenance_tags(device: str, threads: int) -> dict[str, str]:
     """Where a result came from: code, libraries, device, CPU threads (CPU results depend on it)."""
     import optuna
@@ -180,6 +194,7 @@ def provenance_tags(device: str, threads: int) -> dict[str, str]:
         "harness.device": device,
         "harness.threads": str(threads),
         "harness.cpu": cpu_model(),
+        "harness.cpu_kernels": cpu_kernels(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         tags["harness.device"] = f"{device} ({torch.cuda.get_device_name()})"

@@ -26,6 +26,53 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     )
 
 
+HOLD = REPO / "tests" / "hold"
+
+
+def hold_env(folder: Path, epoch: int = 2, from_trial: int = 0, when: str = "saved") -> dict:
+    """The environment of study processes whose trials hold at a state until `release(folder)`
+    (tests/hold/sitecustomize.py): a fault test waits for that state, not for a time."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = os.pathsep.join(p for p in (str(HOLD), os.environ.get("PYTHONPATH", "")) if p)
+    return {
+        **os.environ,
+        "PYTHONPATH": path,
+        "HARNESS_TEST_HOLD": str(folder),
+        "HARNESS_TEST_HOLD_EPOCH": str(epoch),
+        "HARNESS_TEST_HOLD_FROM_TRIAL": str(from_trial),
+        "HARNESS_TEST_HOLD_WHEN": when,
+    }
+
+
+def wait_held(folder: Path, procs=(), n: int = 1, limit: float = 900, pids=None) -> list[dict]:
+    """Until `n` trials hold (each marker: trial, pid, epoch, written_upto), counting only the
+    processes `pids` if given. Fails at once if every process in `procs` has ended; `limit`
+    only guards against a hang."""
+    import json
+    import time
+
+    deadline = time.monotonic() + limit
+    while True:
+        held = []
+        for path in sorted(folder.glob("held-*.json")):
+            marker = json.loads(path.read_text())
+            if pids is None or marker["pid"] in pids:
+                held.append(marker)
+        if len(held) >= n:
+            return held
+        if procs and all(p.poll() is not None for p in procs):
+            pytest.fail(f"the study ended before {n} trial(s) held at the awaited state")
+        assert time.monotonic() < deadline, f"no trial held within {limit} s"
+        time.sleep(0.1)
+
+
+def release(folder: Path) -> None:
+    """Let every held trial, and every later one, go on."""
+    (folder / "open").touch()
+
+
 def free_port() -> int:
     import socket
 

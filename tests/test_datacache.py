@@ -201,7 +201,7 @@ def test_a_changed_folder_gets_a_new_key(tmp_path):
 
 CHILD = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     from pathlib import Path
     sys.path.insert(0, {repo!r})
     from harness import datacache
@@ -214,6 +214,7 @@ CHILD = textwrap.dedent(
         for path, label in entries:
             st = path.stat()
             stamp.update(f"{{split}}|{{path}}|{{label}}|{{st.st_size}}|{{st.st_mtime_ns}}\\n".encode())
+    (go.parent / f"ready-{{os.getpid()}}").touch()  # imported and listed: waiting for the go
     while not go.exists():
         time.sleep(0.005)
     d = datacache.folder(cache, root, files, stamp.hexdigest(), 24, workers=1)
@@ -239,7 +240,9 @@ def test_concurrent_first_loads_decode_once(tmp_path):
     ]
     import time
 
-    time.sleep(3)  # both are importing numpy and PIL, then wait for the start signal
+    while len(list(tmp_path.glob("ready-*"))) < 2:  # both imported, both waiting
+        assert all(p.poll() is None for p in procs), "a child process ended early"
+        time.sleep(0.05)
     go.touch()
     outs = [p.communicate(timeout=120)[0].split() for p in procs]
     assert all(p.returncode == 0 for p in procs)

@@ -15,22 +15,27 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QUICKSTART, REPO, TINY, make_config, run_cli
+from conftest import QUICKSTART, REPO, TINY, hold_env, make_config, release, run_cli, wait_held
+from recorded import THREADS, note_spread
 
 from harness import distributed, loop, tasks
 from harness.spec import SpecError, load_spec
 from harness.workers import assign, worker_count
 
 # K=2 against K=1, same global batch and `bn: sync`: the ranks sum the same numbers in another
-# order (the loss of a slice, the gradients' all-reduce), so float32 rounding differs. Measured
-# here: 2e-7 relative on the losses after 2 epochs (5e-8 absolute on the loss gap, a difference
-# of two losses near 1.4); the accuracies were equal.
-REL_TOL, ABS_TOL = 1e-5, 1e-5
+# order (the loss of a slice, the gradients' all-reduce), so float32 rounding differs. Spread
+# measured across kernel paths (benchmarks/kernel_spread.py, 9 paths; lr 0.01): at most
+# 6.8e-6 relative on a loss (ATEN_CPU_CAPABILITY=default; 2e-6 on the vectorised paths) and
+# 5.7e-6 absolute on the loss gap (a difference of two losses, near 0); accuracies and the
+# learning rate were equal on every path. Tolerances: 10x and more (14x, 17x); accuracies
+# within one example (a prediction that sits on a tie may flip), the learning rate exactly.
+REL_TOL, ABS_TOL = 1e-4, 1e-4
 
 
-def _config(k: int, bn: str = "train", epochs: int = 2, **train):
+def _config(k: int, bn: str = "train", epochs: int = 2, threads: int = 1, **train):
     return make_config(
-        train={"epochs": epochs, "devices_per_trial": k, "threads": 1, "batch_size": 32, **train},
+        train={"epochs": epochs, "devices_per_trial": k, "threads": threads, "batch_size": 32}
+        | train,
         model={"pretrained": "none"},
         strategy={"bn": bn},
     )
@@ -62,12 +67,13 @@ def test_two_ranks_repeat_bit_for_bit():
     assert a.threads == 1 and _no_ranks_left()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kind", ["full", "lp_ft"])
 def test_two_ranks_equal_one_device_with_the_same_global_batch(kind):
     epochs = 3 if kind == "lp_ft" else 2  # lp_ft: DDP wrapped again at its switch (epoch 2)
 
-    def config(k):
-        c = _config(k, bn="sync", epochs=epochs)
+    def config(k):  # lr 0.01: at 0.05 one step amplifies last-bit differences ~1000x
+        c = _config(k, bn="sync", epochs=epochs, threads=THREADS, lr=0.01)
         return c.model_copy(
             update={
                 "strategy": make_config(
@@ -78,17 +84,26 @@ def test_two_ranks_equal_one_device_with_the_same_global_batch(kind):
 
     one, two = _fit(config(1)), _fit(config(2))
     assert len(one.history) == len(two.history) == epochs
-    for m1, m2 in zip(one.history, two.history, strict=True):
+    data = tasks.load_data(config(1))
+    n_train, n_val = len(data.y_train), len(data.y_val)
+    n_eval = min(n_train, config(1).data.eval_train_max)
+    one_example = {"train_acc": 1 / n_eval, "val_acc": 1 / n_val, "train_acc_running": 1 / n_train}
+    one_example["overfit_gap"] = 1 / n_eval + 1 / n_val  # one example on each side
+    losses = ("train_loss", "val_loss", "train_loss_running", "overfit_gap_loss")
+    bad = []
+    for epoch, (m1, m2) in enumerate(zip(one.history, two.history, strict=True), start=1):
         assert m1.keys() == m2.keys()
-        for key in ("train_loss", "val_loss", "train_loss_running", "overfit_gap_loss"):
-            assert math.isclose(m1[key], m2[key], rel_tol=REL_TOL, abs_tol=ABS_TOL), (
-                key,
-                m1[key],
-                m2[key],
-            )
-        for key in ("train_acc", "val_acc", "overfit_gap", "train_acc_running", "lr"):
-            assert m1[key] == m2[key], key  # counts of examples: no rounding
-    assert one.best_epoch == two.best_epoch
+        for key in (*losses, *one_example, "lr"):
+            note_spread(f"k2_vs_k1[{kind}]", key, m2[key], m1[key])
+        for key in losses:
+            if not math.isclose(m1[key], m2[key], rel_tol=REL_TOL, abs_tol=ABS_TOL):
+                bad.append((epoch, key, m1[key], m2[key]))
+        for key, allowed in one_example.items():
+            if abs(m1[key] - m2[key]) > allowed + 1e-12:
+                bad.append((epoch, key, m1[key], m2[key]))
+        if m1["lr"] != m2["lr"]:  # the schedule counts steps: no rounding
+            bad.append((epoch, "lr", m1["lr"], m2["lr"]))
+    assert not bad, bad
 
 
 def test_two_ranks_resume_equals_uninterrupted():
@@ -359,22 +374,22 @@ def test_a_killed_rank_fails_its_trial_and_the_study_goes_on(results_dir):
     import subprocess
     import sys
 
-    args = _study_args(results_dir, 2, *TINY)
+    args = _study_args(results_dir, 2, *TINY, "search.flush_seconds=0")
+    hold = results_dir.parent / "hold"
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "run_study.py"), *args],
         cwd=results_dir.parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=hold_env(hold, epoch=1),  # rank 0 holds after epoch 1, rank 1 waits for it
     )
-    deadline, killed = time.monotonic() + 120, None
-    while killed is None and time.monotonic() < deadline and proc.poll() is None:
-        ranks = _rank_pids(proc.pid)
-        if ranks:
-            time.sleep(1.0)  # mid-start or mid-trial: either way the trial fails
-            os.kill(ranks[0], signal.SIGKILL)
-            killed = ranks[0]
-        time.sleep(0.05)
+    wait_held(hold, [proc])
+    ranks = _rank_pids(proc.pid)
+    killed = ranks[0] if ranks else None
+    if killed is not None:
+        os.kill(killed, signal.SIGKILL)
+    release(hold)
     assert killed is not None, "no rank process appeared"
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
@@ -398,24 +413,18 @@ def test_sigterm_stops_every_rank_and_the_trial_resumes_on_two_ranks(results_dir
     extra = ("model.pretrained=none", "data.shots_per_class=150", "data.val_per_class=20")
     extra += ("train.epochs=6",)
     args = _study_args(results_dir, 1, *extra, "search.flush_seconds=0")
+    hold = results_dir.parent / "hold"
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "run_study.py"), *args],
         cwd=results_dir.parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=hold_env(hold, epoch=2),  # after the resume state of epoch 2
     )
-    state = results_dir / "resume" / "quickstart" / "trial-0.pt"
-    deadline, ranks = time.monotonic() + 180, []
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        ranks = _rank_pids(proc.pid) or ranks
-        try:
-            if state.is_file() and load_state_file(state)["epoch"] >= 2:
-                break
-        except (OSError, EOFError, RuntimeError, ValueError):
-            pass  # being replaced this instant
-        time.sleep(0.05)
+    wait_held(hold, [proc])
+    assert load_state_file(results_dir / "resume" / "quickstart" / "trial-0.pt")["epoch"] == 2
+    ranks = _rank_pids(proc.pid)
     assert ranks, "no rank process seen"
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)

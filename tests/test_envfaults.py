@@ -120,10 +120,11 @@ def test_past_the_window_the_call_stops_the_worker_and_a_full_disk_at_once(monke
     text = stop.value.message()
     assert text.startswith("Stopped: db was unreachable for 1 s (--retry-window 0.6)")
     assert "run the same command again" in text and len(text.splitlines()) < 20
+    monkeypatch.setattr(envfaults.settings, "window", 60.0)  # a full disk does not wait it
     started = time.monotonic()
     with pytest.raises(EnvironmentStop) as stop:
         envfaults.retrying(lambda: (_ for _ in ()).throw(_enospc("/r/x")), "db")()
-    assert time.monotonic() - started < 0.5 and stop.value.fault.where == "/r"
+    assert time.monotonic() - started < 30 and stop.value.fault.where == "/r"
     with pytest.raises(ValueError):  # not the environment's: raised at once, as it was
         envfaults.retrying(lambda: (_ for _ in ()).throw(ValueError("x")), "db")()
 

@@ -11,7 +11,7 @@ import time
 import mlflow
 import optuna
 import pytest
-from conftest import QUICKSTART, REPO, run_cli
+from conftest import QUICKSTART, REPO, hold_env, run_cli, wait_held
 from mlflow import MlflowClient
 
 from harness.resume_state import load_state_file
@@ -19,7 +19,8 @@ from harness.spec import load_spec
 from harness.study import StudyOptions, open_storage, run_study
 
 pytestmark = pytest.mark.slow
-# Slow enough epochs (about 0.4 s each on 2 cores) to stop a trial in its middle.
+# Epochs of about 0.4 s each on 2 cores; the trial to stop holds at the awaited epoch
+# (tests/hold) until the test has stopped it, so the machine's load cannot make it miss.
 SLOW = [
     "model.pretrained=none",
     "model.width=128",
@@ -49,30 +50,26 @@ def _args(
     return args
 
 
-def _start(results, n_trials: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+def _start(
+    results, n_trials: int, extra: tuple[str, ...] = (), epoch: int = 2, when: str = "saved"
+) -> subprocess.Popen:
+    """The study, whose first trial holds at `epoch` (see tests/hold) until the test acts."""
     return subprocess.Popen(
         [sys.executable, str(REPO / "run_study.py"), *_args(results, n_trials, extra=extra)],
         cwd=results.parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=hold_env(results.parent / "hold", epoch=epoch, when=when),
     )
 
 
-def _wait_for_epoch(proc, results, epoch: int, timeout: float = 120) -> None:
-    """Until some trial's resume state holds `epoch` finished epochs."""
-    folder = results / "resume" / "quickstart"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        for path in folder.glob("trial-*.pt") if folder.is_dir() else ():
-            try:
-                if load_state_file(path)["epoch"] >= epoch:
-                    return
-            except (OSError, EOFError, RuntimeError, ValueError):
-                pass  # being replaced this instant
-        time.sleep(0.05)
-    pytest.fail("no trial reached its second epoch")
+def _wait_for_epoch(proc, results) -> dict:
+    """Until a trial holds: with its resume state of the awaited epoch written."""
+    (held,) = wait_held(results.parent / "hold", [proc])
+    state = load_state_file(results / "resume" / "quickstart" / f"trial-{held['trial']}.pt")
+    assert state["epoch"] == held["written_upto"]  # the state goes with the metrics' writes
+    return held
 
 
 def _records(results, study="quickstart"):
@@ -121,7 +118,7 @@ def _check_recovered(results, fault: str) -> None:
 def test_kill_9_mid_trial_then_the_same_command_recovers(tmp_path):
     results = tmp_path / "results"
     proc = _start(results, n_trials=2)
-    _wait_for_epoch(proc, results, 2)
+    _wait_for_epoch(proc, results)
     proc.kill()  # SIGKILL: no handler runs
     proc.wait(timeout=30)
     again = run_cli(*_args(results, 2), cwd=tmp_path)
@@ -132,7 +129,7 @@ def test_kill_9_mid_trial_then_the_same_command_recovers(tmp_path):
 def test_sigterm_mid_trial_saves_state_and_exits_within_seconds(tmp_path):
     results = tmp_path / "results"
     proc = _start(results, n_trials=2)
-    _wait_for_epoch(proc, results, 2)
+    _wait_for_epoch(proc, results)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=30)
@@ -187,9 +184,9 @@ def test_kill_9_between_two_flushes_loses_nothing_and_logs_nothing_twice(tmp_pat
     epoch once and equals an uninterrupted run."""
     extra = ("train.epochs=8", "search.flush_seconds=1.2")  # writes at epochs 1, about 4, 7, 8
     results = tmp_path / "results"
-    proc = _start(results, n_trials=1, extra=extra)
-    _wait_for_epoch(proc, results, 3)
-    proc.kill()  # between two writes: the next is seconds away
+    proc = _start(results, n_trials=1, extra=extra, epoch=3, when="unflushed")
+    held = _wait_for_epoch(proc, results)  # at the end of an epoch whose metrics are buffered
+    proc.kill()  # between two writes
     proc.wait(timeout=30)
     again = run_cli(*_args(results, 1, extra=extra), cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -197,7 +194,7 @@ def test_kill_9_between_two_flushes_loses_nothing_and_logs_nothing_twice(tmp_pat
     dead = next(r for r in runs.values() if r.info.status == "KILLED")
     retry = next(r for r in runs.values() if r.info.status == "FINISHED")
     resumed = int(retry.data.tags["harness.resumed_from_epoch"])
-    assert 3 <= resumed < 8
+    assert resumed == held["written_upto"] < held["epoch"]  # epochs were lost with the process
     for key in ("val_acc", "train_loss", "lr"):
         before = [m.step for m in client.get_metric_history(dead.info.run_id, key)]
         after = [m.step for m in client.get_metric_history(retry.info.run_id, key)]

@@ -20,7 +20,15 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from conftest import QUICKSTART, REPO, free_port, start_mlflow_server
+from conftest import (
+    QUICKSTART,
+    REPO,
+    free_port,
+    hold_env,
+    release,
+    start_mlflow_server,
+    wait_held,
+)
 from optuna.trial import TrialState
 
 from harness.study import open_storage
@@ -64,7 +72,10 @@ class Cluster:
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
 
     def _ctl(self, *args: str) -> None:
+        # Connections: each worker's Optuna pool, the tracking server's pool and the test's
+        # own; 400 is several times what a test here opens (the default, 100, ran out once).
         opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
+        opts += " -c max_connections=400"
         self._as_user(
             self.pg_ctl, "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w",
             "-o", opts, *args,
@@ -89,6 +100,18 @@ class Cluster:
             conn.execute(f"CREATE DATABASE {db}")
         return self.url(db)
 
+    def end_connections(self) -> None:
+        """End every client connection (what an earlier test left must not count against the
+        next one's `max_connections`)."""
+        import psycopg
+
+        _STORAGES.clear()
+        with contextlib.suppress(Exception), psycopg.connect(self.url(), autocommit=True) as c:
+            c.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            )
+
     def remove(self) -> None:
         with contextlib.suppress(Exception):
             self._ctl("stop", "-m", "immediate")
@@ -96,10 +119,21 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster_once():
     c = Cluster()
     yield c
     c.remove()
+
+
+@pytest.fixture
+def cluster(cluster_once):
+    """The module's cluster, with no connection left by an earlier test."""
+    cluster_once.end_connections()
+    yield cluster_once
+    cluster_once.end_connections()
+
+
+_STORAGES: dict[str, object] = {}  # one storage (one connection pool) per URL while polling
 
 
 def _cli(*args: str) -> list[str]:
@@ -107,8 +141,10 @@ def _cli(*args: str) -> list[str]:
 
 
 def _finished(storage_url: str) -> int:
+    if storage_url not in _STORAGES:
+        _STORAGES[storage_url] = open_storage(storage_url)
     try:
-        study = optuna.load_study(study_name="quickstart", storage=open_storage(storage_url))
+        study = optuna.load_study(study_name="quickstart", storage=_STORAGES[storage_url])
     except KeyError:  # not created yet
         return 0
     return len(study.get_trials(deepcopy=False, states=FINISHED))
@@ -159,16 +195,21 @@ def test_two_restarts_of_postgresql_and_a_30_s_tracking_server_outage_cost_nothi
     for s in TRIALS:
         args += ["--set", s]
     log = open(tmp_path / "study.log", "w")  # noqa: SIM115
-    study = subprocess.Popen(_cli(*args), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    hold = tmp_path / "hold"  # trials from number 6 on hold mid-way: the study is never done
+    env = hold_env(hold, epoch=2, from_trial=6)  # before the test has cut the tracking server
+    study = subprocess.Popen(
+        _cli(*args), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env
+    )
     try:
         _wait_finished(optuna_url, 2, study)
         cluster.restart()
         _wait_finished(optuna_url, 4, study)
         cluster.restart()
-        _wait_finished(optuna_url, 6, study)
+        wait_held(hold, [study])
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
-        time.sleep(30)
+        release(hold)  # the held trials go on into the outage
+        time.sleep(30)  # the outage's length, not a wait for a state
         server = start_mlflow_server(mlflow_db, tmp_path / "artifacts", port)
         assert study.wait(timeout=600) == 0, (tmp_path / "study.log").read_text()[-3000:]
         trials = _check(optuna_url, uri, 12)
@@ -192,13 +233,21 @@ def test_a_store_away_past_the_window_stops_with_75_and_the_study_goes_on_later(
     args += ["--n-trials", "4", "--retry-window", "4"]
     for s in TRIALS:
         args += ["--set", s]
+    hold = tmp_path / "hold"
     study = subprocess.Popen(
-        _cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+        _cli(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=hold_env(hold, epoch=2, from_trial=1, when="saved"),
     )
     try:
-        _wait_finished(optuna_url, 1, study)
+        wait_held(hold, [study])  # the second trial, mid-way: the study cannot be done yet
+        _STORAGES.clear()
         cluster.stop()
-        out, err = study.communicate(timeout=120)
+        release(hold)
+        out, err = study.communicate(timeout=300)
     finally:
         if study.poll() is None:
             study.kill()

@@ -6,13 +6,15 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import mlflow
 import optuna
 import pytest
 import torch
-from conftest import QUICKSTART, TINY, run_cli
+from conftest import QUICKSTART, REPO, TINY, run_cli
 from mlflow import MlflowClient
 
 import harness.reproduce as reproduce_mod
@@ -164,12 +166,14 @@ def test_another_cpu_model_reproduces_within_the_stated_tolerance(study, capsys,
         client.set_tag(run_id, "harness.cpu", recorded_cpu)
     out = capsys.readouterr().out
     verdict = out.strip().splitlines()[-1]
-    assert verdict.startswith("reproduced within tolerance (rel 0.001, abs 0.0001, accuracies ")
+    assert verdict.startswith("reproduced within tolerance (rel 0.03, abs 0.001, accuracies ")
     threads = runs[2].data.tags["harness.threads"]
+    kernels = runs[2].data.tags["harness.cpu_kernels"]
     assert (
-        f"recorded on Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz, {threads} threads" in verdict
+        f"recorded on Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz [{kernels}], {threads} threads"
+        in verdict
     )
-    assert f"re-run on {recorded_cpu}, {threads} threads" in verdict
+    assert f"re-run on {recorded_cpu} [{kernels}], {threads} threads" in verdict
     assert "largest relative difference 3e-06 (val_loss, epoch 2)" in verdict
     new = _reproductions(client, run_id)[0]
     assert new.info.status == "FINISHED"
@@ -180,7 +184,7 @@ def test_another_cpu_model_reproduces_within_the_stated_tolerance(study, capsys,
     monkeypatch.setattr(
         reproduce_mod,
         "recorded_histories",
-        _perturbed(reproduce_mod.recorded_histories, val_loss=0.01),
+        _perturbed(reproduce_mod.recorded_histories, val_loss=0.2),
     )
     client.set_tag(run_id, "harness.cpu", "another CPU")
     try:
@@ -191,12 +195,68 @@ def test_another_cpu_model_reproduces_within_the_stated_tolerance(study, capsys,
     assert _reproductions(client, run_id)[0].data.tags["harness.reproduce_result"] == "differs"
 
 
+@pytest.mark.slow
+@pytest.mark.numerics
+def test_a_rerun_on_another_kernel_path_is_within_the_cross_machine_tolerance(results_dir):
+    """The same CPU on another code path (ATEN_CPU_CAPABILITY: default if this process runs
+    vectorised, else the CPU's best) stands for another CPU model: `reproduce` names the two
+    paths, says `within_tolerance` (not `match`, not `differs`), and every continuous value of
+    a 10-epoch trial is within CROSS_MACHINE_REL. Its spread is noted for kernel_spread."""
+    from recorded import THREADS, note_spread
+
+    from harness.reproduce import CROSS_MACHINE_REL, is_count_metric
+
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT" and (
+        "ATEN_CPU_CAPABILITY" not in os.environ
+    ):
+        pytest.skip("this CPU has no vectorised kernel path to compare with")
+    threads = torch.get_num_threads()
+    try:
+        spec = load_spec(QUICKSTART, [*TINY, "train.epochs=10", f"train.threads={THREADS}"])
+        run_study(spec, StudyOptions(results=results_dir, n_trials=1, quiet=True))
+    finally:
+        torch.set_num_threads(threads)
+    (trial,) = _trial_runs(_client(results_dir)).values()
+    here = torch.backends.cpu.get_cpu_capability()
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if here != "DEFAULT":
+        env["ATEN_CPU_CAPABILITY"] = "default"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "run_study.py"), "reproduce", trial.info.run_id]
+        + ["--results", str(results_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    verdict = proc.stdout.strip().splitlines()[-1]
+    client = _client(results_dir)
+    new = _reproductions(client, trial.info.run_id)[0]
+    assert new.data.tags["harness.cpu_kernels"] != trial.data.tags["harness.cpu_kernels"]
+    if new.data.tags["harness.reproduce_result"] == "match":
+        return  # this CPU computes the same bits on both paths: nothing to bound
+    rel = CROSS_MACHINE_REL
+    for key in KINDS["finetune"].epoch:
+        if is_count_metric(key):
+            continue
+        old = {m.step: m.value for m in client.get_metric_history(trial.info.run_id, key)}
+        now = {m.step: m.value for m in client.get_metric_history(new.info.run_id, key)}
+        assert sorted(old) == sorted(now) == list(range(1, 11)), key
+        for step in old:
+            note_spread("reproduce:kernel_path", key, now[step], old[step])
+            assert math.isclose(now[step], old[step], rel_tol=rel, abs_tol=1e-3), (key, step)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert verdict.startswith("reproduced within tolerance"), verdict
+    assert f"[{trial.data.tags['harness.cpu_kernels']}]" in verdict
+
+
 def test_the_cross_machine_tolerance_allows_one_example_on_accuracies():
     tol = reproduce_mod.cross_machine_tolerance(50)
     assert tol.same(0.50, 0.52, "val_acc") and not tol.same(0.50, 0.5401, "val_acc")
     assert tol.same(0.1, 0.14, "overfit_gap")  # one example on each side of the gap
-    assert not tol.same(1.0, 1.02, "val_loss") and tol.same(1.0, 1.0009, "val_loss")
-    assert tol.same(0.0, 5e-5, "overfit_gap_loss")  # a loss gap near 0: the absolute floor
+    assert not tol.same(1.0, 1.05, "val_loss") and tol.same(1.0, 1.029, "val_loss")
+    assert tol.same(0.0, 9e-4, "overfit_gap_loss")  # a loss gap near 0: the absolute floor
+    assert not tol.same(0.0, 2e-3, "overfit_gap_loss")
     assert not reproduce_mod.EXACT.same(0.5, 0.52, "val_acc")
 
 

@@ -8,13 +8,21 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
+from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
-from conftest import QUICKSTART, REPO, free_port, start_mlflow_server
+from conftest import (
+    QUICKSTART,
+    REPO,
+    free_port,
+    hold_env,
+    release,
+    start_mlflow_server,
+    wait_held,
+)
 
 from harness.study import open_storage
 from harness.workers import assign, visible_gpus, worker_count
@@ -95,36 +103,34 @@ def _logs_clean(folder) -> None:
         )
 
 
-def _kill_a_worker_mid_trial(spawner: subprocess.Popen, storage_url: str) -> int:
-    """kill -9 one of the spawner's workers while it runs a trial; the trial's number."""
+def _kill_a_worker_mid_trial(spawner: subprocess.Popen, hold: Path) -> int:
+    """kill -9 one of the spawner's workers while it holds in a trial (RUNNING, heartbeat and
+    resume state written: tests/hold), then let the others go on; the trial's number."""
     import psutil
 
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        pids = {c.pid for c in psutil.Process(spawner.pid).children()}
-        try:
-            study = optuna.load_study(study_name="quickstart", storage=open_storage(storage_url))
-        except KeyError:  # not created yet
-            time.sleep(0.2)
-            continue
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if t.user_attrs.get("harness.pid") in pids and t.user_attrs.get("harness.heartbeat"):
-                os.kill(t.user_attrs["harness.pid"], signal.SIGKILL)
-                return t.number
-        time.sleep(0.2)
-    pytest.fail("no worker ran a trial")
+    held = wait_held(hold, [spawner])[0]
+    assert held["pid"] in {c.pid for c in psutil.Process(spawner.pid).children()}
+    os.kill(held["pid"], signal.SIGKILL)
+    release(hold)
+    return held["trial"]
 
 
 @pytest.mark.slow
 def test_three_local_workers_share_the_journal_and_sqlite(tmp_path):
     results = tmp_path / "results"
     args = [str(QUICKSTART), "--results", str(results), "--n-trials", "12", "--workers", "3"]
-    for s in [*TINY, "train.epochs=3", "model.width=64", "data.shots_per_class=100"]:
+    for s in [*TINY, "train.epochs=3", "data.shots_per_class=100", "search.flush_seconds=0"]:
         args += ["--set", s]
+    hold = tmp_path / "hold"
     spawner = subprocess.Popen(
-        _cli(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+        _cli(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        env=hold_env(hold, epoch=1),
     )
-    killed = _kill_a_worker_mid_trial(spawner, str(results / "optuna.journal"))
+    killed = _kill_a_worker_mid_trial(spawner, hold)
     out = spawner.communicate(timeout=600)[0]
     assert spawner.returncode == 0, out[-3000:]
     assert "3 workers of study 'quickstart'" in out
@@ -175,13 +181,7 @@ def test_workers_on_postgresql_and_a_tracking_server_survive_a_killed_worker(tmp
         "12",
         "--quiet",
     ]
-    slow = [
-        *TINY,
-        "train.epochs=3",
-        "model.width=64",
-        "data.shots_per_class=100",
-        "data.val_per_class=20",
-    ]
+    slow = [*TINY, "train.epochs=3", "data.shots_per_class=100", "search.flush_seconds=0"]
     for s in slow:
         base += ["--set", s]
     # The first node creates the stores and the study, then three workers start together.
@@ -191,32 +191,28 @@ def test_workers_on_postgresql_and_a_tracking_server_survive_a_killed_worker(tmp
     assert first.returncode == 0, first.stderr[-3000:]
     logs = []
     procs = []
+    hold = tmp_path / "hold"
     for i in range(3):
         log = open(tmp_path / f"node-{i}.log", "w")  # noqa: SIM115
         logs.append(log)
         procs.append(
-            subprocess.Popen(_cli(*base), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+            subprocess.Popen(
+                _cli(*base),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=tmp_path,
+                env=hold_env(hold, epoch=1),
+            )
         )
-    # Kill one worker -9 in the middle of a trial: the others retry its trial.
-    storage = open_storage(optuna_url)
-    deadline = time.monotonic() + 300
+    # Kill one worker -9 in the middle of a trial (held there: tests/hold): the others retry it.
     victim = procs[0]
-    while time.monotonic() < deadline:
-        study = optuna.load_study(study_name="quickstart", storage=storage)
-        mine = [
-            t
-            for t in study.get_trials(deepcopy=False)
-            if t.state.name == "RUNNING"
-            and t.user_attrs.get("harness.pid") == victim.pid
-            and t.user_attrs.get("harness.heartbeat")
-        ]
-        if mine:
-            victim.kill()
-            killed = mine[0].number
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail("the victim never ran a trial")
+    (held,) = wait_held(hold, [victim], pids={victim.pid})
+    study = optuna.load_study(study_name="quickstart", storage=open_storage(optuna_url))
+    trial = study.get_trials(deepcopy=False)[held["trial"]]
+    assert trial.state.name == "RUNNING" and trial.user_attrs.get("harness.heartbeat")
+    victim.kill()
+    killed = held["trial"]
+    release(hold)
     for p in procs[1:]:
         assert p.wait(timeout=600) == 0, (tmp_path / "node-1.log").read_text()[-3000:]
     victim.wait()
