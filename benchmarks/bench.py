@@ -34,9 +34,10 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import finetune, loop, models  # noqa: E402
-from harness.data import TaskData  # noqa: E402
-from harness.spec import TrialConfig  # noqa: E402
+from harness.config.spec import TrialConfig  # noqa: E402
+from harness.core import finetune, models
+from harness.core import shared as loop
+from harness.data.datasets import TaskData  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ def core(s: Setup, epochs: int, tracked: bool, compile: bool = False) -> tuple[f
     model = models.model_for(config, task)
     timer, callbacks = _Timer(s.device), []
     if tracked:
-        from harness import tracking
+        from harness.tracking import store as tracking
 
         folder = Path(tempfile.mkdtemp(prefix="bench-"))
         client = tracking.connect(tracking.default_tracking_uri(folder))

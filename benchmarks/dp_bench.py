@@ -1,5 +1,5 @@
 """Scaling of one trial over data-parallel ranks: `ratio k2/k1`, training throughput of a trial
-on 2 ranks over the same trial on 1 (`train.devices_per_trial`, harness.distributed).
+on 2 ranks over the same trial on 1 (`train.devices_per_trial`, harness.core.distributed).
 
     python benchmarks/dp_bench.py                # CPU: digits at 32 px, resnet18, threads split
     python benchmarks/dp_bench.py --device cuda  # 2 GPUs vs 1: resnet50, digits at 224 px
@@ -26,8 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import loop, tasks  # noqa: E402
-from harness.spec import TrialConfig  # noqa: E402
+from harness.config.spec import TrialConfig  # noqa: E402
+from harness.core import shared as loop
+from harness.core import tasks
 
 
 class _Marks:

@@ -11,14 +11,14 @@ counted):
 1. today's way: the process decodes the folder itself, serially (`data.load_target` with no
    cache folder); its seconds and peak RSS;
 2. the first load with the cache: decoded in parallel by a process pool into
-   RESULTS/cache/data (`harness.datacache`), written, mapped;
+   RESULTS/cache/data (`harness.data.datacache`), written, mapped;
 3. a second process on the warm cache: the seconds to open the folder's data and to build a
    target task, and how much its RSS grew.
 
 and, in this process, training throughput of `fit` (a small CNN on the CPU, `--shots` train
 images per class at `--train-size` px, `--epochs` epochs) on the train split held all in
 memory (resident) against the same split streamed batch by batch from the memory-mapped cache
-(`harness.stream`, forced by a tiny `data.device_budget_gb`). Prints one line per figure:
+(`harness.data.stream`, forced by a tiny `data.device_budget_gb`). Prints one line per figure:
 `first_load_serial_s X`, `first_load_parallel_s X`, `ratio decode_parallel/serial X`,
 `second_open_s X`, `second_load_target_s X`, `second_rss_growth_mb X`, `data_mb X`,
 `ratio stream/resident X`.
@@ -69,7 +69,7 @@ def rss_mb() -> float:
 
 def spec_for(root: Path, size: int, classes: int = 10):
     """20 shots and 30 val images per class (fewer for a small folder), the rest for test."""
-    from harness.spec import DataSpec
+    from harness.config.spec import DataSpec
 
     names = [f"class{i:02d}" for i in range(classes)]
     per_class = len(list((root / names[0]).iterdir()))
@@ -90,7 +90,7 @@ def child(mode: str, root: Path, size: int, cache: Path) -> dict:
     """One fresh process's measurement (imports done before the clock starts)."""
     import torch  # noqa: F401 - imported before timing, as in a trial process
 
-    from harness import data as hdata
+    from harness.data import datasets as hdata
 
     spec = spec_for(root, size)
     before = rss_mb()
@@ -146,9 +146,10 @@ def throughput(root: Path, size: int, cache: Path, shots: int, batch: int, epoch
     first, of two alternating runs each."""
     import torch
 
-    from harness import data as hdata
-    from harness import finetune, loop, models
-    from harness.spec import TrialConfig
+    from harness.config.spec import TrialConfig
+    from harness.core import finetune, models
+    from harness.core import shared as loop
+    from harness.data import datasets as hdata
 
     base = spec_for(root, size).model_dump()
     per_class = len(list((root / "class00").iterdir()))

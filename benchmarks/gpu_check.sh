@@ -74,8 +74,8 @@ import numpy as np, torch
 from PIL import Image
 sys.path.insert(0, os.getcwd())
 from harness import data as hdata, finetune, models
-from harness.spec import DataSpec, TrialConfig
-from harness.stream import HostImages
+from harness.config.spec import DataSpec, TrialConfig
+from harness.data.stream import HostImages
 
 torch.use_deterministic_algorithms(True, warn_only=True)  # as reproduce does
 work = Path(sys.argv[1])

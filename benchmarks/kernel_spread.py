@@ -58,7 +58,7 @@ def _tolerances() -> dict[str, float]:
     import recorded
     import test_distributed
 
-    from harness import reproduce
+    from harness.reports import reproduce
 
     return {
         "chaotic": recorded.REL_CHAOTIC,

@@ -17,7 +17,7 @@ lines (name, then value).
   MLflow SQLite database in a fresh results folder), with `fit` replaced by a stub that calls
   the real callbacks every epoch with made-up metrics and offers a resume state of the real
   model's weights. The time of every call into the sampler and pruner (sampling), the Optuna
-  storage (storage), `harness.tracking` and the EpochLogger (tracking), and the resume state,
+  storage (storage), `harness.tracking.store` and the EpochLogger (tracking), and the resume state,
   best-weights file and retention (checkpoint) is summed per trial, each call's own time
   (nested calls counted where they belong); `other` is the rest of the trial (configuration,
   model build, Optuna's loop). Reported at 10 trials (trials 1-10) and at N (the last 10).
@@ -82,7 +82,7 @@ def _study_figures(results: Path, name: str) -> dict[str, float]:
 
 
 def pruning(n_trials: int | None) -> list[str]:
-    from harness.spec import load_spec
+    from harness.config.spec import load_spec
 
     experiment = REPO / "experiments" / "digits_regularization.yaml"
     spec = load_spec(experiment, [])
@@ -156,7 +156,7 @@ def _stub_fit(clock: Clock):
     epochs whose `wants_state` is true)."""
     import torch
 
-    from harness import finetune, resume_state
+    from harness.core import finetune, resume_state
 
     def fit(config, model, data, callbacks=(), resume=None):
         callbacks = list(callbacks)
@@ -211,8 +211,11 @@ def _stub_fit(clock: Clock):
 def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
     import optuna
 
-    from harness import resume_state, retention, study, tracking
-    from harness.spec import load_spec
+    from harness.config.spec import load_spec
+    from harness.core import resume_state
+    from harness.study import retention
+    from harness.study import search as study
+    from harness.tracking import store as tracking
 
     clock = Clock()
     results = Path(tempfile.mkdtemp(prefix="bench-bookkeeping-"))
@@ -224,8 +227,8 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
     stub = clock.wrap(_stub_fit(clock), "stub")
     if hasattr(study, "fit"):
         study.fit = stub
-    try:  # where the study calls fit through harness.tasks
-        from harness import tasks
+    try:  # where the study calls fit through harness.core.tasks
+        from harness.core import tasks
 
         tasks.fit = stub
     except ImportError:
@@ -263,7 +266,7 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
         return p
 
     study.open_storage, study.make_sampler, study.make_pruner = storage, sampler, pruner
-    # tracking: every function of harness.tracking, the epoch logger, the system monitor
+    # tracking: every function of harness.tracking.store, the epoch logger, the system monitor
     monitor = tracking.system_monitor
 
     def system_monitor(*a, **k):
@@ -274,7 +277,7 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
     tracking.system_monitor = system_monitor
     for name in dir(tracking):
         fn = getattr(tracking, name)
-        ours = getattr(fn, "__module__", "") == "harness.tracking" and name[0] != "_"
+        ours = getattr(fn, "__module__", "") == "harness.tracking.store" and name[0] != "_"
         if ours and callable(fn) and not isinstance(fn, type):
             setattr(tracking, name, clock.wrap(fn, "tracking"))
     for name in ("on_epoch_end", "flush", "end_run"):
@@ -374,7 +377,7 @@ def workers(n_trials: int | None, threads: list[int]) -> list[str]:
     start with the source model already pretrained (copied from a warm-up study)."""
     import shutil
 
-    from harness.spec import load_spec
+    from harness.config.spec import load_spec
 
     experiment = REPO / "experiments" / "digits_regularization.yaml"
     spec = load_spec(experiment, [])

@@ -21,7 +21,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from harness.spec import SpecError, describe_space, load_spec
+from harness.config.spec import SpecError, describe_space, load_spec
 
 COMMANDS = ("check", "ui", "report", "reproduce")
 
@@ -161,8 +161,8 @@ def _reproduce_parser() -> argparse.ArgumentParser:
 
 
 def cmd_reproduce(args) -> int:
-    from harness.reproduce import reproduce
-    from harness.study import StudyOptions
+    from harness.reports.reproduce import reproduce
+    from harness.study.search import StudyOptions
 
     opts = StudyOptions(results=args.results, storage=args.storage, tracking_uri=args.tracking_uri)
     outcome = reproduce(args.run_id, opts)
@@ -173,8 +173,8 @@ def cmd_reproduce(args) -> int:
 def cmd_report(args) -> int:
     if args.seeds < 0:
         raise SpecError(f"--seeds {args.seeds}: must be 0 or more")
-    from harness import report
-    from harness.study import StudyOptions, report_study
+    from harness.reports import report
+    from harness.study.search import StudyOptions, report_study
 
     opts = StudyOptions(
         results=args.results,
@@ -213,8 +213,8 @@ def cmd_run(args) -> int:
             raise SpecError(f"--devices-per-trial {args.devices_per_trial}: must be at least 1")
         args.overrides = [*args.overrides, f"train.devices_per_trial={args.devices_per_trial}"]
     spec = load_spec(args.experiment, args.overrides)  # fails before anything is created
-    from harness import report
-    from harness.study import StudyOptions, run_study
+    from harness.reports import report
+    from harness.study.search import StudyOptions, run_study
 
     opts = StudyOptions(
         results=args.results,
@@ -248,7 +248,8 @@ def _without_workers(argv: list[str]) -> list[str]:
 
 
 def cmd_ui(args) -> int:
-    from harness import relocation, tracking
+    from harness.tracking import relocation
+    from harness.tracking import store as tracking
 
     uri = args.tracking_uri or tracking.default_tracking_uri(args.results)
     with socket.socket() as probe:  # a taken port is the user's error: say so, exit 2
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if command != "check":  # check imports no store library
-            from harness import envfaults
+            from harness.infra import envfaults
 
             envfaults.configure(window=args.retry_window, quiet=getattr(args, "quiet", False))
         return handler(args)
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        from harness.envfaults import EXIT_TEMPFAIL, EnvironmentStop
+        from harness.infra.envfaults import EXIT_TEMPFAIL, EnvironmentStop
 
         if isinstance(err, EnvironmentStop):
             print(err.message(), file=sys.stderr)
@@ -306,13 +307,13 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        from harness.data import DataError
+        from harness.data.datasets import DataError
 
         if isinstance(err, DataError):
             where = getattr(args, "experiment", None) or getattr(args, "study", None) or "data"
             print(f"error: {where}: {err}", file=sys.stderr)
             return 2
-        from harness.envfaults import EXIT_TEMPFAIL, EnvironmentStop, disk_full
+        from harness.infra.envfaults import EXIT_TEMPFAIL, EnvironmentStop, disk_full
 
         fault = disk_full(err, args.results)
         if fault is not None:  # a full disk (the report's own write, say): no traceback

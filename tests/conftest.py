@@ -128,8 +128,8 @@ def source_cache(tmp_path_factory) -> Path:
 
     Trained once per session; copy it into a test's results folder to skip pretraining.
     """
-    from harness.source import get_source_model
-    from harness.spec import baseline_config, load_spec
+    from harness.config.spec import baseline_config, load_spec
+    from harness.core.source import get_source_model
 
     spec = load_spec(QUICKSTART, [f"{s}" for s in TINY])
     folder = tmp_path_factory.mktemp("source-cache") / "sources"
@@ -148,7 +148,7 @@ def results_dir(tmp_path, source_cache) -> Path:
 def make_config(defaults: dict | None = None, **sections: dict):
     """A strict TrialConfig for core tests: CPU, 3 epochs, lr 0.05; `defaults` then `sections`
     merged in per section."""
-    from harness.spec import TrialConfig
+    from harness.config.spec import TrialConfig
 
     tree: dict = {"name": "t", "seed": 0, "train": {"epochs": 3, "device": "cpu", "lr": 0.05}}
     for layer in (defaults or {}, sections):
@@ -159,7 +159,8 @@ def make_config(defaults: dict | None = None, **sections: dict):
 
 def fresh_model(config, num_classes: int = 5):
     """The small CNN of `config`, initialised from its seed."""
-    from harness import loop, models
+    from harness.core import models
+    from harness.core import shared as loop
 
     loop.seed_everything(config.seed)
     return models.build_model(config.model, num_classes, config.reg.dropout)

@@ -30,7 +30,7 @@ def arm(site: str, after: int) -> None:
         return calls["n"] > after
 
     if site == "journal":
-        from harness import storage
+        from harness.study import storage
 
         append = storage._JournalFile.append_logs
 
@@ -63,7 +63,7 @@ def arm(site: str, after: int) -> None:
     elif site in ("checkpoint", "resume"):
         import torch
 
-        from harness import envfaults
+        from harness.infra import envfaults
 
         save = torch.save
         free = envfaults.free_bytes
@@ -81,7 +81,7 @@ def arm(site: str, after: int) -> None:
         torch.save = torch_save
         envfaults.free_bytes = free
     elif site == "report":
-        from harness import plots
+        from harness.reports import plots
 
         def savefig(fig, path):
             if full():

@@ -9,9 +9,11 @@ import re
 import pytest
 from conftest import QUICKSTART, TINY
 
-from harness import ablation, cli, tasks
-from harness.ablation import Effect, Group, paired, verdict
-from harness.spec import ParamSpec, SpecError
+from harness import cli
+from harness.config.spec import ParamSpec, SpecError
+from harness.core import tasks
+from harness.reports import ablation
+from harness.reports.ablation import Effect, Group, paired, verdict
 
 # A space whose only non-baseline trial is known in advance: lr 0.03 (the baseline's 0.001) and
 # partial fine-tuning with its conditional child freeze_stages 2 (the baseline: full, 1).
@@ -207,9 +209,10 @@ def test_ablate_refuses_bad_input(tmp_path, results_dir, monkeypatch, capsys):
 
 
 def test_a_multitask_best_ablates_its_auxiliary_tasks_as_one_choice(monkeypatch):
-    from harness import runs, tracking
-    from harness.report import TrialRow
-    from harness.spec import baseline_config, load_spec, trial_config
+    from harness.config.spec import baseline_config, load_spec, trial_config
+    from harness.reports.report import TrialRow
+    from harness.tracking import runs
+    from harness.tracking import store as tracking
 
     spec = load_spec(QUICKSTART.parent / "digits_multitask.yaml")
     values = {"multitask.weighting": "fixed", "multitask.tasks.parity.weight": 0.9}

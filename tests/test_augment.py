@@ -14,10 +14,10 @@ from torch import nn
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from harness import augment as A
-from harness import data as hdata
-from harness import finetune, models
-from harness.spec import AugSpec, TrialConfig
+from harness.config.spec import AugSpec, TrialConfig
+from harness.core import augment as A
+from harness.core import finetune, models
+from harness.data import datasets as hdata
 
 POLICIES = ["crop", "flip_crop", "randaugment", "trivialaugment", "autoaugment", "random_erasing"]
 POLICIES += ["random_resized_crop", "random_resized_crop_flip"]

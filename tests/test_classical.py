@@ -1,4 +1,4 @@
-"""The classical reference of every report (harness.classical): C chosen on val, tested once,
+"""The classical reference of every report (reports.classical): C chosen on val, tested once,
 on the study's own split; frozen features of a network when one is given."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import fresh_model, make_config
 
-from harness import classical
-from harness import data as hdata
+from harness.data import datasets as hdata
+from harness.reports import classical
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ import torch
 from conftest import make_config
 from torch import nn
 
-from harness import augment, finetune, loop, models, source
-from harness import data as hdata
-from harness.spec import TrialConfig
+from harness.config.spec import TrialConfig
+from harness.core import augment, finetune, models, source
+from harness.core import shared as loop
+from harness.data import datasets as hdata
 
 METRIC_KEYS = {
     "train_loss",

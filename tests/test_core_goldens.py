@@ -2,7 +2,7 @@
 the objective's metric and direction (as `fit` does). CPU, one thread, the digits.
 
 The goldens were captured with each core as it was before the cores were built on
-`harness.loop` (commit e68e9bd): they catch a change to either algorithm (episode sampling,
+`harness.core.shared` (commit e68e9bd): they catch a change to either algorithm (episode sampling,
 the inner loop, the meta-update, the heads, the loss weighting, the schedule, the measurement)
 and, through `tests/recorded.py`, absorb another CPU's last-bit differences: losses within
 rel 1e-4, accuracies within one example. Bit-for-bit repeatability on one machine is tested
@@ -14,10 +14,11 @@ import pytest
 import torch
 from recorded import THREADS, assert_history_matches_recorded
 
-from harness import data as hdata
-from harness import loop, meta, models
-from harness import multitask as mt
-from harness.spec import DataSpec, ModelSpec, TrialConfig
+from harness.config.spec import DataSpec, ModelSpec, TrialConfig
+from harness.core import meta, models
+from harness.core import multitask as mt
+from harness.core import shared as loop
+from harness.data import datasets as hdata
 
 SPLIT = meta.DIGITS_SPLIT
 # fmt: off

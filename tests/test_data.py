@@ -1,4 +1,4 @@
-"""Tests of harness.data on tiny data sets written in the real on-disk formats.
+"""Tests of harness.data.datasets on tiny data sets written in the real on-disk formats.
 
 CIFAR-10/100 as Python 2 pickles (what the official archives hold), MNIST and FashionMNIST as
 big-endian idx files, and image folders of PNGs: each is read through torchvision's own classes
@@ -21,8 +21,8 @@ import torch
 import torchvision.datasets as tvd
 from PIL import Image
 
-from harness import data as hdata
-from harness.spec import DataSpec
+from harness.config.spec import DataSpec
+from harness.data import datasets as hdata
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""The decoded-folder cache (harness.datacache): decoded once per machine, memory-mapped,
+"""The decoded-folder cache (harness.data.datacache): decoded once per machine, memory-mapped,
 rebuilt when corrupt or stale, the same pixels serial or parallel, cached or not."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from harness import data as hdata
-from harness import datacache
-from harness.spec import DataSpec
-from harness.stream import HostImages
+from harness.config.spec import DataSpec
+from harness.data import datacache
+from harness.data import datasets as hdata
+from harness.data.stream import HostImages
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -204,8 +204,8 @@ CHILD = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
     sys.path.insert(0, {repo!r})
-    from harness import datacache
-    from harness.data import _listing
+    from harness.data import datacache
+    from harness.data.datasets import _listing
     import hashlib
     root, cache, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     names, files = _listing(root)
@@ -255,7 +255,7 @@ def test_datacache_imports_no_torch_optuna_or_mlflow():
     """The decode pool's workers import this module: it stays light."""
     code = (
         "import sys\n"
-        "import harness.datacache\n"
+        "import harness.data.datacache\n"
         "heavy = ('optuna', 'mlflow', 'torch')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
@@ -324,8 +324,8 @@ def test_cache_size_keeps_a_larger_side_and_evaluation_takes_its_center(tmp_path
     random-resized crop) and, in eval mode, takes the center image_size/cache_size first."""
     import torch.nn.functional as F
 
-    from harness import tasks
-    from harness.spec import TrialConfig
+    from harness.config.spec import TrialConfig
+    from harness.core import tasks
 
     root = tmp_path / "pets"
     make_folder(root, {"a": 6, "b": 6, "c": 6}, size=(40, 30))

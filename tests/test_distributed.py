@@ -1,4 +1,4 @@
-"""One trial on K devices (`train.devices_per_trial`, `harness.distributed`), tested on the CPU
+"""One trial on K devices (`train.devices_per_trial`, `harness.core.distributed`), tested on the CPU
 with K=2 gloo ranks in real processes: repeatable bit for bit, equal to one device with the same
 global batch within a stated tolerance, a killed rank fails the trial in time and leaves no
 process behind, bad input exits 2 before anything is created, and a whole study with
@@ -18,9 +18,10 @@ import pytest
 from conftest import QUICKSTART, REPO, TINY, hold_env, make_config, release, run_cli, wait_held
 from recorded import THREADS, note_spread
 
-from harness import distributed, loop, tasks
-from harness.spec import SpecError, load_spec
-from harness.workers import assign, worker_count
+from harness.config.spec import SpecError, load_spec
+from harness.core import distributed, tasks
+from harness.core import shared as loop
+from harness.study.workers import assign, worker_count
 
 # K=2 against K=1, same global batch and `bn: sync`: the ranks sum the same numbers in another
 # order (the loss of a slice, the gradients' all-reduce), so float32 rounding differs. Spread
@@ -311,8 +312,8 @@ def test_study_on_two_ranks_end_to_end(tmp_path, results_dir, monkeypatch):
     assert "x 2 data-parallel ranks" in again.stdout
     assert "bit for bit" in again.stdout
 
-    from harness.reproduce import reproduce
-    from harness.runs import StudyOptions
+    from harness.reports.reproduce import reproduce
+    from harness.tracking.runs import StudyOptions
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})  # a one-core machine
     with pytest.raises(SpecError, match="ran on 2 devices .* only 1 CPU cores"):
@@ -358,7 +359,7 @@ def _records(results):
     import optuna
     from mlflow import MlflowClient
 
-    from harness.study import open_storage
+    from harness.study.search import open_storage
 
     storage = open_storage(str(results / "optuna.journal"))
     trials = optuna.load_study(study_name="quickstart", storage=storage).get_trials()
@@ -408,7 +409,7 @@ def test_sigterm_stops_every_rank_and_the_trial_resumes_on_two_ranks(results_dir
     import subprocess
     import sys
 
-    from harness.resume_state import load_state_file
+    from harness.core.resume_state import load_state_file
 
     extra = ("model.pretrained=none", "data.shots_per_class=150", "data.val_per_class=20")
     extra += ("train.epochs=6",)

@@ -109,8 +109,8 @@ def test_study_runs_resumes_and_extends(tmp_path, results_dir):
     # The registered best model is an MLflow model: raw uint8 images in, the recorded test_acc
     from mlflow import pytorch as mlflow_pytorch
 
-    from harness import data as hdata
-    from harness import runs as runs_mod
+    from harness.data import datasets as hdata
+    from harness.tracking import runs as runs_mod
 
     mlflow.set_tracking_uri(f"sqlite:///{results_dir / 'mlflow.db'}")
     registered = mlflow_pytorch.load_model("models:/quickstart@best")

@@ -20,11 +20,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
-from harness import envfaults
-from harness.envfaults import EnvironmentStop, Fault, classify
-from harness.loop import TrainingFault
-from harness.recovery import SameFailure, requeue
-from harness.storage import _JournalFile, open_storage
+from harness.core.shared import TrainingFault
+from harness.infra import envfaults
+from harness.infra.envfaults import EnvironmentStop, Fault, classify
+from harness.study.recovery import SameFailure, requeue
+from harness.study.storage import _JournalFile, open_storage
 
 
 # --- Which errors are the environment's ---
@@ -148,7 +148,7 @@ def test_the_optuna_storage_and_the_mlflow_client_retry_every_call(tmp_path, mon
     monkeypatch.setattr(_JournalFile, "append_logs", append_logs)
     study.enqueue_trial({"x": 1.0})  # one journal write, retried after a reset
     assert not failures and len(study.trials) == 1
-    from harness import tracking
+    from harness.tracking import store as tracking
 
     client = tracking.connect(f"sqlite:///{tmp_path / 'm.db'}")
     assert getattr(client.log_batch, "__wrapped__", None) is not None
@@ -169,7 +169,7 @@ def test_a_journal_append_on_a_full_disk_leaves_no_partial_record(tmp_path, monk
             return len(data) // 2
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("harness.storage.os.write", half_then_full)
+    monkeypatch.setattr("harness.study.storage.os.write", half_then_full)
     with pytest.raises(EnvironmentStop) as stop:
         study.enqueue_trial({"x": 2.0})
     assert stop.value.fault.kind == "disk_full"
@@ -413,7 +413,7 @@ def test_the_budget_counts_trials_that_live_workers_are_running():
     import os
     import socket
 
-    from harness.recovery import ExactBudget
+    from harness.study.recovery import ExactBudget
 
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **_TEXT)
     for pid, new_trials in ((int(ended.stdout), 3), (os.getpid(), 2)):

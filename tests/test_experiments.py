@@ -9,8 +9,9 @@ import torchvision
 from conftest import REPO
 from test_data import write_cifar10
 
-from harness import cli, models
-from harness.spec import load_spec
+from harness import cli
+from harness.config.spec import load_spec
+from harness.core import models
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,9 @@ import pytest
 from conftest import QUICKSTART, REPO, hold_env, run_cli, wait_held
 from mlflow import MlflowClient
 
-from harness.resume_state import load_state_file
-from harness.spec import load_spec
-from harness.study import StudyOptions, open_storage, run_study
+from harness.config.spec import load_spec
+from harness.core.resume_state import load_state_file
+from harness.study.search import StudyOptions, open_storage, run_study
 
 pytestmark = pytest.mark.slow
 # Epochs of about 0.4 s each on 2 cores; the trial to stop holds at the awaited epoch

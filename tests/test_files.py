@@ -1,4 +1,4 @@
-"""Atomic writes (harness.files) and the files a trial leaves: a write interrupted by an
+"""Atomic writes (harness.infra.files) and the files a trial leaves: a write interrupted by an
 exception or a signal leaves no temporary file and the previous content; an attempt that did
 not complete leaves no best-weights file."""
 
@@ -13,8 +13,8 @@ import sys
 import pytest
 from conftest import QUICKSTART, REPO, TINY
 
-from harness import metrics
-from harness.files import atomic_write
+from harness.config import metrics
+from harness.infra.files import atomic_write
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
@@ -33,8 +33,8 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
 
 SLOW_WRITER = """
 import signal, sys, time
-from harness.files import atomic_write
-from harness.recovery import Interrupted
+from harness.infra.files import atomic_write
+from harness.study.recovery import Interrupted
 
 def on_signal(signum, frame):  # as the study does: the signal becomes an exception
     raise Interrupted(signal.Signals(signum).name)
@@ -78,14 +78,14 @@ def test_sigterm_during_a_best_weights_write_leaves_no_temporary_file(tmp_path):
 def test_an_attempt_that_fails_after_writing_its_best_weights_leaves_none(results_dir, monkeypatch):
     """The trial fails after its best-weights file was written (here: a summary metric the
     result does not have): the file goes with the failed attempt."""
-    from harness.spec import load_spec
-    from harness.study import StudyOptions, best_weights_path, run_study
+    from harness.config.spec import load_spec
+    from harness.study.search import StudyOptions, best_weights_path, run_study
 
     real = metrics.KINDS["finetune"]
     summary = (*real.summary, "no_such_metric")
     monkeypatch.setitem(metrics.KINDS, "finetune", dataclasses.replace(real, summary=summary))
     written = []
-    import harness.study as study_mod
+    import harness.study.search as study_mod
 
     original = study_mod.atomic_write
 

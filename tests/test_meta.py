@@ -1,4 +1,4 @@
-"""Tests of the meta-learning core (harness.meta): the episodic sampler, the algorithms'
+"""Tests of the meta-learning core (harness.core.meta): the episodic sampler, the algorithms'
 gradients against hand and finite-difference values, small end-to-end meta_fit runs on the
 digits for every algorithm, and the meta-learned init as `pretrained` weights. CPU only."""
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from harness import loop, meta, models
-from harness.spec import DataSpec, ModelSpec, TrialConfig
+from harness.config.spec import DataSpec, ModelSpec, TrialConfig
+from harness.core import meta, models
+from harness.core import shared as loop
 
 SPLIT = meta.DIGITS_SPLIT
 

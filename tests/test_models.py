@@ -17,8 +17,8 @@ import torchvision
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from harness import models
-from harness.spec import TORCHVISION_ARCHS, ModelSpec
+from harness.config.spec import TORCHVISION_ARCHS, ModelSpec
+from harness.core import models
 
 NUM_CLASSES = 3
 DROPOUT = 0.25

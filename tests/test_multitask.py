@@ -1,4 +1,4 @@
-"""Tests of the multi-task core (harness.multitask): task labels, uncertainty weighting, and
+"""Tests of the multi-task core (harness.core.multitask): task labels, uncertainty weighting, and
 small multitask_fit runs on the digits (one task: exactly fit; three tasks). CPU only."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from harness import data as hdata
-from harness import finetune, loop, models
-from harness import multitask as mt
-from harness.spec import TrialConfig
+from harness.config.spec import TrialConfig
+from harness.core import finetune, models
+from harness.core import multitask as mt
+from harness.core import shared as loop
+from harness.data import datasets as hdata
 
 
 def trial(weighting: str = "fixed", seed: int = 0, **train) -> TrialConfig:

@@ -31,7 +31,7 @@ from conftest import (
 )
 from optuna.trial import TrialState
 
-from harness.study import open_storage
+from harness.study.search import open_storage
 
 pytestmark = pytest.mark.slow
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

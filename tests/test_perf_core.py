@@ -11,9 +11,10 @@ import torch
 from conftest import fresh_model, make_config
 from torch import nn
 
-from harness import data as hdata
-from harness import finetune, loop
-from harness.spec import DataSpec, SpecError, TrainSpec, TrialConfig
+from harness.config.spec import DataSpec, SpecError, TrainSpec, TrialConfig
+from harness.core import finetune
+from harness.core import shared as loop
+from harness.data import datasets as hdata
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -1,4 +1,4 @@
-"""Tests of harness.regularizers and of their use in the core: penalties (value and direction),
+"""Tests of harness.core.regularizers and of their use in the core: penalties (value and direction),
 MixUp/CutMix (soft targets, convex mixtures), label smoothing, and the EMA of the weights
 (closed form, trailing the raw weights, used for evaluation and for the kept state)."""
 
@@ -11,10 +11,10 @@ from conftest import fresh_model, make_config
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from harness import data as hdata
-from harness import finetune, models
-from harness import regularizers as R
-from harness.spec import RegSpec
+from harness.config.spec import RegSpec
+from harness.core import finetune, models
+from harness.core import regularizers as R
+from harness.data import datasets as hdata
 
 
 def state(module: nn.Module) -> dict[str, torch.Tensor]:

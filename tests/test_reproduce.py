@@ -17,12 +17,12 @@ import torch
 from conftest import QUICKSTART, REPO, TINY, run_cli
 from mlflow import MlflowClient
 
-import harness.reproduce as reproduce_mod
-import harness.study as study_mod
+import harness.reports.reproduce as reproduce_mod
+import harness.study.search as study_mod
 from harness.cli import main
-from harness.metrics import KINDS
-from harness.spec import load_spec
-from harness.study import StudyOptions, run_study
+from harness.config.metrics import KINDS
+from harness.config.spec import load_spec
+from harness.study.search import StudyOptions, run_study
 
 
 def _client(results) -> MlflowClient:
@@ -204,7 +204,7 @@ def test_a_rerun_on_another_kernel_path_is_within_the_cross_machine_tolerance(re
     a 10-epoch trial is within CROSS_MACHINE_REL. Its spread is noted for kernel_spread."""
     from recorded import THREADS, note_spread
 
-    from harness.reproduce import CROSS_MACHINE_REL, is_count_metric
+    from harness.reports.reproduce import CROSS_MACHINE_REL, is_count_metric
 
     if torch.backends.cpu.get_cpu_capability() == "DEFAULT" and (
         "ATEN_CPU_CAPABILITY" not in os.environ

@@ -13,10 +13,11 @@ import torch
 from conftest import make_config as base_config
 from torch import nn
 
-from harness import data as hdata
-from harness import finetune, loop, models, resume_state
-from harness.resume_state import load_state_file, save_state
-from harness.spec import TrialConfig
+from harness.config.spec import TrialConfig
+from harness.core import finetune, models, resume_state
+from harness.core import shared as loop
+from harness.core.resume_state import load_state_file, save_state
+from harness.data import datasets as hdata
 
 
 def make_config(**sections: dict) -> TrialConfig:

@@ -1,4 +1,4 @@
-"""Tests of harness.spec (experiment files, --set overrides, trial configs) and `check`."""
+"""Tests of harness.config.spec (experiment files, --set overrides, trial configs) and `check`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from harness.spec import (
+from harness.config.spec import (
     ExperimentSpec,
     SpecError,
     TrialConfig,
@@ -565,7 +565,7 @@ def test_pretrained_kinds():
 def test_torchvision_arch_list_matches_torchvision():
     import torchvision
 
-    from harness.spec import TORCHVISION_ARCHS
+    from harness.config.spec import TORCHVISION_ARCHS
 
     listed = torchvision.models.list_models(module=torchvision.models)
     assert sorted(TORCHVISION_ARCHS) == sorted(listed)

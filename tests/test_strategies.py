@@ -10,9 +10,9 @@ from conftest import fresh_model, make_config
 from recorded import THREADS, assert_history_matches_recorded, assert_matches_recorded
 from torch import nn
 
-from harness import data as hdata
-from harness import finetune, models
-from harness.spec import StrategySpec
+from harness.config.spec import StrategySpec
+from harness.core import finetune, models
+from harness.data import datasets as hdata
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

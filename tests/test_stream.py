@@ -1,4 +1,4 @@
-"""Streaming a train split from the memory-mapped cache (harness.stream): the same training,
+"""Streaming a train split from the memory-mapped cache (harness.data.stream): the same training,
 bit for bit on the CPU, as the split all in memory; small splits keep the resident path."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import torch
 from conftest import make_config
 from PIL import Image
 
-from harness import data as hdata
-from harness import finetune, loop, models
-from harness.stream import HostImages, batch
+from harness.core import finetune, models
+from harness.core import shared as loop
+from harness.data import datasets as hdata
+from harness.data.stream import HostImages, batch
 
 
 def make_folder(root, counts, size=(14, 12), seed=0):
@@ -93,7 +94,7 @@ def test_host_images_index_like_a_tensor(tmp_path):
 def test_device_budget_is_validated():
     from pydantic import ValidationError
 
-    from harness.spec import DataSpec
+    from harness.config.spec import DataSpec
 
     assert DataSpec.model_validate({"device_budget_gb": 0.5}).device_budget_gb == 0.5
     assert DataSpec().device_budget_gb is None
@@ -108,7 +109,7 @@ def test_stream_imports_neither_optuna_nor_mlflow():
 
     code = (
         "import sys\n"
-        "import harness.stream, harness.datacache, harness.data\n"
+        "import harness.data.stream, harness.data.datacache, harness.data.datasets\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('optuna', 'mlflow')))\n"
     )
     out = subprocess.run(

@@ -8,10 +8,10 @@ import pytest
 from conftest import QUICKSTART, TINY
 from mlflow import MlflowClient
 
-import harness.study as study_mod
-from harness import tasks
-from harness.spec import SpecError, load_spec
-from harness.study import StudyOptions, open_storage, run_study, suggest
+import harness.study.search as study_mod
+from harness.config.spec import SpecError, load_spec
+from harness.core import tasks
+from harness.study.search import StudyOptions, open_storage, run_study, suggest
 
 
 def _spec(*overrides: str):
@@ -328,7 +328,7 @@ def test_multi_objective_study_reports_the_pareto_front(results_dir):
         assert t.values == [t.user_attrs["val_acc"], t.user_attrs["overfit_gap"]]
     assert summary.pareto == {t.number for t in study.best_trials} and summary.pareto
     assert (results_dir / "reports" / "quickstart" / "pareto.png").stat().st_size > 1000
-    from harness.report import render
+    from harness.reports.report import render
 
     assert "Pareto front (val_acc, overfit_gap)" in render(summary)
 
@@ -346,14 +346,14 @@ def test_names_that_reach_paths_are_sanitised(results_dir, tmp_path):
     inside = {p.resolve() for p in results_dir.rglob("*")}
     assert all(str(p).startswith(str(results_dir.resolve())) for p in inside)
     assert not (tmp_path / "evil").exists() and not (results_dir.parent / "evil").exists()
-    from harness.study import safe_name
+    from harness.study.search import safe_name
 
     assert ".." not in safe_name("../../evil/..name") and "/" not in safe_name("a/b")
     assert (results_dir / "reports" / safe_name("../../evil/..name")).is_dir()
 
 
 def test_passwords_are_redacted():
-    from harness import tracking
+    from harness.tracking import store as tracking
 
     for url in (
         "postgresql://harness:s3cret@127.0.0.1:1/optuna",
@@ -376,7 +376,7 @@ def test_a_node_without_the_source_model_fetches_it_from_the_registry(results_di
         quiet=True,
         tracking_uri=f"sqlite:///{results_dir / 'mlflow.db'}",
     )
-    import harness.source as source_mod
+    import harness.core.source as source_mod
 
     def no_training(*args, **kwargs):
         raise AssertionError("the source model was trained again")

@@ -1,5 +1,5 @@
 """Meta-learning, multi-task and transfer studies: their experiment-file sections, the dispatch
-of a trial to its core (`harness.tasks`), and studies of each kind end to end, read back
+of a trial to its core (`harness.core.tasks`), and studies of each kind end to end, read back
 through MLflow's and Optuna's own APIs."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from conftest import REPO, run_cli
 from mlflow import MlflowClient
 from test_data import balanced_labels, distinct_images, py2, write_py2_pickle
 
-from harness import meta, models, tasks
-from harness.spec import SpecError, load_spec, trial_config
+from harness.config.spec import SpecError, load_spec, trial_config
+from harness.core import meta, models, tasks
 
 META_FILE = REPO / "experiments" / "digits_meta.yaml"
 MULTI_FILE = REPO / "experiments" / "digits_multitask.yaml"
@@ -77,7 +77,7 @@ def test_meta_study_refuses_what_it_cannot_honour(tmp_path, override, message):
 
 
 def test_meta_split_sizes_match_the_core():
-    from harness.spec import META_SPLIT_SIZES
+    from harness.config.spec import META_SPLIT_SIZES
 
     for dataset, split in (("digits", meta.DIGITS_SPLIT), ("cifar100", meta.CIFAR_FS_SPLIT)):
         assert META_SPLIT_SIZES[dataset] == (len(split.train), len(split.val), len(split.test))
@@ -128,7 +128,7 @@ def test_aux_task_weights_are_searchable_and_labels_follow_the_groups():
 
 
 def test_multitask_baseline_is_the_plain_recipe():
-    from harness.spec import baseline_config
+    from harness.config.spec import baseline_config
 
     base = baseline_config(load_spec(MULTI_FILE))
     assert base.task.kind == "finetune" and base.train.lr == 0.001
@@ -320,7 +320,8 @@ def _reruns(results, experiment: str) -> list:
 def test_report_seeds_reuses_meta_reruns(meta_study, monkeypatch, capsys):
     """Meta re-runs log best_meta_val_acc: a second `report --seeds` trains nothing (it once
     looked for best_val_acc and trained every meta re-run again)."""
-    from harness import cli, tasks
+    from harness import cli
+    from harness.core import tasks
 
     results, done = meta_study
     assert done.returncode == 0, done.stderr

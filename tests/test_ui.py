@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import QUICKSTART, REPO, TINY, free_port, run_cli
 
-from harness.spec import load_spec
-from harness.study import StudyOptions, run_study
+from harness.config.spec import load_spec
+from harness.study.search import StudyOptions, run_study
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -24,8 +24,8 @@ from conftest import (
     wait_held,
 )
 
-from harness.study import open_storage
-from harness.workers import assign, visible_gpus, worker_count
+from harness.study.search import open_storage
+from harness.study.workers import assign, visible_gpus, worker_count
 
 PG = os.environ.get("HARNESS_TEST_PG")  # e.g. postgresql://harness:harness@127.0.0.1/postgres
 TINY = ["model.pretrained=none", "train.epochs=2", "search.pruner=none"]

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-TARGET = "harness.recovery"
+TARGET = "harness.study.recovery"
 
 
 def _hold(watch, epoch: int) -> None:
@@ -72,7 +72,7 @@ def _patch(module) -> None:
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-    """Patches `harness.recovery` right after it is first imported, wherever that happens."""
+    """Patches `harness.study.recovery` right after it is first imported, wherever that happens."""
 
     def find_spec(self, fullname, path, target=None):
         if fullname != TARGET:

@@ -1,0 +1,548 @@
+"""The shared fine-tuning core: `fit`, `train_one_epoch`, `evaluate`.
+
+Knows neither Optuna nor MLflow. It reports each epoch through callbacks (anything with an
+`on_epoch_end(epoch, metrics)` method); a callback that raises (a pruner's decision) stops
+the fit, and the core does not catch it. Deterministic under `config.seed` on the CPU for a
+given thread count. The training loop never waits on the device: losses and accuracies are
+summed on the device and read once per epoch.
+
+A model trains as units: the head and the stages (`models.stages`; backbone parameters outside
+every stage go with the first). Each epoch the strategy says how many stages train, from the
+top: full all; linear_probe none; partial all but the first `freeze_stages`; lp_ft none for
+`lp_epochs` epochs, then all with a new optimizer at lr x `ft_lr_scale` and a new schedule for
+the remaining steps (metric `phase`); gradual_unfreeze none in epoch 1, then one more every
+`unfreeze_every` epochs, added to the optimizer (metric `trainable_stages`). A frozen unit has
+requires_grad off, is in no optimizer group and is in eval mode (BatchNorm statistics kept).
+Param groups are named per unit ('head', 'stage1' .. 'stageN'), lr = base x layer_decay^depth
+(the last stage has depth 1), base x head_lr_mult for the head; unless `reg.decay_norm_bias`,
+norm parameters and biases are in '<unit>.no_decay' groups with weight_decay 0. `bn: frozen`
+keeps every BatchNorm in eval mode. Penalties, MixUp/CutMix and the EMA are
+`regularizers`; with an EMA, the metrics, best state and restored weights are the EMA's.
+
+Resume: after every epoch's `on_epoch_end` calls, callbacks that also have an
+`on_checkpoint(epoch, state)` method (and, if they have one, whose `wants_state(epoch)` is
+true) get fit's whole resume state (`harness.core.resume_state` lists
+its keys; built only when some callback has the method), and `fit(..., resume=state)` on a
+model built the same way continues at the next epoch exactly as an uninterrupted fit would on
+the CPU.
+
+Speed (`benchmarks/README.md` has the measurements): on CUDA a convolutional model trains and
+evaluates in the channels_last memory format (`train.channels_last`; the model is handed back,
+and `best_state` returned, in the default format), the forward pass and the loss run under
+bf16 autocast (`train.amp`) and the optimizer is torch's fused one. The CPU keeps NCHW, fp32
+and the single-tensor optimizer: none of them measured clearly faster there, and its results
+stay bit for bit what they were. `train.compile` compiles the model with
+`torch.compile`, warmed up before the first epoch on a copy of the state that is then put
+back, so the result does not change; the warm-up's time is `compile_seconds` (in the result
+and in every epoch's metrics), apart from training. Evaluation runs under inference_mode on a
+fixed clean-train subset of at most `data.eval_train_max` images.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from harness.config.spec import RegSpec, StrategySpec, TrialConfig
+from harness.core import distributed, models, regularizers, resume_state
+from harness.core import shared as loop
+from harness.core.augment import augment
+from harness.core.regularizers import Mixer, Penalty
+from harness.core.shared import (
+    Callback,
+    autocast,
+    check_loss,
+    lr_factor,
+    optimizer_options,
+    split_decay,
+    sync,
+    uses_channels_last,
+)
+from harness.data import stream
+from harness.data.datasets import TaskData
+
+
+@dataclass(frozen=True)
+class FitResult:
+    best_epoch: int
+    best: dict[str, float]  # the per-epoch metrics of the best epoch
+    history: list[dict[str, float]]
+    best_state: dict[str, torch.Tensor] = field(repr=False)  # on the CPU
+    seconds: float
+    device: str
+    threads: int
+    compile_seconds: float = 0.0  # train.compile: the warm-up's compilation, apart from training
+    # per epoch, the optimizer's groups at its start: name, lr, weight_decay, params (a count)
+    param_groups: list[list[dict[str, Any]]] = field(default_factory=list, repr=False)
+
+
+# --- Units: the head and the stages, each frozen, unfrozen and given an lr as one ------------
+@dataclass(frozen=True)
+class Unit:
+    name: str  # 'head', or 'stage<i>' (i from 1 at the input)
+    depth: int  # 0: the head; the last stage 1, the one below it 2, ...
+    modules: tuple[nn.Module, ...]  # every module it holds (train/eval mode)
+    decay: tuple[nn.Parameter, ...]  # weights
+    no_decay: tuple[nn.Parameter, ...]  # normalization-layer parameters and biases
+
+    @property
+    def params(self) -> tuple[nn.Parameter, ...]:
+        return self.decay + self.no_decay
+
+
+def _unit(name: str, depth: int, modules: list[nn.Module], taken: set[int]) -> Unit:
+    """`taken`: parameters shared with a unit before, or frozen before fit (left out)."""
+    decay, rest = split_decay(modules, taken)
+    return Unit(name, depth, tuple(modules), tuple(decay), tuple(rest))
+
+
+def model_units(model: nn.Module) -> list[Unit]:
+    """The head, then the stages from the top down. Parameters that do not require grad when
+    this is called are left out (they stay frozen)."""
+    blocks, head = models.stages(model), models.head_module(model)
+    if not blocks:
+        raise ValueError("models.stages: the model has no backbone stages")
+    roots = {id(m) for m in (head, *blocks)}
+    inside = {id(m) for root in (head, *blocks) for m in root.modules()}
+    # modules outside the head and stages and not above them (a stem, a final norm, Preprocess)
+    rest = [
+        m
+        for m in model.modules()
+        if id(m) not in inside and not any(id(c) in roots for c in m.modules())
+    ]
+    taken = {id(p) for p in model.parameters() if not p.requires_grad}
+    units = [_unit("head", 0, list(head.modules()), taken)]
+    for i in range(len(blocks), 0, -1):
+        extra = rest if i == 1 else []
+        units.append(
+            _unit(f"stage{i}", len(blocks) - i + 1, [*blocks[i - 1].modules(), *extra], taken)
+        )
+    return units
+
+
+def trainable_stages(strategy: StrategySpec, epoch: int, n_stages: int) -> int:
+    """How many stages, from the top, train in `epoch` (from 1)."""
+    return {
+        "full": n_stages,
+        "linear_probe": 0,
+        "partial": max(n_stages - strategy.freeze_stages, 0),  # freezing more: a linear probe
+        "lp_ft": 0 if epoch <= strategy.lp_epochs else n_stages,
+        "gradual_unfreeze": min((epoch - 1) // strategy.unfreeze_every, n_stages),
+    }[strategy.kind]
+
+
+def set_train_mode(model: nn.Module, frozen: Iterable[Unit], bn_frozen: bool) -> None:
+    """Train mode, but frozen units (and with `bn_frozen` every BatchNorm) in eval mode."""
+    model.train()
+    for unit in frozen:
+        for module in unit.modules:
+            module.training = False
+    if bn_frozen:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.training = False
+
+
+# --- The optimizer: named groups per unit, its learning rates, the schedule ------------------
+def param_groups(units: Iterable[Unit], config: TrialConfig, base_lr: float) -> list[dict]:
+    s, reg = config.strategy, config.reg
+    groups = []
+    for u in units:
+        lr = base_lr * s.head_lr_mult if u.depth == 0 else base_lr * s.layer_decay**u.depth
+        if reg.decay_norm_bias:
+            parts = [(u.name, u.params, reg.weight_decay)]
+        else:
+            parts = [(u.name, u.decay, reg.weight_decay), (f"{u.name}.no_decay", u.no_decay, 0.0)]
+        groups += [
+            {"name": name, "params": list(ps), "lr": lr, "base_lr": lr, "weight_decay": wd}
+            for name, ps, wd in parts
+            if ps
+        ]
+    return groups
+
+
+def make_optimizer(config: TrialConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """SGD or AdamW over `groups`, fused on CUDA (`optimizer_options`, from the parameters')."""
+    t, wd = config.train, config.reg.weight_decay
+    first = next((p for g in groups for p in g["params"]), None)
+    impl = optimizer_options(first.device if first is not None else torch.device("cpu"))
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=wd, **impl)
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=wd, **impl)
+
+
+@dataclass
+class TrainState:
+    """What the training loop carries from step to step; a new phase replaces the optimizer."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: str
+    start: int  # the global step at which the current schedule starts
+    length: int  # its number of steps
+    step: int = 0  # global optimizer steps so far
+    penalty: Penalty | None = None
+    mixer: Mixer | None = None
+    ema: AveragedModel | None = None
+    label_smoothing: float = 0.0
+
+    def set_lr(self) -> None:
+        factor = lr_factor(self.schedule, self.step - self.start, self.length)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
+
+def train_one_epoch(
+    model,
+    run: TrainState,
+    x,
+    y,
+    config: TrialConfig,
+    generator: torch.Generator,
+    net=None,
+    group=None,
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """One pass over (x, y) in seeded random order: augment, mix, loss + penalty, step, EMA.
+
+    Returns (loss sum, correct, images seen, penalty sum over steps) of the running training
+    metrics, on the device. The loss is the data loss; with mixing, `correct` compares with the
+    argmax of the soft target.
+
+    With a process `group` of K ranks (`net`: the model in DistributedDataParallel), every rank
+    draws the same global order, augments and mixes the whole global batch, and trains on its
+    slice of it (`distributed.shard`); its loss is its slice's sum x K / the global batch, so
+    the averaged gradient is one device's. Batches under 2 x K images are skipped (BatchNorm).
+    The loss sum and `correct` are this rank's, `seen` the global count. The forward pass
+    draws its randomness (dropout, stochastic depth) from a stream of its own per rank and step
+    (`distributed.rank_rng`), so the ranks' slices get independent masks while the global RNG
+    (MixUp, CutMix) stays the same on every rank.
+    """
+    n, bs = len(x), config.train.batch_size
+    k = distributed.world(group)
+    host_order = torch.randperm(n, generator=generator)  # a streamed split gathers on the host
+    order = host_order.to(x.device)
+    loss_sum = torch.zeros((), device=x.device)
+    penalty_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    seen = 0
+    amp = config.train.amp
+    for start in range(0, n, bs):
+        idx = order[start : start + bs]
+        if len(idx) < 2 * k <= n:  # BatchNorm cannot train on a batch of one
+            continue
+        xb, yb = stream.batch(x, idx, host_order[start : start + bs]), y[idx]
+        xb = augment(xb, config.aug, generator)
+        target = yb
+        if run.mixer is not None:
+            xb, target = regularizers.mix_batch(run.mixer, xb, yb)
+        if group is not None:  # this rank's slice of the global batch
+            mine = distributed.shard(len(idx), group)
+            xb, target = xb[mine], target[mine]
+            with distributed.rank_rng(config.seed, run.step, group), autocast(x.device, amp):
+                logits = net(xb)
+                summed = F.cross_entropy(
+                    logits, target, label_smoothing=run.label_smoothing, reduction="sum"
+                )
+                loss = summed * (k / len(idx))
+        else:
+            with autocast(x.device, amp):
+                logits = model(xb)
+                loss = F.cross_entropy(logits, target, label_smoothing=run.label_smoothing)
+        total = loss
+        if run.penalty is not None:
+            penalty = run.penalty()
+            total = loss + penalty
+            penalty_sum += penalty.detach()
+        run.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        run.set_lr()
+        run.optimizer.step()
+        run.step += 1
+        if run.ema is not None:
+            regularizers.ema_update(run.ema, model)
+        loss_sum += loss.detach() * len(idx) if group is None else summed.detach()
+        labels = target.argmax(1) if target.ndim == 2 else target
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += len(idx)
+    return loss_sum, correct, seen, penalty_sum
+
+
+@torch.inference_mode()
+def evaluate(
+    model, x, y, batch_size: int = 1024, amp: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, correct) in eval mode, no augmentation, no dropout; still on the device.
+    `amp`: bf16 autocast on CUDA (the loss is summed in fp32)."""
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for start in range(0, len(x), batch_size):
+        with autocast(x.device, amp):
+            logits = model(x[start : start + batch_size])
+        logits = logits.float()
+        yb = y[start : start + batch_size]
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+    return loss_sum, correct
+
+
+def _warm_up(model: nn.Module, x: torch.Tensor, config: TrialConfig, device) -> float:
+    """Compile `model` (already `model.compile()`d) by one training forward and backward on the
+    first batch and one evaluation forward, then put back every weight, buffer, gradient and
+    RNG state: the fit goes on exactly as without it. Returns the seconds it took."""
+    sync(device)
+    started = time.perf_counter()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    grads = {p: p.grad for p in model.parameters()}
+    modes = {m: m.training for m in model.modules()}
+    rng = resume_state.rng_state(device)
+    xb = x[: config.train.batch_size]
+    with autocast(device, config.train.amp):
+        out = model(xb)
+    if out.requires_grad:
+        out.float().sum().backward()
+    evaluate(model, xb, torch.zeros(len(xb), dtype=torch.long, device=device), amp=config.train.amp)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(state[k])
+    for p, g in grads.items():
+        p.grad = g
+    for m, training in modes.items():
+        m.training = training
+    resume_state.set_rng_state(rng, device)
+    sync(device)
+    return time.perf_counter() - started
+
+
+def _uncompile(model: nn.Module) -> None:
+    """Undo `model.compile()`: later calls run eagerly again."""
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        model._compiled_call_impl = None
+
+
+def _freeze(units: list[Unit], t: int, reg: RegSpec, anchors: dict) -> Penalty | None:
+    """Train the head and the top `t` stages, freeze the rest; the penalty over what trains.
+
+    L1 and L2 apply to the trainable parameters that weight decay applies to (norm parameters
+    and biases only with reg.decay_norm_bias), L2-SP to every trainable backbone parameter,
+    its head term to every head parameter.
+    """
+    trainable = units[: 1 + t]
+    for i, unit in enumerate(units):
+        for p in unit.params:
+            p.requires_grad_(i <= t)
+    backbone = [p for u in trainable[1:] for p in u.params]
+    return regularizers.make_penalty(
+        reg,
+        decayed=[p for u in trainable for p in (u.params if reg.decay_norm_bias else u.decay)],
+        backbone=backbone if anchors else [],
+        anchors=[anchors[id(p)] for p in backbone] if anchors else [],
+        head=list(units[0].params),
+    )
+
+
+def _next_phase(run: TrainState, config: TrialConfig, units, epoch, t_before, t, steps_per_epoch):
+    """LP-FT's switch: a new optimizer over every unit at lr x ft_lr_scale, its schedule over
+    the remaining steps. Gradual unfreezing: the newly trainable stages join the optimizer."""
+    s, train = config.strategy, config.train
+    if s.kind == "lp_ft" and epoch == s.lp_epochs + 1:
+        groups = param_groups(units[: 1 + t], config, train.lr * s.ft_lr_scale)
+        run.optimizer = make_optimizer(config, groups)
+        run.start, run.length = run.step, (train.epochs - s.lp_epochs) * steps_per_epoch
+    elif t > t_before:
+        for group in param_groups(units[1 + t_before : 1 + t], config, train.lr):
+            run.optimizer.add_param_group(group)
+
+
+def _describe_groups(groups: list[dict]) -> list[dict[str, Any]]:
+    keys = ("name", "lr", "weight_decay")
+    return [{**{k: g[k] for k in keys}, "params": len(g["params"])} for g in groups]
+
+
+def _replay_phases(
+    run: TrainState, config: TrialConfig, units, epochs: int, steps_per_epoch
+) -> int:
+    """Rebuild the optimizer's groups as they were after `epochs` (a resume); the number of
+    stages that trained in the last of them. The caller then loads the optimizer's state."""
+    s, n_stages = config.strategy, len(units) - 1
+    t = trainable_stages(s, 1, n_stages)
+    for epoch in range(1, epochs + 1):
+        t_before, t = t, trainable_stages(s, epoch, n_stages)
+        _next_phase(run, config, units, epoch, t_before, t, steps_per_epoch)
+    return t
+
+
+def fit(
+    config: TrialConfig,
+    model: nn.Module,
+    data: TaskData,
+    callbacks: Iterable[Callback] = (),
+    resume: dict | None = None,
+    group=None,
+) -> FitResult:
+    """Fine-tune `model` on `data` as `config` says; end with the best epoch's weights loaded.
+
+    With `resume` (a state offered to `on_checkpoint`), `model` must be built as for the first
+    call: fit loads the state and runs the epochs after the state's, calling the callbacks for
+    those only; the result (history, best epoch, seconds) covers every epoch.
+
+    With a process `group` (`distributed`), every rank of it calls fit in step: rank 0's
+    weights are broadcast, `strategy.bn: sync` converts BatchNorm to SyncBatchNorm, each rank
+    trains on its slice of every global batch and evaluates its slice of the clean-train and
+    validation splits, and the metric sums are all-reduced, so that the metrics mean what one
+    device's do. Callbacks should be given on rank 0 alone; every rank leaves when it does.
+    """
+    started = time.perf_counter()
+    if resume is not None:
+        resume_state.check_state(resume, config)
+    callbacks = list(callbacks)
+    savers = [cb for cb in callbacks if callable(getattr(cb, "on_checkpoint", None))]
+    device = loop.start(config)
+    generator = torch.Generator().manual_seed(config.seed)
+    model.to(device)
+    channels_last = uses_channels_last(config, model, device)
+    if channels_last:  # before the anchors, EMA and optimizer: they take the format too
+        model.to(memory_format=torch.channels_last)
+    data = data.to(device)
+    s, reg, train = config.strategy, config.reg, config.train
+    k = distributed.world(group)
+    steps_per_epoch = loop.steps_per_epoch(len(data.x_train), train.batch_size, min_batch=2 * k)
+    clean = loop.clean_subset(len(data.x_train), config.data.eval_train_max, config.seed, device)
+    x_clean, y_clean = data.x_train[clean], data.y_train[clean]
+    n_clean, n_val = len(x_clean), len(data.x_val)
+    x_val, y_val, swaps, net, net_t = data.x_val, data.y_val, [], None, None
+    if group is not None:  # rank 0's weights everywhere; each rank evaluates its slice
+        distributed.broadcast_module(model, group)
+        part, val_part = distributed.shard(n_clean, group), distributed.shard(n_val, group)
+        x_clean, y_clean = x_clean[part], y_clean[part]
+        x_val, y_val = x_val[val_part], y_val[val_part]
+        if s.bn == "sync":
+            swaps = distributed.sync_batchnorm(model, group, device)
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]  # restored at the end
+    units = model_units(model)
+    n_stages = len(units) - 1
+    # L2-SP's anchors: the backbone at the start of fit (the pretrained point)
+    anchors = {id(p): p.detach().clone() for u in units[1:] for p in u.params} if reg.l2_sp else {}
+    t = trainable_stages(s, 1, n_stages)
+    phase_epochs = s.lp_epochs if s.kind == "lp_ft" else train.epochs
+    run = TrainState(
+        make_optimizer(config, param_groups(units[: 1 + t], config, train.lr)),
+        train.schedule,
+        start=0,
+        length=phase_epochs * steps_per_epoch,
+        mixer=regularizers.make_mixer(reg, data.num_classes),
+        ema=regularizers.ema_model(model, reg.ema_decay) if reg.ema_decay > 0 else None,
+        label_smoothing=reg.label_smoothing,
+    )
+    scored = run.ema.module if run.ema is not None else model  # what is evaluated and kept
+    with_penalty = any(c > 0 for c in (reg.l1, reg.l2, reg.l2_sp, reg.l2_sp_head))
+    progress, first = resume_state.FitProgress(best=loop.BestEpoch.of(config)), 1
+    if resume is not None:  # the optimizer's groups as they were, then every state
+        t = _replay_phases(run, config, units, resume["epoch"], steps_per_epoch)
+        resume_state.restore(resume, model, run, progress, generator, device, anchors)
+        first = resume["epoch"] + 1
+    cpu_anchors = resume_state.by_name(model, anchors) if savers else {}  # once: they never change
+    history, groups_log = progress.history, progress.groups_log
+    compile_seconds, amp = 0.0, train.amp
+    if train.compile:
+        model.compile()  # in place: the state_dict's keys and the EMA's copy stay as they were
+    try:
+        for epoch in range(first, train.epochs + 1):
+            t_before, t = t, trainable_stages(s, epoch, n_stages)
+            _next_phase(run, config, units, epoch, t_before, t, steps_per_epoch)
+            run.penalty = _freeze(units, t, reg, anchors)
+            run.set_lr()
+            groups = run.optimizer.param_groups
+            groups_log.append(_describe_groups(groups))
+            lr = next((g["lr"] for g in groups if g["name"].startswith("head")), groups[0]["lr"])
+            set_train_mode(model, units[1 + t :], s.bn == "frozen")
+            if train.compile and epoch == first:
+                compile_seconds = _warm_up(model, data.x_train, config, device)
+            if group is not None and net_t != t:  # DDP over the parameters that train now
+                net = None
+                gc.collect()  # the old wrapper's gradient hooks go with it
+                net, net_t = distributed.wrap(model, group, device), t
+            run_loss, run_correct, n_seen, penalty_sum = train_one_epoch(
+                model, run, data.x_train, data.y_train, config, generator, net, group
+            )
+            if group is not None:  # BatchNorm's running statistics: rank 0's
+                distributed.broadcast_module(scored, group, buffers_only=True)
+            tr_loss, tr_correct = evaluate(scored, x_clean, y_clean, amp=amp)
+            va_loss, va_correct = evaluate(scored, x_val, y_val, amp=amp)
+            sums = [run_loss, run_correct.float(), tr_loss, tr_correct.float(), va_loss]
+            sums += [va_correct.float(), *([penalty_sum] if with_penalty else [])]
+            stacked = torch.stack(sums)
+            if group is not None:  # sums over examples; the penalty is the same on every rank
+                stacked = torch.cat([distributed.sum_all(stacked[:6], group), stacked[6:]])
+            sums = stacked.tolist()  # the epoch's one sync with the device
+            m = {
+                "train_loss": sums[2] / n_clean,
+                "train_acc": sums[3] / n_clean,
+                "val_loss": sums[4] / n_val,
+                "val_acc": sums[5] / n_val,
+                "train_loss_running": sums[0] / max(n_seen, 1),
+                "train_acc_running": sums[1] / max(n_seen, 1),
+                "lr": lr,
+            }
+            m["overfit_gap"] = m["train_acc"] - m["val_acc"]
+            m["overfit_gap_loss"] = m["val_loss"] - m["train_loss"]
+            if with_penalty:  # the mean over the epoch's steps of the penalty added to the loss
+                m["train_penalty_running"] = sums[6] / steps_per_epoch
+            if s.kind == "lp_ft":
+                m["phase"] = float(epoch > s.lp_epochs)
+            if s.kind == "gradual_unfreeze":
+                m["trainable_stages"] = float(t)
+            if train.compile:
+                m["compile_seconds"] = compile_seconds
+            check_loss(m["train_loss_running"], epoch, train)
+            history.append(m)
+            progress.best.update(epoch, m, lambda: loop.copy_state(scored))
+
+            def report(epoch=epoch, m=m):
+                for cb in callbacks:
+                    cb.on_epoch_end(epoch, m)
+                due = [cb for cb in savers if getattr(cb, "wants_state", lambda _e: True)(epoch)]
+                if due:  # built only at the epochs some callback keeps it
+                    state = resume_state.capture(
+                        epoch, config, model, run, progress, generator, device, cpu_anchors
+                    )
+                    state["seconds"] = progress.seconds + time.perf_counter() - started
+                    for cb in due:
+                        cb.on_checkpoint(epoch, state)
+
+            if group is None:
+                report()
+            else:  # rank 0 reports; every rank goes on, or stops, together
+                distributed.agree(group, report)
+    finally:
+        net = None
+        distributed.unsync_batchnorm(swaps)
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
+        if train.compile:
+            _uncompile(model)
+        if channels_last:  # handed back in the default format, as it came
+            model.to(memory_format=torch.contiguous_format)
+    best_epoch, best_state = progress.best.epoch, progress.best.state
+    if best_state is None:  # every epoch's metric was NaN: keep the last weights
+        best_epoch, best_state = train.epochs, loop.copy_state(scored)
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(
+        best_epoch=best_epoch,
+        best=history[best_epoch - 1],
+        history=history,
+        best_state={k: v.cpu().contiguous() for k, v in best_state.items()},
+        seconds=progress.seconds + time.perf_counter() - started,
+        device=str(device),
+        threads=torch.get_num_threads(),
+        param_groups=groups_log,
+        compile_seconds=compile_seconds,
+    )

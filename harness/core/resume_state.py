@@ -1,0 +1,236 @@
+"""The resume state of a running fit: moved to the CPU, written atomically, loaded without code.
+
+`harness.core.finetune.fit` offers its whole state at the end of every epoch to the callbacks that
+have an `on_checkpoint(epoch, state)` method, and `fit(..., resume=state)` continues from it, bit
+for bit on the CPU (the same thread count). The state is a plain tree that `torch.load` reads
+with `weights_only=True`: dicts, lists, tuples, numbers, strings, None and CPU tensors.
+
+Its keys:
+
+- `version`: `VERSION`, the layout of this tree.
+- `config`: the trial config as sorted JSON, less `train.device` and `train.threads`; a resume
+  under another config is refused.
+- `epoch`: the last finished epoch (from 1); a resume continues at `epoch + 1`.
+- `device`: the device it ran on (for information).
+- `model`: the model's state_dict (the raw weights, also when an EMA is evaluated).
+- `optimizer`, `optimizer_groups`: the optimizer's state_dict, and its groups' names in order
+  (LP-FT replaces the optimizer at its switch, gradual unfreezing adds groups).
+- `step`, `schedule_start`, `schedule_length`: optimizer steps so far; the step at which the
+  current phase's schedule started, and its length in steps.
+- `ema`: the EMA's state_dict (its weights and `n_averaged`), or None.
+- `anchors`: L2-SP's anchors (the backbone when fit first started) by parameter name; empty
+  when L2-SP is off.
+- `generator`: the state of fit's torch.Generator (batch order, augmentation).
+- `rng`: `{"cpu": torch's global RNG state, "cuda": the CUDA device's or None}` (dropout,
+  MixUp, CutMix).
+- `history`, `param_groups`: FitResult's per-epoch metrics and optimizer groups so far.
+- `best_value`, `best_epoch`, `best_state`: the best epoch so far (`best_state`: the evaluated
+  weights, None while every value was NaN).
+- `seconds`: training seconds so far, over every resume.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from harness.config.spec import TrialConfig
+from harness.core.shared import BestEpoch
+from harness.infra.files import atomic_write
+
+if TYPE_CHECKING:  # harness.core.finetune imports this module
+    from harness.core.finetune import TrainState
+
+VERSION = 1
+KEYS = (
+    "version",
+    "config",
+    "epoch",
+    "device",
+    "model",
+    "optimizer",
+    "optimizer_groups",
+    "step",
+    "schedule_start",
+    "schedule_length",
+    "ema",
+    "anchors",
+    "generator",
+    "rng",
+    "history",
+    "param_groups",
+    "best_value",
+    "best_epoch",
+    "best_state",
+    "seconds",
+)
+
+
+def cpu_tree(obj: Any, copy: bool = True) -> Any:
+    """`obj` with every tensor detached on the CPU (a copy, unless `copy` is false and it is
+    there already), and every dict a plain dict; lists, tuples and scalars as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=copy)
+    if isinstance(obj, dict):
+        return {k: cpu_tree(v, copy) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(cpu_tree(v, copy) for v in obj)
+    return obj
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor | None]:
+    """torch's global RNG states that fit draws from on `device`."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state: dict[str, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def config_key(config: TrialConfig) -> str:
+    """The config as sorted JSON, less what may change between a run and its resume (where it
+    runs, and `compile`, which does not change the result)."""
+    tree = config.model_dump(mode="json")
+    for key in ("device", "threads", "compile"):
+        tree["train"].pop(key, None)
+    return json.dumps(tree, sort_keys=True)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+    return out
+
+
+def check_state(state: dict, config: TrialConfig) -> None:
+    """Raise ValueError unless `state` is a resume state of this layout saved by `config`."""
+    if not isinstance(state, dict) or state.get("version") != VERSION:
+        got = state.get("version") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"resume: not a resume state of version {VERSION} (got {got!r})")
+    missing = [k for k in KEYS if k not in state]
+    if missing:
+        raise ValueError(f"resume: the state lacks {missing}")
+    if state["config"] != config_key(config):
+        saved, now = _flat(json.loads(state["config"])), _flat(json.loads(config_key(config)))
+        # a key added to the config since the state was saved, at its default, is no change
+        default = _flat(json.loads(config_key(type(config)(name=config.name))))
+        diff = sorted(
+            k
+            for k in saved.keys() | now.keys()
+            if saved.get(k) != now.get(k) and not (k not in saved and now[k] == default.get(k))
+        )
+        if diff:
+            raise ValueError(f"resume: the state was saved with another config (differs in {diff})")
+
+
+@dataclass
+class FitProgress:
+    """What fit keeps across epochs besides the model, its TrainState and the generators."""
+
+    best: BestEpoch  # the best epoch so far; its state on fit's device
+    history: list[dict[str, float]] = field(default_factory=list)
+    groups_log: list[list[dict[str, Any]]] = field(default_factory=list)
+    seconds: float = 0.0  # training seconds before this call to fit (a resumed fit's)
+
+
+def by_name(model: nn.Module, by_id: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors keyed by parameter id (L2-SP's anchors) keyed by parameter name, on the CPU."""
+    return {
+        n: cpu_tree(by_id[id(p)], copy=False) for n, p in model.named_parameters() if id(p) in by_id
+    }
+
+
+def capture(
+    epoch: int,
+    config: TrialConfig,
+    model: nn.Module,
+    run: TrainState,
+    progress: FitProgress,
+    generator: torch.Generator,
+    device: torch.device,
+    anchors: dict[str, torch.Tensor],
+) -> dict:
+    """fit's state after `epoch`, on the CPU, less `seconds` (the caller's clock)."""
+    return {
+        "version": VERSION,
+        "config": config_key(config),
+        "epoch": epoch,
+        "device": str(device),
+        "model": cpu_tree(model.state_dict()),
+        "optimizer": cpu_tree(run.optimizer.state_dict()),
+        "optimizer_groups": [g["name"] for g in run.optimizer.param_groups],
+        "step": run.step,
+        "schedule_start": run.start,
+        "schedule_length": run.length,
+        "ema": None if run.ema is None else cpu_tree(run.ema.state_dict()),
+        "anchors": anchors,  # on the CPU already (`by_name`), and never written to
+        "generator": generator.get_state(),
+        "rng": rng_state(device),
+        "history": [dict(m) for m in progress.history],
+        "param_groups": [[dict(g) for g in groups] for groups in progress.groups_log],
+        "best_value": progress.best.value,
+        "best_epoch": progress.best.epoch,
+        "best_state": cpu_tree(progress.best.state, copy=False),  # replaced, never written to
+    }
+
+
+def restore(
+    state: dict,
+    model: nn.Module,
+    run: TrainState,
+    progress: FitProgress,
+    generator: torch.Generator,
+    device: torch.device,
+    anchors: dict[int, torch.Tensor],
+) -> None:
+    """Load `state` into fit's freshly built objects, whose optimizer already has the state's
+    groups (`finetune._replay_phases`); the RNGs last. Nothing of `state` is written to later."""
+    names = [g["name"] for g in run.optimizer.param_groups]
+    if names != state["optimizer_groups"]:
+        raise ValueError(
+            f"resume: optimizer groups {names}, the state's {state['optimizer_groups']}"
+        )
+    model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(cpu_tree(state["optimizer"]))  # a copy: it may keep tensors
+    run.step, run.start, run.length = (
+        state[k] for k in ("step", "schedule_start", "schedule_length")
+    )
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    for name, p in model.named_parameters():
+        if id(p) in anchors:
+            anchors[id(p)] = state["anchors"][name].to(device)
+    best = state["best_state"]
+    progress.history = [dict(m) for m in state["history"]]
+    progress.groups_log = [[dict(g) for g in groups] for groups in state["param_groups"]]
+    progress.best.value, progress.best.epoch = state["best_value"], state["best_epoch"]
+    progress.best.state = (
+        None if best is None else {k: v.to(device, copy=True) for k, v in best.items()}
+    )
+    progress.seconds = state["seconds"]
+    generator.set_state(state["generator"])
+    set_rng_state(state["rng"], device)
+
+
+def save_state(state: dict, path: str | Path) -> None:
+    """Write `state` to `path` atomically (`files.atomic_write`): a failure leaves the previous
+    file and no temporary."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_state_file(path: str | Path) -> dict:
+    """A state written by `save_state`, on the CPU. Loaded with `weights_only=True`: a file
+    that would run code (or build any object but tensors and plain containers) is refused."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("version") != VERSION:
+        raise ValueError(f"{path}: not a resume state of version {VERSION}")
+    return state

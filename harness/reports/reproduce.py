@@ -1,0 +1,510 @@
+"""Re-run one trial from its MLflow record alone and compare its per-epoch metrics
+(`run_study.py reproduce RUN_ID`).
+
+The record gives everything: the resolved `config.yaml` (seed included), the data split's hash
+(`harness.data_hash`, checked before anything runs), the CPU thread count (`harness.threads`:
+CPU results differ between thread counts, each repeatable), the device (`harness.device`), the
+starting weights (`harness.pretrained`) and, for a pruned trial, the epoch it stopped at
+(`harness.pruned_epoch`). The re-run is a new run beside the trial's (same experiment, same
+parent), tagged `harness.reproduces=RUN_ID` and `harness.role=reproduce`. The verdict
+(`harness.reproduce_result`) is `match` (bit for bit), `within_tolerance` or `differs`: in the
+recorded environment (CPU model, threads, torch version, device) a CPU re-run must match bit
+for bit and a GPU one within `GPU_TOLERANCE`; elsewhere within `cross_machine_tolerance`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from harness.config.metrics import KINDS, OPTIONAL_EPOCH, multitask_epoch
+from harness.config.spec import SpecError, TrialConfig, safe_name
+from harness.core import distributed
+from harness.core.source import source_key
+from harness.data import datacache
+from harness.tracking import relocation, runs
+from harness.tracking import store as tracking
+
+OPTIONAL = OPTIONAL_EPOCH  # compared where the record or the re-run has them
+
+
+def compared_keys(config: TrialConfig) -> tuple[str, ...]:
+    """The per-epoch metrics of the trial's core that a reproduction must match."""
+    if config.task.kind == "multitask":
+        names = ["target", *config.multitask.tasks]
+        return multitask_epoch(names, config.multitask.weighting == "uncertainty")
+    return KINDS[config.task.kind].epoch
+
+
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def is_count_metric(metric: str) -> bool:
+    """A fraction of examples (an accuracy, or a gap of two): it moves in steps of 1/n."""
+    return "_acc" in metric or metric.endswith(("overfit_gap", "adaptation_gap"))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Exact (every field 0: the same float, NaN equal to NaN), or math.isclose's test with
+    `rel` and `abs`; accuracies (and gaps of accuracies) may also differ by `count_abs`."""
+
+    rel: float = 0.0
+    abs: float = 0.0
+    count_abs: float = 0.0  # accuracies: one example of the smallest evaluated set, 1/n
+
+    @property
+    def exact(self) -> bool:
+        return self.rel == 0.0 and self.abs == 0.0 and self.count_abs == 0.0
+
+    def same(self, a: float | None, b: float | None, metric: str = "") -> bool:
+        if a is None or b is None:
+            return a is None and b is None
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        if self.exact:
+            return a == b
+        if self.count_abs and is_count_metric(metric) and abs(a - b) <= self.count_abs + 1e-12:
+            return True
+        return math.isclose(a, b, rel_tol=self.rel, abs_tol=self.abs)
+
+    def describe(self) -> str:
+        if self.exact:
+            return "bit for bit"
+        count = f", accuracies {self.count_abs:.4g}" if self.count_abs else ""
+        return f"within tolerance (rel {self.rel:g}, abs {self.abs:g}{count})"
+
+
+EXACT = Tolerance()
+GPU_TOLERANCE = Tolerance(rel=1e-4, abs=1e-6)
+# Another CPU model, kernel path or other library versions: kernels sum in another order and
+# training amplifies the last-bit differences. Measured across kernel paths on one Intel Xeon
+# (benchmarks/kernel_spread.py: ATEN_CPU_CAPABILITY default/avx2/avx512, MKL and oneDNN at
+# AVX2, 1 and 2 threads): the quickstart's 10-epoch trial at most 1.2e-5 relative on a loss,
+# 3e-7 absolute; a trial where one step amplifies ~1000x (lr 0.05 from scratch, the loss
+# falling fast: tests/test_strategies.py's chaotic golden) 2.9e-3 relative by epoch 3, and 2
+# examples of 100 on an accuracy. The tolerance is 10x the largest: rel 3e-2, abs 1e-3 (a
+# loss gap near 0 moved by up to 9e-5); an accuracy passes within one example of the smallest
+# evaluated set or within rel.
+CROSS_MACHINE_REL, CROSS_MACHINE_ABS = 3e-2, 1e-3
+
+
+def cross_machine_tolerance(smallest_set: int, gpu: bool = False) -> Tolerance:
+    """The tolerance of a re-run on another machine: accuracies within one example of the
+    smallest set evaluated each epoch (a gap: one on each side)."""
+    rel = max(CROSS_MACHINE_REL, GPU_TOLERANCE.rel if gpu else 0.0)
+    return Tolerance(rel=rel, abs=CROSS_MACHINE_ABS, count_abs=2.0 / max(smallest_set, 1))
+
+
+@dataclass(frozen=True)
+class Row:
+    epoch: int
+    metric: str
+    recorded: float | None
+    reproduced: float | None
+    same: bool
+
+
+ENVIRONMENT = ("harness.cpu", "harness.threads", "harness.version.torch", "harness.device")
+KERNELS = "harness.cpu_kernels"  # logged since 2026-12-07; a record without it: not compared
+
+
+def environment(tags: dict[str, str]) -> str:
+    """Where a run ran, as a verdict names it: 'AMD EPYC, 2 threads, torch 2.14.1, cpu'
+    (with its kernel path in brackets where the record has it: '... [AVX512]')."""
+    cpu, threads = tags.get("harness.cpu", "unknown CPU"), tags.get("harness.threads", "?")
+    torch_version, device = tags.get("harness.version.torch", "?"), tags.get("harness.device")
+    kernels = f" [{tags[KERNELS]}]" if tags.get(KERNELS) else ""
+    return f"{cpu}{kernels}, {threads} threads, torch {torch_version}, {device or 'cpu'}"
+
+
+def same_environment(recorded: dict[str, str], now: dict[str, str]) -> bool:
+    """Same CPU model, kernel path, thread count, torch version and device: bit for bit is
+    the promise."""
+    same_kernels = KERNELS not in recorded or recorded[KERNELS] == now.get(KERNELS)
+    return same_kernels and all(recorded.get(k) == now.get(k) for k in ENVIRONMENT)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run_id: str  # the reproduced trial run
+    new_run_id: str  # the reproduction's run
+    trial: str
+    epochs: int  # compared epochs: 1..epochs
+    pruned_epoch: int | None
+    tolerance: Tolerance  # what applies: EXACT in the recorded environment
+    rows: tuple[Row, ...]
+    recorded_on: str = ""  # environment(...) of the record and of the re-run
+    rerun_on: str = ""
+
+    @property
+    def first_difference(self) -> Row | None:
+        return next((r for r in self.rows if not r.same), None)
+
+    @property
+    def bit_for_bit(self) -> bool:
+        return all(EXACT.same(r.recorded, r.reproduced) for r in self.rows)
+
+    @property
+    def result(self) -> str:
+        """The tag harness.reproduce_result: match, within_tolerance or differs."""
+        if self.bit_for_bit:
+            return "match"
+        return "within_tolerance" if self.first_difference is None else "differs"
+
+    @property
+    def matched(self) -> bool:
+        return self.result != "differs"
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.matched else 1
+
+    def largest_relative_difference(self) -> tuple[float, Row | None]:
+        worst, where = 0.0, None
+        for r in self.rows:
+            if r.recorded is None or r.reproduced is None or r.recorded == r.reproduced:
+                continue
+            if math.isnan(r.recorded) or math.isnan(r.reproduced):
+                continue
+            d = abs(r.recorded - r.reproduced) / max(abs(r.recorded), abs(r.reproduced))
+            if d > worst:
+                worst, where = d, r
+        return worst, where
+
+    def verdict(self) -> str:
+        result = self.result
+        if result == "match":
+            return f"reproduced: all {self.epochs} epochs match bit for bit"
+        if result == "within_tolerance":
+            worst, row = self.largest_relative_difference()
+            at = f" ({row.metric}, epoch {row.epoch})" if row else ""
+            return (
+                f"reproduced {self.tolerance.describe()}: recorded on {self.recorded_on}, "
+                f"re-run on {self.rerun_on}; largest relative difference {worst:.3g}{at}"
+            )
+        d = self.first_difference
+        return (
+            f"differs: first at epoch {d.epoch}, metric {d.metric}: "
+            f"recorded {_num(d.recorded)}, reproduced {_num(d.reproduced)}"
+        )
+
+    def table(self) -> str:
+        width = max(len(r.metric) for r in self.rows) if self.rows else 6
+        lines = [f"{'epoch':>5}  {'metric':<{width}}  {'recorded':<24}  reproduced"]
+        for r in self.rows:
+            mark = "" if r.same else "  <- differs"
+            lines.append(
+                f"{r.epoch:>5}  {r.metric:<{width}}  {_num(r.recorded):<24}  "
+                f"{_num(r.reproduced):<24}{mark}".rstrip()
+            )
+        return "\n".join(lines)
+
+    def render(self) -> str:
+        scope = f" (pruned at epoch {self.pruned_epoch})" if self.pruned_epoch else ""
+        head = (
+            f"Trial {self.trial} (run {self.run_id}){scope} against its reproduction "
+            f"(run {self.new_run_id}), {self.tolerance.describe()}:"
+        )
+        return f"{head}\n{self.table()}\n{self.verdict()}"
+
+
+def _num(value: float | None) -> str:
+    return "missing" if value is None else repr(value)
+
+
+def warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def recorded_histories(client, run, keys: list[str]) -> dict[str, dict[int, float]]:
+    """{metric: {epoch: value}} of the trial's record. A trial that resumed an interrupted
+    attempt (`harness.resumed_from_epoch`) logged only the later epochs: the earlier ones come
+    from the attempt it retried (`harness.retry_of`)."""
+    out = tracking.metric_steps(client, run.info.run_id, keys)
+    tags = run.data.tags
+    for _ in range(100):  # a chain of retries
+        if not tags.get("harness.retry_of") or "harness.resumed_from_epoch" not in tags:
+            break
+        upto = int(tags["harness.resumed_from_epoch"])
+        previous = tracking.find_run(client, tags["harness.retry_of"])
+        if previous is None:
+            break
+        for key, history in tracking.metric_steps(client, previous.info.run_id, keys).items():
+            for step, value in history.items():
+                if step <= upto:
+                    out.setdefault(key, {}).setdefault(step, value)
+        tags = previous.data.tags
+    return out
+
+
+def compare(
+    recorded: dict[str, dict[int, float]],
+    reproduced: list[dict[str, float]],
+    epochs: int,
+    tolerance: Tolerance,
+    keys: tuple[str, ...] = KINDS["finetune"].epoch,
+) -> list[Row]:
+    """Rows of (epoch, metric) for epochs 1..`epochs`; a value only one side has differs."""
+    extra = [k for k in OPTIONAL if k in recorded or any(k in m for m in reproduced)]
+    rows = []
+    for epoch in range(1, epochs + 1):
+        mine = reproduced[epoch - 1] if epoch <= len(reproduced) else {}
+        for key in (*keys, *extra):
+            a, b = recorded.get(key, {}).get(epoch), mine.get(key)
+            rows.append(Row(epoch, key, a, b, tolerance.same(a, b, key)))
+    return rows
+
+
+class _Recorder:
+    """Core callback: keeps every epoch's metrics."""
+
+    def __init__(self):
+        self.history: list[dict[str, float]] = []
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.history.append(dict(metrics))
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAt:
+    """Core callback: ends the fit after `epoch` (where the recorded trial was pruned)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch >= self.epoch:
+            raise _Stop(epoch)
+
+
+def _store_exists(uri: str) -> bool:
+    """False only for a local SQLite store whose file is missing (it would be created empty)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).is_file()
+    return True
+
+
+def _trial_run(client, run_id: str, uri: str):
+    run = tracking.find_run(client, run_id)
+    if run is None:
+        raise SpecError(f"no MLflow run {run_id!r} in {tracking.redact(uri)}")
+    tags = run.data.tags
+    if "optuna.trial_number" not in tags:
+        role = tags.get("harness.role", "unknown")
+        raise SpecError(
+            f"run {run_id} is not a trial run (harness.role={role}); give the run id of a "
+            "trial (the Optuna user attribute mlflow_run_id, or a trial-N run in the MLflow UI)."
+        )
+    state = tags.get("optuna.state")
+    if state not in ("COMPLETE", "PRUNED"):
+        why = f"its trial state is {state}" if state else "its trial is running or was cut off"
+        raise SpecError(f"run {run_id}: {why}; only COMPLETE and PRUNED trials are reproduced")
+    return run
+
+
+def _provenance_warnings(recorded: dict[str, str], now: dict[str, str]) -> None:
+    """Warn where code, libraries or hardware differ from the record."""
+    for key in ("harness.git_commit", *sorted(k for k in now if k.startswith("harness.version."))):
+        was, is_ = recorded.get(key), now.get(key)
+        if was is None:
+            warn(f"the record has no {key} tag (now {is_})")
+        elif was != is_:
+            what = "code" if key == "harness.git_commit" else key.removeprefix("harness.version.")
+            warn(f"{what} differs from the record: {key} was {was}, is {is_}")
+    if recorded.get("harness.git_dirty") == "true":
+        warn("the recorded trial ran with uncommitted changes: its commit does not pin its code")
+    if now.get("harness.git_dirty") == "true":
+        warn("this checkout has uncommitted changes")
+    for key in ("harness.device", "harness.cpu"):
+        if recorded.get(key) and recorded.get(key) != now.get(key):
+            warn(f"{key} differs from the record: was {recorded[key]}, is {now.get(key)}")
+
+
+def _starting_weights(
+    res: runs.Resources, config: TrialConfig, recorded: str | None
+) -> tuple[Path | None, str]:
+    """What `Resources.pretrained_for` gives, but a state_dict file at the recorded absolute
+    path first, and a source model missing from the results folder's cache downloaded from the
+    recorded registry version (the exact bits) before it would be pretrained again."""
+    kind = config.model.pretrained_kind
+    if kind == "file" and recorded and Path(recorded).is_file():
+        return Path(recorded), recorded
+    if kind == "mlflow" and recorded and recorded.startswith("models:/"):  # the pinned version
+        return tracking.resolve_model_uri(
+            recorded, res.results / "pretrained" / safe_name(recorded)
+        ), recorded
+    if kind == "source" and recorded and recorded.startswith("models:/"):
+        key, cache = source_key(config), res.results / "sources"
+        if not ((cache / f"{key}.pt").is_file() and (cache / f"{key}.json").is_file()):
+            folder = res.results / "pretrained" / safe_name(recorded)
+            with contextlib.suppress(ValueError):  # not in this registry: pretrained again
+                return tracking.resolve_model_uri(recorded, folder), recorded
+    return res.pretrained_for(config)
+
+
+def _smallest_set(config: TrialConfig, data) -> int:
+    """The fewest examples an accuracy of this trial is measured over each epoch."""
+    if config.task.kind == "meta":
+        m = config.meta
+        return (m.eval_ways or m.ways) * (m.eval_queries or m.queries)
+    n_train = min(len(data.y_train), config.data.eval_train_max)
+    return max(1, min(n_train, len(data.y_val)))
+
+
+def _deterministic_cuda() -> tuple[bool, bool]:
+    """CUBLAS_WORKSPACE_CONFIG and deterministic algorithms, before CUDA starts; the previous
+    (deterministic, warn_only) settings."""
+    import torch
+
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    if torch.cuda.is_initialized() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        warn("CUDA started before CUBLAS_WORKSPACE_CONFIG was set: cuBLAS may not repeat")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    # warn_only: an op with no deterministic CUDA kernel warns (naming itself) instead of failing
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    return before
+
+
+def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
+    """Re-run trial run `run_id` of the stores `opts` (a StudyOptions) names and compare.
+
+    Raises SpecError (exit 2) for an unknown or unsuitable run and a data split whose hash
+    differs from the record; prints the start, warnings on stderr, and returns the Outcome.
+    """
+    out = out or sys.stdout
+    import torch
+
+    from harness.core import tasks
+    from harness.core.shared import seed_everything
+    from harness.data.datasets import DataError
+
+    uri = opts.tracking()
+    if not _store_exists(uri):  # before connecting, which would create an empty one
+        raise SpecError(
+            f"no MLflow store at {tracking.redact(uri)}: give --results or --tracking-uri"
+        )
+    moved = relocation.relocate(opts.results, uri)
+    if moved:
+        warn(moved)
+    client = tracking.connect(uri)
+    run = _trial_run(client, run_id, uri)
+    tags = run.data.tags
+    config = runs.load_config(run_id)
+
+    device_tag = tags.get("harness.device", "cpu")
+    gpu = device_tag.startswith("cuda")
+    device = "cuda" if gpu else "cpu"  # as recorded, whatever `auto` would pick here
+    config = config.model_copy(update={"train": config.train.model_copy(update={"device": device})})
+    if "harness.threads" in tags:
+        threads = int(tags["harness.threads"])
+    else:
+        threads = config.train.threads or torch.get_num_threads()
+        warn(f"the record has no harness.threads tag; using {threads} threads")
+    k = config.train.devices_per_trial  # a data-parallel trial re-runs on as many devices
+    if k > 1:  # harness.threads is then each rank's
+        config = config.model_copy(
+            update={"train": config.train.model_copy(update={"threads": threads})}
+        )
+        distributed.check_devices(
+            config, f"run {run_id} ran on {k} devices (train.devices_per_trial); it cannot here"
+        )
+    keys = compared_keys(config)
+    recorded = recorded_histories(client, run, [*keys, *OPTIONAL])
+    pruned_epoch = None
+    if tags.get("optuna.state") == "PRUNED":  # compared up to the pruning epoch
+        pruned = tags.get("harness.pruned_epoch", "")
+        last = max((max(h) for h in recorded.values() if h), default=1)
+        pruned_epoch = int(pruned) if pruned.isdigit() else last
+    epochs = pruned_epoch or config.epochs
+
+    old_threads = torch.get_num_threads()
+    old_deterministic = _deterministic_cuda() if gpu else None  # before CUDA starts
+    try:
+        if gpu and not torch.cuda.is_available():
+            raise SpecError(f"run {run_id} ran on {device_tag}; no CUDA device is visible here")
+        torch.set_num_threads(threads)
+        try:
+            data = tasks.load_data(config, datacache.under(opts.results))
+        except DataError as err:
+            raise SpecError(f"run {run_id}: data: {err}") from None
+        recorded_hash = tags.get("harness.data_hash")
+        if recorded_hash is None:
+            warn("the record has no harness.data_hash tag: the data split cannot be checked")
+        elif recorded_hash != data.data_hash:
+            raise SpecError(
+                f"run {run_id}: the data split differs from the record (data hash "
+                f"{recorded_hash} recorded, {data.data_hash} now); refusing to compare"
+            )
+        now = {**tracking.provenance_tags(device, threads), "harness.devices_per_trial": str(k)}
+        _provenance_warnings(tags, now)
+        if same_environment(tags, now):
+            tolerance = GPU_TOLERANCE if gpu else EXACT
+        else:
+            tolerance = cross_machine_tolerance(_smallest_set(config, data), gpu)
+        res = runs.Resources(opts.results, client, run.info.experiment_id, note=lambda _: None)
+        start, start_desc = _starting_weights(res, config, tags.get("harness.pretrained"))
+        if tags.get("harness.pretrained") not in (None, start_desc):
+            warn(
+                f"starting weights differ from the record: harness.pretrained was "
+                f"{tags['harness.pretrained']}, is {start_desc}"
+            )
+        trial = tags["optuna.trial_number"]
+        print(
+            f"Reproducing trial {trial} of study {tags.get('optuna.study', '?')} (run {run_id}): "
+            f"{epochs} epochs{' (pruned there)' if pruned_epoch else ''} on {device}"
+            f"{f' x {k} data-parallel ranks' if k > 1 else ''}, "
+            f"{threads} CPU threads, seed {config.seed}, data hash {data.data_hash}",
+            file=out,
+            flush=True,
+        )
+        new_tags = {**now, "harness.data_hash": data.data_hash, "harness.pretrained": start_desc}
+        new_tags |= {"harness.reproduces": run_id, "harness.role": "reproduce"}
+        if tags.get("mlflow.parentRunId"):
+            new_tags["mlflow.parentRunId"] = tags["mlflow.parentRunId"]
+        name = f"reproduce-of-trial-{trial}"
+        recorder = _Recorder()
+        with runs.tracked(client, run.info.experiment_id, name, config, new_tags) as (new, end):
+            callbacks = [recorder, new.logger, *([_StopAt(pruned_epoch)] if pruned_epoch else [])]
+            seed_everything(config.seed)
+            model = tasks.build(config, data, start)
+            with contextlib.suppress(_Stop):
+                tasks.train(config, model, data, callbacks, cache_dir=datacache.under(opts.results))
+            rows = compare(recorded, recorder.history, epochs, tolerance, keys)
+            outcome = Outcome(
+                run_id,
+                new.run_id,
+                trial,
+                epochs,
+                pruned_epoch,
+                tolerance,
+                tuple(rows),
+                recorded_on=environment(tags),
+                rerun_on=environment(now),
+            )
+            end["status"] = "FINISHED" if outcome.matched else "FAILED"
+            end["harness.reproduce_result"] = outcome.result
+            end["harness.reproduce_tolerance"] = tolerance.describe()
+            if outcome.result == "within_tolerance":
+                worst = outcome.largest_relative_difference()[0]
+                end["harness.reproduce_largest_rel_difference"] = f"{worst:.3g}"
+            if not outcome.matched:
+                end["harness.reproduce_first_difference"] = outcome.verdict()
+            tracking.log_text(client, new.run_id, outcome.render() + "\n", "reproduce.txt")
+        return outcome
+    finally:
+        torch.set_num_threads(old_threads)
+        if old_deterministic is not None:
+            torch.use_deterministic_algorithms(old_deterministic[0], warn_only=old_deterministic[1])

@@ -1,0 +1,212 @@
+"""When trials are interrupted or fail: the resume state written every epoch, heartbeats, dead
+trials found and re-queued, SIGTERM/SIGINT, and the kind of a fault. Used by `harness.study.search`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from harness.config.spec import safe_name
+from harness.core import resume_state
+from harness.core.distributed import RankFailed
+from harness.core.shared import TrainingFault
+from harness.data.datasets import DataError
+from harness.tracking import store as tracking
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward a study's budget
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT: the running trial keeps its resume state, its run ends KILLED
+    (`harness.fault=interrupted`), the trial is marked FAIL and re-queued, and the process ends."""
+
+
+def raise_interrupted(signum, _frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+class TrialWatch:
+    """Core callback, after the trial's epoch logger: at each epoch whose metrics the logger
+    has just written (its `search.flush_seconds` cadence), a heartbeat on the trial (how other
+    processes tell a live trial from a dead one) and the resume state, written atomically.
+    So a trial killed between two writes resumes from the last state, and the metrics its run
+    logged are those of the epochs that state covers."""
+
+    def __init__(self, trial: optuna.Trial, resume_file: Path, logger):
+        self.trial, self.resume_file, self.logger = trial, resume_file, logger
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if self.logger.written_upto == epoch:
+            self.trial.set_user_attr("harness.heartbeat", time.time())
+
+    def wants_state(self, epoch: int) -> bool:
+        return self.logger.written_upto == epoch
+
+    def on_checkpoint(self, epoch: int, state: dict) -> None:
+        resume_state.save_state(state, self.resume_file)
+
+
+def resume_path(results: Path, study_name: str, number: int) -> Path:
+    """The resume state of a running trial: kept while it runs or after it was interrupted."""
+    folder = results / "resume" / safe_name(study_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"trial-{number}.pt"
+
+
+def alive(trial, grace: float = 600.0) -> bool:
+    """Whether a RUNNING trial's process still runs: by its pid on this host, else by the age
+    of its heartbeat (or of its start, before the first epoch)."""
+    a = trial.user_attrs
+    if a.get("harness.host") == socket.gethostname() and "harness.pid" in a:
+        pid = int(a["harness.pid"])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        try:  # a killed process that its parent has not reaped yet is a zombie: dead
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return True
+    last = a.get("harness.heartbeat") or (
+        trial.datetime_start.timestamp() if trial.datetime_start else time.time()
+    )
+    return time.time() - last < grace
+
+
+def requeue(study: optuna.Study, trial) -> None:
+    """Queue a trial's parameters again, naming the attempt it retries (which also tells the
+    retry where the resume state is). Once: an attempt that already has a retry (queued when it
+    stopped, before its own end could be stored) gets no second one."""
+    if any(
+        t.user_attrs.get("harness.retry_of") == trial.number
+        for t in study.get_trials(deepcopy=False)
+    ):
+        return
+    attrs = {"harness.retry_of": trial.number}
+    if trial.user_attrs.get("harness.baseline"):
+        attrs["harness.baseline"] = True
+    study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+
+
+def mark_stopped(results: Path, study_name: str, number: int) -> None:
+    """Trial `number` was running when this process stopped for the environment; its store may
+    have been away, so that neither its end nor its retry (nor even its pid) got stored: the
+    next start on this results folder takes it for dead and re-queues it."""
+    resume_path(results, study_name, number).with_suffix(".stopped").touch()
+
+
+def reconcile(
+    study: optuna.Study,
+    client,
+    study_name: str,
+    grace: float = 600.0,
+    quick: bool = False,
+    results: Path | None = None,
+) -> list[int]:
+    """Before a study goes on: trials left RUNNING by a dead process (or marked stopped in
+    `results` by `mark_stopped`) are marked FAIL and re-queued, and their MLflow runs (and any
+    run of the study still RUNNING with no live trial) end KILLED with `harness.fault=killed`.
+    Returns the re-queued trial numbers."""
+    stopped = _stopped_marks(results, study_name) if results is not None else {}
+    dead = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.number in stopped or not alive(t, grace)
+    ]
+    trials = study.get_trials(deepcopy=False) if stopped else []
+    for number, mark in stopped.items():  # ended but perhaps not re-queued: at most once
+        t = trials[number] if number < len(trials) else None
+        if t is not None and t.state == TrialState.FAIL:
+            requeue(study, t)
+        if t is None or t.state != TrialState.RUNNING:
+            mark.unlink(missing_ok=True)
+    for t in list(dead):
+        try:
+            study.tell(t.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError):  # another worker marked it first: it re-queues
+            dead.remove(t)
+            continue
+        requeue(study, t)
+        if t.number in stopped:
+            stopped[t.number].unlink(missing_ok=True)
+    if quick and not dead:  # after every trial: only look at MLflow when a process died
+        return []
+    live = {
+        t.user_attrs.get("mlflow_run_id")
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    }
+    for run_id in tracking.running_trial_runs(client, study_name):
+        if run_id not in live:
+            tags = {"optuna.state": "FAIL", "harness.fault": "killed"}
+            tracking.end_run_tagged(client, run_id, "KILLED", tags)
+    return [t.number for t in dead]
+
+
+def _stopped_marks(results: Path, study_name: str) -> dict[int, Path]:
+    folder = resume_path(results, study_name, 0).parent
+    return {int(p.stem.split("-")[1]): p for p in folder.glob("trial-*.stopped")}
+
+
+def fault_kind(err: BaseException) -> str:
+    """`harness.fault` of a failed trial: nan, diverged, oom, data, rank (a rank of a
+    data-parallel trial died, raised or hung), or error."""
+    if isinstance(err, RankFailed):
+        return "rank"
+    if isinstance(err, TrainingFault):
+        return err.kind
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "oom"
+    if isinstance(err, DataError | OSError):
+        return "data"
+    return "error"
+
+
+# --- Study callbacks: the budget across workers, and one error again and again. ---
+class ExactBudget:
+    """A study callback: stop starting trials once the finished ones and those that live
+    processes of the study are running reach the budget. Optuna's MaxTrialsCallback counts the
+    finished alone, so two workers ending trials together would both start the last one."""
+
+    def __init__(self, target: int):
+        self.target, self.reached = target, False
+
+    def __call__(self, study: optuna.Study, _trial) -> None:
+        states = (*FINISHED, TrialState.RUNNING)
+        trials = study.get_trials(deepcopy=False, states=states)
+        finished = sum(t.state in FINISHED for t in trials)
+        running = sum(t.state == TrialState.RUNNING and alive(t) for t in trials)
+        if finished + running >= self.target:
+            self.reached = True
+            study.stop()
+
+
+class SameFailure:
+    """A study callback: stop when `limit` trials in a row failed with the same error of the
+    code, data or environment (a fault that the hyperparameters explain, nan, diverged or oom,
+    does not count): one broken thing does not burn the study's budget."""
+
+    def __init__(self, limit: int = 3):
+        self.limit, self.last, self.count, self.tripped = limit, None, 0, None
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        error = None
+        if trial.state == TrialState.FAIL and trial.user_attrs.get("harness.fault") in (
+            "error",
+            "data",
+        ):
+            error = trial.user_attrs.get("harness.error")
+        self.count = self.count + 1 if error is not None and error == self.last else 1
+        self.last = error
+        if error is not None and self.count >= self.limit:
+            self.tripped = error
+            study.stop()

@@ -1,0 +1,748 @@
+"""MLflow, and only here: experiments, the study's parent run, one child run per trial attempt,
+per-epoch metrics, artifacts, final statuses, the model registry, and the UI server command.
+
+Uses MlflowClient with explicit run ids (no fluent active-run stack), so nothing depends on
+process-global state. Run status follows the Optuna trial state: COMPLETE -> FINISHED,
+PRUNED -> FINISHED (a pruner's decision is a finished trial, not a fault: the tag
+`optuna.state=PRUNED`, `harness.pruned_epoch` and the run's description say so), FAIL ->
+FAILED; an attempt interrupted (SIGTERM, a dead process) ends KILLED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import io
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from harness.config.metrics import best_name
+from harness.infra import envfaults
+
+STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
+DESCRIPTION = "mlflow.note.content"  # the run's description in the UI
+TrackingError = mlflow.exceptions.MlflowException  # what the tracking store raises
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def default_tracking_uri(results: Path) -> str:
+    return f"sqlite:///{(results / 'mlflow.db').resolve()}"
+
+
+def is_local_store(tracking_uri: str) -> bool:
+    return not tracking_uri.startswith(("http://", "https://", "databricks"))
+
+
+# MLflow's own HTTP retries (7 with backoff: about 4 silent minutes) are cut short: the
+# harness retries every call itself for --retry-window, saying which store it waits for.
+# pool_recycle renews the embedded store's connections before common idle timeouts (MLflow
+# already pings each one before use).
+_STORE_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    "MLFLOW_SQLALCHEMYSTORE_POOL_RECYCLE": "240",
+}
+
+
+def connect(tracking_uri: str) -> MlflowClient:
+    """A client of the tracking store whose every call is retried while the store is away
+    (`envfaults.retrying`): an outage shorter than the window costs nothing."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for key, value in _STORE_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in ("mlflow", "alembic"):  # store migrations and the like are not the user's news
+        logging.getLogger(name).setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    calls = [n for n in dir(MlflowClient) if not n.startswith("_")]
+    return envfaults.wrap_methods(client, calls, **_store(tracking_uri))
+
+
+def _store(tracking_uri: str) -> dict[str, Any]:
+    """How `envfaults.retrying` names the tracking store, whether it answers over HTTP, and
+    the folder a local one writes to (named when its disk is full)."""
+    folder = None
+    if tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    return {
+        "store": f"the MLflow tracking store {redact(tracking_uri)}",
+        "remote": not is_local_store(tracking_uri),
+        "folder": folder,
+    }
+
+
+def experiment_id(client: MlflowClient, name: str, results: Path, tracking_uri: str) -> str:
+    """The MLflow experiment named after the experiment file; artifacts under the results folder."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if is_local_store(tracking_uri):  # else the tracking server decides where artifacts go
+        location = (results / "mlartifacts" / name).resolve().as_uri()
+    try:  # the kind tag: a training experiment, not a GenAI one (for UIs that read it)
+        return client.create_experiment(
+            name, artifact_location=location, tags={"mlflow.experimentKind": EXPERIMENT_KIND}
+        )
+    except mlflow.exceptions.MlflowException:  # another process created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+EXPERIMENT_KIND = "custom_model_development"
+# MLflow 3.17's UI opens an experiment in its GenAI view unless the URL says otherwise (a browser
+# setting, local storage mlflow.workflowType, default GenAI): `workflowType=machine_learning` on
+# the experiment's `/runs` page lands on the runs table; its search and sort come from the query
+# too (the bare experiment page drops them).
+RUNS_VIEW = "workflowType=machine_learning"
+TRIAL_RUNS = "attributes.run_name LIKE 'trial-%'"
+
+
+def experiment_url(
+    base: str, exp_id: str, metric: str = "val_acc", direction: str = "maximize"
+) -> str:
+    """The UI page of an experiment's trial runs, ranked as Optuna ranks them: by the
+    objective's value at each trial's chosen epoch (`best_<metric>`)."""
+    from urllib.parse import quote
+
+    query = [
+        RUNS_VIEW,
+        f"searchFilter={quote(TRIAL_RUNS)}",
+        f"orderByKey={quote(f'metrics.`{best_name(metric)}`')}",
+        f"orderByAsc={str(direction == 'minimize').lower()}",
+    ]
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{'&'.join(query)}"
+
+
+def study_urls(tracking_uri: str, base: str) -> list[tuple[str, str]]:
+    """(study name, trial-runs URL) of every study (parent run) in the store."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).is_file():
+        return []
+    client = connect(tracking_uri)
+    out = []
+    for e in client.search_experiments():
+        for parent in client.search_runs([e.experiment_id], "tags.`harness.role` = 'study'"):
+            direction, _, metric = parent.data.params.get("objective", "").partition(" ")
+            metric = metric.split(",")[0] or "val_acc"
+            url = experiment_url(base, e.experiment_id, metric, direction or "maximize")
+            out.append((parent.info.run_name, url))
+    return out
+
+
+@functools.cache
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name ('AMD EPYC 7B13', 'Intel(R) Xeon(R) ...'): bit-for-bit results
+    hold within one model. The architecture alone when the OS does not say."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model Name", "Hardware")) and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+KERNEL_SETTINGS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+
+
+def cpu_kernels() -> str:
+    """The CPU code paths torch computes on ('AVX512'; 'DEFAULT, ONEDNN_MAX_CPU_ISA=AVX2'):
+    torch's vectorised kernels (`ATEN_CPU_CAPABILITY` caps them) and any setting that makes
+    MKL or oneDNN take another path. One CPU model gives other last bits on another path."""
+    import torch
+
+    kernels = [torch.backends.cpu.get_cpu_capability()]
+    kernels += [f"{k}={os.environ[k]}" for k in KERNEL_SETTINGS if os.environ.get(k)]
+    return ", ".join(kernels)
+
+
+def provenance_tags(device: str, threads: int) -> dict[str, str]:
+    """Where a result came from: code, libraries, device, CPU threads (CPU results depend on it)."""
+    import torch
+    import torchvision
+
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    tags = {
+        "harness.git_commit": _git("rev-parse", "HEAD"),
+        "harness.git_dirty": str(dirty not in ("", "unknown")).lower(),
+        "harness.version.python": platform.python_version(),
+        "harness.version.torch": torch.__version__,
+        "harness.version.torchvision": torchvision.__version__,
+        "harness.version.optuna": importlib.metadata.version("optuna"),  # the study's layer's
+        "harness.version.mlflow": mlflow.__version__,
+        "harness.device": device,
+        "harness.threads": str(threads),
+        "harness.cpu": cpu_model(),
+        "harness.cpu_kernels": cpu_kernels(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        tags["harness.device"] = f"{device} ({torch.cuda.get_device_name()})"
+    return tags
+
+
+def _params(flat: dict[str, Any]) -> list[Param]:
+    return [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
+
+
+def log_params(client: MlflowClient, run_id: str, flat: dict[str, Any]) -> None:
+    for _, batch, _ in _batches([], _params(flat), []):
+        client.log_batch(run_id, params=batch)
+
+
+def create_parent_run(
+    client: MlflowClient, exp_id: str, study_name: str, settings: dict[str, Any]
+) -> str:
+    run = client.create_run(
+        exp_id, run_name=study_name, tags={"harness.study": study_name, "harness.role": "study"}
+    )
+    log_params(client, run.info.run_id, settings)
+    return run.info.run_id
+
+
+def reopen_run(client: MlflowClient, run_id: str) -> None:
+    client.update_run(run_id, status="RUNNING")
+
+
+def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
+    client.set_terminated(run_id, status=status)
+
+
+def create_run(
+    client: MlflowClient,
+    exp_id: str,
+    run_name: str,
+    tags: dict[str, str],
+    flat: dict[str, Any],
+    texts: dict[str, str] | None = None,
+) -> str:
+    """A new run with `tags` (a `mlflow.parentRunId` among them nests it), params `flat` (none:
+    its EpochLogger writes them) and text artifacts `texts` ({artifact file: text}), written
+    straight to the run's artifact location (no read of the run back to find it)."""
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    if flat:
+        log_params(client, run.info.run_id, flat)
+    if texts:
+        # the artifact store, reached without the client: retried the same way
+        envfaults.retrying(_write_texts, **_store(client.tracking_uri))(
+            run.info.artifact_uri, texts
+        )
+    return run.info.run_id
+
+
+def _write_texts(artifact_uri: str, texts: dict[str, str]) -> None:
+    import posixpath
+    import tempfile
+
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(artifact_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in texts.items():
+            path = Path(tmp) / posixpath.basename(name)
+            path.write_text(text, encoding="utf-8")
+            repo.log_artifact(str(path), posixpath.dirname(name) or None)
+
+
+def redact(url: str) -> str:
+    """A storage or tracking URL with any password replaced by ***."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+class _DeferredMonitor:
+    """MLflow's system-metrics monitor, started only once the run has lasted `interval`
+    seconds: a shorter run would log no sample anyway (the monitor logs its first one after an
+    interval), and building and stopping it (its thread, a GPU probe, a read of the run at
+    its end) cost a short trial tens of milliseconds."""
+
+    def __init__(self, run_id: str, interval: float, tracking_uri: str):
+        self.args = (run_id, interval, tracking_uri)
+        self.lock, self.monitor, self.done = threading.Lock(), None, False
+        self.timer = threading.Timer(interval, self._start)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _start(self) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        run_id, interval, uri = self.args
+        with self.lock:
+            if self.done:
+                return
+            self.monitor = SystemMetricsMonitor(
+                run_id, sampling_interval=interval, samples_before_logging=1, tracking_uri=uri
+            )
+            self.monitor.start()
+
+    def finish(self) -> None:
+        self.timer.cancel()
+        with self.lock:
+            self.done = True
+            monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.finish()
+
+
+def system_monitor(run_id: str, interval: float, tracking_uri: str) -> _DeferredMonitor:
+    """MLflow's own system metrics (CPU, memory, disk, network; GPU where present) for a run,
+    sampled every `interval` seconds from `interval` seconds after the start (a run shorter than
+    two intervals has none). Call `.finish()` when the run ends."""
+    return _DeferredMonitor(run_id, interval, tracking_uri)
+
+
+class EpochLogger:
+    """Core callback: the epochs' metrics in batches, step = epoch, written at most every
+    `flush_seconds` (counted from the logger's start, so a run shorter than that writes its
+    curves once, with its end: `end_run`). The run's `params` go with its first write, and
+    at the latest `flush_seconds` after the start (from a timer thread): a run of a second
+    or two makes one write at its end, a long one shows its params and curves live.
+
+    `synchronous=False` uses MLflow's async logging (a background queue) for the metrics:
+    training goes on while the batch is written; `flush()` waits for every batch before the
+    run ends. `seconds` is the time the training loop spent in here (the run's end is its
+    caller's).
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        synchronous: bool = True,
+        flush_seconds: float = 0.0,
+        params: dict[str, Any] | None = None,
+    ):
+        self.client, self.run_id, self.synchronous = client, run_id, synchronous
+        self.flush_seconds = flush_seconds  # write at most this often; 0: every epoch
+        self.pending, self.buffer, self.seconds = [], [], 0.0
+        self.written_upto = 0  # the last epoch whose metrics were sent
+        self.last_write = time.monotonic()
+        self.lock = threading.Lock()  # the params' timer writes from its own thread
+        self.params, self.timer = _params(params or {}), None
+        if self.params and flush_seconds > 0:
+            self.timer = threading.Timer(flush_seconds, self._write_params)
+            self.timer.daemon = True
+            self.timer.start()
+        elif self.params:
+            self._write_params()
+
+    def _write_params(self) -> None:
+        with self.lock:
+            params, self.params = self.params, []
+            try:  # one try: a store away is retried (and waited for) by the next write
+                with envfaults.one_try():
+                    for _, batch, _ in _batches([], params, []):
+                        self.client.log_batch(self.run_id, params=batch)
+            except (Exception, envfaults.EnvironmentStop):  # a timer thread: the run's end
+                self.params = params  # writes them
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        started = time.perf_counter()
+        now = int(time.time() * 1000)
+        self.buffer += [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
+        if time.monotonic() - self.last_write >= self.flush_seconds:
+            self._write(epoch)
+        self.seconds += time.perf_counter() - started
+
+    def _write(self, epoch: int) -> None:
+        with self.lock:
+            params, self.params = self.params, []
+            for metrics, batch, _ in _batches(self.buffer, params, []):
+                ops = self.client.log_batch(
+                    self.run_id, metrics=metrics, params=batch, synchronous=self.synchronous
+                )
+                if ops is not None:
+                    self.pending.append(ops)
+            self.buffer = []
+            self.written_upto, self.last_write = epoch, time.monotonic()
+
+    def flush(self) -> None:
+        """Send what is buffered and wait for every batch (the run is about to end)."""
+        self.end_run(None)
+
+    def end_run(
+        self,
+        status: str | None,
+        tags: dict[str, str] | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
+        """The params and epochs not yet written, `tags` and `metrics` (step 0) in one write,
+        then the run ends with `status` (None: the run goes on)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        with self.lock:
+            for ops in self.pending:
+                ops.wait()
+            self.pending.clear()
+            epochs, params, self.buffer, self.params = self.buffer, self.params, [], []
+            if epochs:
+                self.written_upto = max(m.step for m in epochs)
+            _write_end(self.client, self.run_id, status, tags or {}, metrics, epochs, params)
+
+
+def _batches(metrics: list, params: list, tags: list):
+    """(metrics, params, tags) in batches within MLflow's limits: 1000 metrics, 100 params,
+    100 tags, 1000 in all."""
+    while metrics or params or tags:
+        p, params = params[:100], params[100:]
+        t, tags = tags[:100], tags[100:]
+        n = 1000 - len(p) - len(t)
+        m, metrics = metrics[:n], metrics[n:]
+        yield m, p, t
+
+
+def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -> None:
+    client.log_text(run_id, text, artifact_file)
+
+
+def log_checkpoint(client: MlflowClient, run_id: str, path: Path) -> None:
+    """Log a trial's best-weights file under `checkpoints/` and tag the run so."""
+    client.log_artifact(run_id, str(path), "checkpoints")
+    client.set_tag(run_id, "harness.checkpoint", "logged")
+
+
+def delete_checkpoint(client: MlflowClient, run_id: str) -> str:
+    """Delete a run's `checkpoints/` artifacts through its artifact repository.
+
+    MLflow's client has no call to delete one artifact; the repository (local files, the
+    tracking server's proxied store, S3, ...) has one where the store supports deletion.
+    Returns the run's new `harness.checkpoint` tag: deleted, or kept (when it cannot delete).
+    """
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
+    try:
+        repo.delete_artifacts("checkpoints")
+        state = "deleted"
+    except (NotImplementedError, mlflow.exceptions.MlflowException, OSError):
+        state = "kept (the artifact store cannot delete)"
+    client.set_tag(run_id, "harness.checkpoint", state)
+    return state
+
+
+def checkpoint_state(client: MlflowClient, run_id: str) -> str | None:
+    return client.get_run(run_id).data.tags.get("harness.checkpoint")
+
+
+def running_trial_runs(client: MlflowClient, study_name: str) -> list[str]:
+    """Ids of the study's trial runs that MLflow still shows RUNNING."""
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`optuna.study` = '{study_name}' and attributes.status = 'RUNNING'",
+        max_results=10000,
+    )
+    return [r.info.run_id for r in runs if "optuna.trial_number" in r.data.tags]
+
+
+def fetch_source_model(client: MlflowClient, key: str, dest: Path) -> tuple[Path, dict] | None:
+    """The registry's latest `source-KEY` version as a local file and its source metrics, or
+    None when this tracking store has none."""
+    try:
+        versions = client.search_model_versions(f"name = 'source-{key}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    if not versions:
+        return None
+    v = max(versions, key=lambda v: int(v.version))
+    path = resolve_model_uri(f"models:/source-{key}/{v.version}", dest)
+    run = client.get_run(v.run_id)
+    metrics = {
+        k.removeprefix("source_"): val
+        for k, val in run.data.metrics.items()
+        if k.startswith("source_")
+    }
+    return path, metrics
+
+
+def register_source_model(
+    client: MlflowClient, exp_id: str, key: str, path: Path, settings: dict, metrics: dict
+) -> str:
+    """Register the pretrained source model (a state_dict) as `source-KEY`; return its models:/ URI.
+
+    Done once per tracking store: a later call finds the registered version and returns it.
+    """
+    name = f"source-{key}"
+    versions = client.search_model_versions(f"name = '{name}'")
+    if versions:
+        return f"models:/{name}/{max(int(v.version) for v in versions)}"
+    run = client.create_run(
+        exp_id, run_name=f"source-pretrain-{key}", tags={"harness.role": "source_pretrain"}
+    )
+    run_id = run.info.run_id
+    log_params(client, run_id, {f"source.{k}": v for k, v in settings.items()})
+    client.log_batch(
+        run_id, metrics=[Metric(f"source_{k}", float(v), 0, 0) for k, v in metrics.items()]
+    )
+    client.log_artifact(run_id, str(path), "source")
+    client.set_terminated(run_id, "FINISHED")
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # another process was first
+        client.create_registered_model(name, description="Pretrained source model (state_dict)")
+    source = f"{client.get_run(run_id).info.artifact_uri}/source"
+    version = client.create_model_version(name, source, run_id=run_id, tags={"harness.key": key})
+    return f"models:/{name}/{version.version}"
+
+
+def pin_model_uri(uri: str) -> str:
+    """`models:/NAME@ALIAS` -> `models:/NAME/VERSION` (the version the alias names now), so
+    that a run records the exact weights it started from; other URIs are returned as given."""
+    match = re.fullmatch(r"models:/([^/@]+)@([\w-]+)", uri)
+    if not match:
+        return uri
+    try:
+        version = MlflowClient().get_model_version_by_alias(match[1], match[2]).version
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(f"model.pretrained: cannot resolve {uri}: {err.message}") from None
+    return f"models:/{match[1]}/{version}"
+
+
+def check_model_uri(tracking_uri: str, uri: str) -> None:
+    """ValueError unless `uri` (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH)
+    names something in the store at `tracking_uri`; downloads nothing."""
+    client = connect(tracking_uri)
+    try:
+        if match := re.fullmatch(r"models:/([^/@]+)@([\w-]+)", uri):
+            client.get_model_version_by_alias(match[1], match[2])
+        elif match := re.fullmatch(r"models:/([^/@]+)/(\d+)", uri):
+            client.get_model_version(match[1], match[2])
+        elif match := re.fullmatch(r"models:/([^/@]+)", uri):
+            if not client.search_model_versions(f"name = '{match[1]}'", max_results=1):
+                raise ValueError(f"model.pretrained: {uri}: the model has no version")
+        elif match := re.match(r"runs:/([0-9a-f]+)/", uri):
+            client.get_run(match[1])
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(
+            f"model.pretrained: cannot resolve {uri} in {redact(tracking_uri)}: {err.message}"
+        ) from None
+
+
+def resolve_model_uri(uri: str, dest: Path) -> Path:
+    """A `models:/NAME/VERSION` or `runs:/RUN_ID/PATH` URI -> a local state_dict file.
+
+    The artifact is downloaded under `dest`; an MLflow PyTorch model gives its module's
+    state_dict; any other folder must hold exactly one .pt/.pth file.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(f"model.pretrained: cannot fetch {uri}: {err.message}") from None
+    if local.is_file():
+        return local
+    if (local / "MLmodel").is_file():  # an MLflow PyTorch model (a study's registered best)
+        import torch
+        from mlflow import pytorch as mlflow_pytorch
+
+        state = local / "state_dict.pt"
+        if not state.is_file():
+            module = mlflow_pytorch.load_model(str(local), map_location="cpu")
+            torch.save(module.state_dict(), state)
+        return state
+    files = sorted(p for p in local.rglob("*") if p.suffix in (".pt", ".pth"))
+    if len(files) != 1:
+        raise ValueError(
+            f"model.pretrained: {uri} holds {len(files)} .pt/.pth files "
+            f"({[f.name for f in files]}); point the URI at one state_dict file"
+        )
+    return files[0]
+
+
+def load_text(run_id: str, artifact_file: str) -> str:
+    return mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_file}")
+
+
+def download_checkpoint(client: MlflowClient, run_id: str, dest: Path) -> Path | None:
+    """The run's logged best-weights file, downloaded under `dest`; None when it has none."""
+    if checkpoint_state(client, run_id) != "logged":
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    folder = Path(client.download_artifacts(run_id, "checkpoints", str(dest)))
+    files = sorted(folder.glob("*.pt"))
+    return files[0] if files else None
+
+
+def log_metrics_once(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+
+def register_model(
+    client: MlflowClient,
+    name: str,
+    run_id: str,
+    model,
+    example,
+    metrics: dict[str, float],
+) -> str:
+    """Log `model` (a torch module: raw uint8 images (N, C, H, W) in, logits out) in run
+    `run_id` as an MLflow PyTorch model with a signature and `example` as its input example,
+    register it as a version of `name` (once per run) and point the alias `best` at it:
+    `mlflow.pytorch.load_model("models:/NAME@best")` returns the model, and
+    `model.pretrained: models:/NAME@best` in another study starts from its weights."""
+    import torch
+    import torchvision
+    from mlflow import pytorch as mlflow_pytorch
+    from mlflow.models import infer_signature
+
+    for v in client.search_model_versions(f"name = '{name}'"):
+        if v.run_id == run_id and v.tags.get("harness.format") == "mlflow-pytorch":
+            client.set_registered_model_alias(name, "best", v.version)
+            return f"models:/{name}/{v.version}"
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # exists already
+        client.create_registered_model(name, description="Best model of the Optuna study")
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, logits)
+    requirements = [f"{m.__name__}=={m.__version__.split('+')[0]}" for m in (torch, torchvision)]
+    with mlflow.start_run(run_id=run_id):  # the trial's run: it ends FINISHED again
+        info = mlflow_pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example,
+            pip_requirements=requirements,
+        )
+    tags = {k: f"{v:.6g}" for k, v in metrics.items()} | {"harness.format": "mlflow-pytorch"}
+    version = client.create_model_version(
+        name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id
+    )
+    client.set_registered_model_alias(name, "best", version.version)
+    return f"models:/{name}/{version.version}"
+
+
+def finished_reruns(
+    client: MlflowClient, exp_id: str, of_run: str, keys: tuple[str, ...]
+) -> dict[int, dict]:
+    """{seed: {key: value}} of the finished reruns of a trial run that logged every one of
+    `keys` (as `best_KEY`, harness.config.metrics.best_name)."""
+    runs = client.search_runs(
+        [exp_id], filter_string=f"tags.`harness.rerun_of` = '{of_run}'", max_results=1000
+    )
+    names = {k: best_name(k) for k in keys}
+    return {
+        int(r.data.params["seed"]): {k: r.data.metrics[n] for k, n in names.items()}
+        for r in runs
+        if r.info.status == "FINISHED" and all(n in r.data.metrics for n in names.values())
+    }
+
+
+def finished_ablations(
+    client: MlflowClient, exp_id: str, of_run: str, metrics: tuple[str, ...]
+) -> dict[tuple[str, int, str], dict[str, float]]:
+    """{(variant, seed index, config key): {metric: value}} of the finished ablation runs of a
+    trial run (tags `harness.ablation_of`, `harness.ablation`, `harness.seed_index`,
+    `harness.ablation_config`) that logged every one of `metrics`."""
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`harness.ablation_of` = '{of_run}' "
+        "and tags.`harness.role` = 'ablation'",
+        max_results=10000,
+    )
+    return {
+        (
+            r.data.tags["harness.ablation"],
+            int(r.data.tags["harness.seed_index"]),
+            r.data.tags.get("harness.ablation_config", ""),
+        ): {m: r.data.metrics[m] for m in metrics}
+        for r in runs
+        if r.info.status == "FINISHED" and all(m in r.data.metrics for m in metrics)
+    }
+
+
+def run_record(client: MlflowClient, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(params, tags) of a run."""
+    run = client.get_run(run_id)
+    return dict(run.data.params), dict(run.data.tags)
+
+
+def log_report(client: MlflowClient, run_id: str, files: list[Path]) -> None:
+    for path in files:
+        client.log_artifact(run_id, str(path), "report")
+
+
+def yaml_text(tree: dict) -> str:
+    import yaml
+
+    buf = io.StringIO()
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's, where PyYAML has it
+    yaml.dump(tree, buf, Dumper=dumper, sort_keys=False)
+    return buf.getvalue()
+
+
+def ui_env() -> dict[str, str]:
+    """The UI server's environment: MLflow 3's job runner (a pool of huey consumers for GenAI
+    jobs) is turned off: the harness has no such jobs and it would crowd a small machine."""
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def ui_command(tracking_uri: str, results: Path, host: str, port: int) -> list[str]:
+    """`mlflow server` on the study's store: loopback by default, one worker, middleware on."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri]
+    cmd += ["--host", host, "--port", str(port), "--workers", "1"]
+    if is_local_store(tracking_uri):
+        cmd += ["--default-artifact-root", (results / "mlartifacts").resolve().as_uri()]
+    return cmd
+
+
+# --- Reproductions of trial runs (`run_study.py reproduce`). ---
+def find_run(client: MlflowClient, run_id: str):
+    """The run with this id, or None when the store has none (other errors are raised)."""
+    try:
+        return client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def metric_steps(client: MlflowClient, run_id: str, keys: list[str]) -> dict[str, dict[int, float]]:
+    """{metric: {step: value}} of those of `keys` the run has a history of; at a step logged
+    twice, the later value."""
+    out = {}
+    for key in keys:
+        history = sorted(
+            client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)
+        )
+        if history:
+            out[key] = {m.step: m.value for m in history}
+    return out
+
+
+def end_run_tagged(
+    client: MlflowClient,
+    run_id: str,
+    status: str,
+    tags: dict[str, str],
+    metrics: dict[str, float] | None = None,
+) -> None:
+    """Tag a run (and log `metrics` at step 0), then end it with `status` (FINISHED, FAILED or
+    KILLED)."""
+    _write_end(client, run_id, status, tags, metrics, [], [])
+
+
+def _write_end(client, run_id, status, tags, metrics, epochs: list, params: list) -> None:
+    now = int(time.time() * 1000)
+    ms = epochs + [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+    ts = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+    for m, p, t in _batches(ms, params, ts):
+        client.log_batch(run_id, metrics=m, params=p, tags=t)
+    if status is not None:
+        client.set_terminated(run_id, status=status)
