@@ -248,7 +248,7 @@ def _without_workers(argv: list[str]) -> list[str]:
 
 
 def cmd_ui(args) -> int:
-    from harness.tracking import relocation
+    from harness.tracking import relocation, ui
     from harness.tracking import store as tracking
 
     uri = args.tracking_uri or tracking.default_tracking_uri(args.results)
@@ -264,12 +264,12 @@ def cmd_ui(args) -> int:
     moved = relocation.relocate(args.results, uri)
     if moved:
         print(f"note: {moved}.", file=sys.stderr)
-    cmd = tracking.ui_command(uri, args.results, args.host, args.port)
+    cmd = ui.ui_command(uri, args.results, args.host, args.port)
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {tracking.redact(uri)}: {base}  (Ctrl-C stops it)", flush=True)
-    for name, url in tracking.study_urls(uri, base):
+    for name, url in ui.study_urls(uri, base):
         print(f"  {name}: {url}", flush=True)
-    os.execve(cmd[0], cmd, tracking.ui_env())
+    os.execve(cmd[0], cmd, ui.ui_env())
     return 1  # not reached
 
 

@@ -204,7 +204,7 @@ def decode(
         answers = [_decode_job(jobs[0])]
     else:
         env = dict(os.environ)
-        here = str(Path(__file__).resolve().parent.parent)
+        here = str(Path(__file__).resolve().parents[2])  # the folder that holds harness/
         env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [env.get("PYTHONPATH")])])
         env["OMP_NUM_THREADS"] = "1"
         procs = [

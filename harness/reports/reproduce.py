@@ -27,7 +27,7 @@ from harness.config.spec import SpecError, TrialConfig, safe_name
 from harness.core import distributed
 from harness.core.source import source_key
 from harness.data import datacache
-from harness.tracking import relocation, runs
+from harness.tracking import provenance, registry, relocation, runs
 from harness.tracking import store as tracking
 
 OPTIONAL = OPTIONAL_EPOCH  # compared where the record or the re-run has them
@@ -339,7 +339,7 @@ def _starting_weights(
     if kind == "file" and recorded and Path(recorded).is_file():
         return Path(recorded), recorded
     if kind == "mlflow" and recorded and recorded.startswith("models:/"):  # the pinned version
-        return tracking.resolve_model_uri(
+        return registry.resolve_model_uri(
             recorded, res.results / "pretrained" / safe_name(recorded)
         ), recorded
     if kind == "source" and recorded and recorded.startswith("models:/"):
@@ -347,7 +347,7 @@ def _starting_weights(
         if not ((cache / f"{key}.pt").is_file() and (cache / f"{key}.json").is_file()):
             folder = res.results / "pretrained" / safe_name(recorded)
             with contextlib.suppress(ValueError):  # not in this registry: pretrained again
-                return tracking.resolve_model_uri(recorded, folder), recorded
+                return registry.resolve_model_uri(recorded, folder), recorded
     return res.pretrained_for(config)
 
 
@@ -448,7 +448,7 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
                 f"run {run_id}: the data split differs from the record (data hash "
                 f"{recorded_hash} recorded, {data.data_hash} now); refusing to compare"
             )
-        now = {**tracking.provenance_tags(device, threads), "harness.devices_per_trial": str(k)}
+        now = {**provenance.provenance_tags(device, threads), "harness.devices_per_trial": str(k)}
         _provenance_warnings(tags, now)
         if same_environment(tags, now):
             tolerance = GPU_TOLERANCE if gpu else EXACT

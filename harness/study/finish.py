@@ -18,7 +18,7 @@ from harness.core.shared import seed_everything
 from harness.data import datacache
 from harness.reports import classical, plots, report
 from harness.reports.ablation import ablate_study
-from harness.tracking import runs
+from harness.tracking import registry, runs, ui
 from harness.tracking import store as tracking
 from harness.tracking.runs import Resources, StudyOptions, best_weights_path, load_config
 
@@ -28,7 +28,7 @@ def trained_model(client, results: Path, name: str, number: int, run_id: str):
     results folder's best-weights file or the run's logged copy; None when neither is kept."""
     path = best_weights_path(results, name, number)
     if not path.is_file():
-        path = tracking.download_checkpoint(client, run_id, results / "downloads" / run_id)
+        path = registry.download_checkpoint(client, run_id, results / "downloads" / run_id)
     if path is None:
         return None
     config = load_config(run_id)
@@ -50,7 +50,7 @@ def register(client, results: Path, name: str, best: report.TrialRow, metrics: d
     config, data, model = trained
     x = data.x if config.task.kind == "meta" else data.x_val
     model.to("cpu")
-    tracking.register_model(client, safe_name(name), run_id, model, x[:2].cpu().numpy(), metrics)
+    registry.register_model(client, safe_name(name), run_id, model, x[:2].cpu().numpy(), metrics)
 
 
 def test_once(client, results: Path, name: str, trial) -> dict[str, float] | None:
@@ -170,9 +170,7 @@ def finish_report(
     exp = client.get_experiment_by_name(study.user_attrs.get("harness.experiment", name))
     objective = summary.objectives[0] if summary.objectives else "val_acc"
     url = (
-        tracking.experiment_url(
-            "http://127.0.0.1:5000", exp.experiment_id, objective, summary.direction
-        )
+        ui.experiment_url("http://127.0.0.1:5000", exp.experiment_id, objective, summary.direction)
         if exp
         else ""
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from harness.config.spec import ExperimentSpec, SpecError, TrialConfig, trial_config
 from harness.core import distributed, models
+from harness.tracking import registry
 from harness.tracking import store as tracking
 from harness.tracking.runs import StudyOptions
 
@@ -50,6 +51,6 @@ def check_inputs(
                         f"{tracking.redact(uri)} to find it in; give the --results or "
                         "--tracking-uri of the study that registered it"
                     )
-                tracking.check_model_uri(uri, m.pretrained)
+                registry.check_model_uri(uri, m.pretrained)
         except ValueError as err:
             raise SpecError(str(err)) from None

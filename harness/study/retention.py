@@ -11,6 +11,7 @@ import fcntl
 import optuna
 from optuna.trial import TrialState
 
+from harness.tracking import registry
 from harness.tracking import store as tracking
 from harness.tracking.runs import best_weights_path
 
@@ -63,14 +64,14 @@ def _retain(ctx, t, kept: bool) -> None:
     run_id = t.user_attrs.get("mlflow_run_id")
     if kept:  # asked of MLflow once per run and process: not every kept run at every trial
         if path.is_file() and run_id not in ctx.logged:
-            if tracking.checkpoint_state(ctx.client, run_id) != "logged":
-                tracking.log_checkpoint(ctx.client, run_id, path)
+            if registry.checkpoint_state(ctx.client, run_id) != "logged":
+                registry.log_checkpoint(ctx.client, run_id, path)
             ctx.logged.add(run_id)
     elif path.is_file():
         path.unlink()
         logged = run_id in ctx.logged  # logged by this process: no need to ask MLflow
         ctx.logged.discard(run_id)
-        if logged or tracking.checkpoint_state(ctx.client, run_id) == "logged":
-            tracking.delete_checkpoint(ctx.client, run_id)
+        if logged or registry.checkpoint_state(ctx.client, run_id) == "logged":
+            registry.delete_checkpoint(ctx.client, run_id)
         else:  # fell out before it was ever logged
             ctx.client.set_tag(run_id, "harness.checkpoint", "deleted")

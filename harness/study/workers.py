@@ -59,7 +59,7 @@ def assign(n_workers: int, gpus: list[str], cpus: int, per_trial: int = 1) -> li
 def spawn(argv: list[str], envs: list[dict[str, str]], logs: Path) -> list[subprocess.Popen]:
     """Start one `run_study.py ARGV --worker` process per environment; output to `logs/`."""
     logs.mkdir(parents=True, exist_ok=True)
-    script = Path(__file__).resolve().parent.parent / "run_study.py"
+    script = Path(__file__).resolve().parents[2] / "run_study.py"
     procs = []
     for i, extra in enumerate(envs):
         log = open(logs / f"worker-{i}.log", "w")  # noqa: SIM115 - closed by the child's exit

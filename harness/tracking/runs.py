@@ -26,6 +26,8 @@ from harness.core.shared import resolve_device, seed_everything
 from harness.core.source import SourceModel, get_source_model, source_key
 from harness.data import datacache
 from harness.data.datasets import TaskData
+from harness.tracking import provenance as where_from
+from harness.tracking import registry
 from harness.tracking import store as tracking
 
 
@@ -86,7 +88,7 @@ def provenance(config: TrialConfig) -> dict[str, str]:
     threads = config.train.threads or torch.get_num_threads()
     if k > 1:
         threads = distributed.rank_threads(config)
-    tags = tracking.provenance_tags(str(resolve_device(config.train.device)), threads)
+    tags = where_from.provenance_tags(str(resolve_device(config.train.device)), threads)
     return {**tags, "harness.devices_per_trial": str(k)}
 
 
@@ -244,9 +246,9 @@ class Resources:
                 raise SpecError(f"model.pretrained: no such state_dict file {path}")
             return path, str(path.resolve())
         if m.pretrained not in self.downloads:  # an alias is pinned to its version once
-            pinned = tracking.pin_model_uri(m.pretrained)
+            pinned = registry.pin_model_uri(m.pretrained)
             folder = self.results / "pretrained" / safe_name(pinned)
-            self.downloads[m.pretrained] = (tracking.resolve_model_uri(pinned, folder), pinned)
+            self.downloads[m.pretrained] = (registry.resolve_model_uri(pinned, folder), pinned)
         return self.downloads[m.pretrained]
 
     def source_for(self, config: TrialConfig) -> tuple[SourceModel, str] | None:
@@ -259,12 +261,12 @@ class Resources:
             src = get_source_model(
                 config,
                 self.results / "sources",
-                fetch=lambda k: tracking.fetch_source_model(
+                fetch=lambda k: registry.fetch_source_model(
                     self.client, k, self.results / "pretrained" / f"source-{k}"
                 ),
                 data_cache=datacache.under(self.results),
             )
-            uri = tracking.register_source_model(
+            uri = registry.register_source_model(
                 self.client, self.exp_id, src.key, src.path, src.settings, src.metrics
             )
             how = "trained now" if src.trained_now else "from the cache or the registry"

@@ -10,16 +10,10 @@ FAILED; an attempt interrupted (SIGTERM, a dead process) ends KILLED.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib.metadata
 import io
 import logging
 import os
-import platform
 import re
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -35,7 +29,6 @@ from harness.infra import envfaults
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
 DESCRIPTION = "mlflow.note.content"  # the run's description in the UI
 TrackingError = mlflow.exceptions.MlflowException  # what the tracking store raises
-_REPO = Path(__file__).resolve().parent.parent
 
 
 def default_tracking_uri(results: Path) -> str:
@@ -85,6 +78,11 @@ def _store(tracking_uri: str) -> dict[str, Any]:
     }
 
 
+# The experiment's kind: MLflow's UI shows a "custom model development" experiment in its
+# training views (see harness.tracking.ui for the links that keep them).
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def experiment_id(client: MlflowClient, name: str, results: Path, tracking_uri: str) -> str:
     """The MLflow experiment named after the experiment file; artifacts under the results folder."""
     found = client.get_experiment_by_name(name)
@@ -99,106 +97,6 @@ def experiment_id(client: MlflowClient, name: str, results: Path, tracking_uri: 
         )
     except mlflow.exceptions.MlflowException:  # another process created it first
         return client.get_experiment_by_name(name).experiment_id
-
-
-EXPERIMENT_KIND = "custom_model_development"
-# MLflow 3.17's UI opens an experiment in its GenAI view unless the URL says otherwise (a browser
-# setting, local storage mlflow.workflowType, default GenAI): `workflowType=machine_learning` on
-# the experiment's `/runs` page lands on the runs table; its search and sort come from the query
-# too (the bare experiment page drops them).
-RUNS_VIEW = "workflowType=machine_learning"
-TRIAL_RUNS = "attributes.run_name LIKE 'trial-%'"
-
-
-def experiment_url(
-    base: str, exp_id: str, metric: str = "val_acc", direction: str = "maximize"
-) -> str:
-    """The UI page of an experiment's trial runs, ranked as Optuna ranks them: by the
-    objective's value at each trial's chosen epoch (`best_<metric>`)."""
-    from urllib.parse import quote
-
-    query = [
-        RUNS_VIEW,
-        f"searchFilter={quote(TRIAL_RUNS)}",
-        f"orderByKey={quote(f'metrics.`{best_name(metric)}`')}",
-        f"orderByAsc={str(direction == 'minimize').lower()}",
-    ]
-    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{'&'.join(query)}"
-
-
-def study_urls(tracking_uri: str, base: str) -> list[tuple[str, str]]:
-    """(study name, trial-runs URL) of every study (parent run) in the store."""
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).is_file():
-        return []
-    client = connect(tracking_uri)
-    out = []
-    for e in client.search_experiments():
-        for parent in client.search_runs([e.experiment_id], "tags.`harness.role` = 'study'"):
-            direction, _, metric = parent.data.params.get("objective", "").partition(" ")
-            metric = metric.split(",")[0] or "val_acc"
-            url = experiment_url(base, e.experiment_id, metric, direction or "maximize")
-            out.append((parent.info.run_name, url))
-    return out
-
-
-@functools.cache
-def _git(*args: str) -> str:
-    try:
-        out = subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-@functools.cache
-def cpu_model() -> str:
-    """The CPU's model name ('AMD EPYC 7B13', 'Intel(R) Xeon(R) ...'): bit-for-bit results
-    hold within one model. The architecture alone when the OS does not say."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model Name", "Hardware")) and ":" in line:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-KERNEL_SETTINGS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
-
-
-def cpu_kernels() -> str:
-    """The CPU code paths torch computes on ('AVX512'; 'DEFAULT, ONEDNN_MAX_CPU_ISA=AVX2'):
-    torch's vectorised kernels (`ATEN_CPU_CAPABILITY` caps them) and any setting that makes
-    MKL or oneDNN take another path. One CPU model gives other last bits on another path."""
-    import torch
-
-    kernels = [torch.backends.cpu.get_cpu_capability()]
-    kernels += [f"{k}={os.environ[k]}" for k in KERNEL_SETTINGS if os.environ.get(k)]
-    return ", ".join(kernels)
-
-
-def provenance_tags(device: str, threads: int) -> dict[str, str]:
-    """Where a result came from: code, libraries, device, CPU threads (CPU results depend on it)."""
-    import torch
-    import torchvision
-
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
-    tags = {
-        "harness.git_commit": _git("rev-parse", "HEAD"),
-        "harness.git_dirty": str(dirty not in ("", "unknown")).lower(),
-        "harness.version.python": platform.python_version(),
-        "harness.version.torch": torch.__version__,
-        "harness.version.torchvision": torchvision.__version__,
-        "harness.version.optuna": importlib.metadata.version("optuna"),  # the study's layer's
-        "harness.version.mlflow": mlflow.__version__,
-        "harness.device": device,
-        "harness.threads": str(threads),
-        "harness.cpu": cpu_model(),
-        "harness.cpu_kernels": cpu_kernels(),
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        tags["harness.device"] = f"{device} ({torch.cuda.get_device_name()})"
-    return tags
 
 
 def _params(flat: dict[str, Any]) -> list[Param]:
@@ -414,35 +312,6 @@ def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -
     client.log_text(run_id, text, artifact_file)
 
 
-def log_checkpoint(client: MlflowClient, run_id: str, path: Path) -> None:
-    """Log a trial's best-weights file under `checkpoints/` and tag the run so."""
-    client.log_artifact(run_id, str(path), "checkpoints")
-    client.set_tag(run_id, "harness.checkpoint", "logged")
-
-
-def delete_checkpoint(client: MlflowClient, run_id: str) -> str:
-    """Delete a run's `checkpoints/` artifacts through its artifact repository.
-
-    MLflow's client has no call to delete one artifact; the repository (local files, the
-    tracking server's proxied store, S3, ...) has one where the store supports deletion.
-    Returns the run's new `harness.checkpoint` tag: deleted, or kept (when it cannot delete).
-    """
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
-    try:
-        repo.delete_artifacts("checkpoints")
-        state = "deleted"
-    except (NotImplementedError, mlflow.exceptions.MlflowException, OSError):
-        state = "kept (the artifact store cannot delete)"
-    client.set_tag(run_id, "harness.checkpoint", state)
-    return state
-
-
-def checkpoint_state(client: MlflowClient, run_id: str) -> str | None:
-    return client.get_run(run_id).data.tags.get("harness.checkpoint")
-
-
 def running_trial_runs(client: MlflowClient, study_name: str) -> list[str]:
     """Ids of the study's trial runs that MLflow still shows RUNNING."""
     runs = client.search_runs(
@@ -453,179 +322,13 @@ def running_trial_runs(client: MlflowClient, study_name: str) -> list[str]:
     return [r.info.run_id for r in runs if "optuna.trial_number" in r.data.tags]
 
 
-def fetch_source_model(client: MlflowClient, key: str, dest: Path) -> tuple[Path, dict] | None:
-    """The registry's latest `source-KEY` version as a local file and its source metrics, or
-    None when this tracking store has none."""
-    try:
-        versions = client.search_model_versions(f"name = 'source-{key}'")
-    except mlflow.exceptions.MlflowException:
-        return None
-    if not versions:
-        return None
-    v = max(versions, key=lambda v: int(v.version))
-    path = resolve_model_uri(f"models:/source-{key}/{v.version}", dest)
-    run = client.get_run(v.run_id)
-    metrics = {
-        k.removeprefix("source_"): val
-        for k, val in run.data.metrics.items()
-        if k.startswith("source_")
-    }
-    return path, metrics
-
-
-def register_source_model(
-    client: MlflowClient, exp_id: str, key: str, path: Path, settings: dict, metrics: dict
-) -> str:
-    """Register the pretrained source model (a state_dict) as `source-KEY`; return its models:/ URI.
-
-    Done once per tracking store: a later call finds the registered version and returns it.
-    """
-    name = f"source-{key}"
-    versions = client.search_model_versions(f"name = '{name}'")
-    if versions:
-        return f"models:/{name}/{max(int(v.version) for v in versions)}"
-    run = client.create_run(
-        exp_id, run_name=f"source-pretrain-{key}", tags={"harness.role": "source_pretrain"}
-    )
-    run_id = run.info.run_id
-    log_params(client, run_id, {f"source.{k}": v for k, v in settings.items()})
-    client.log_batch(
-        run_id, metrics=[Metric(f"source_{k}", float(v), 0, 0) for k, v in metrics.items()]
-    )
-    client.log_artifact(run_id, str(path), "source")
-    client.set_terminated(run_id, "FINISHED")
-    with contextlib.suppress(mlflow.exceptions.MlflowException):  # another process was first
-        client.create_registered_model(name, description="Pretrained source model (state_dict)")
-    source = f"{client.get_run(run_id).info.artifact_uri}/source"
-    version = client.create_model_version(name, source, run_id=run_id, tags={"harness.key": key})
-    return f"models:/{name}/{version.version}"
-
-
-def pin_model_uri(uri: str) -> str:
-    """`models:/NAME@ALIAS` -> `models:/NAME/VERSION` (the version the alias names now), so
-    that a run records the exact weights it started from; other URIs are returned as given."""
-    match = re.fullmatch(r"models:/([^/@]+)@([\w-]+)", uri)
-    if not match:
-        return uri
-    try:
-        version = MlflowClient().get_model_version_by_alias(match[1], match[2]).version
-    except mlflow.exceptions.MlflowException as err:
-        raise ValueError(f"model.pretrained: cannot resolve {uri}: {err.message}") from None
-    return f"models:/{match[1]}/{version}"
-
-
-def check_model_uri(tracking_uri: str, uri: str) -> None:
-    """ValueError unless `uri` (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH)
-    names something in the store at `tracking_uri`; downloads nothing."""
-    client = connect(tracking_uri)
-    try:
-        if match := re.fullmatch(r"models:/([^/@]+)@([\w-]+)", uri):
-            client.get_model_version_by_alias(match[1], match[2])
-        elif match := re.fullmatch(r"models:/([^/@]+)/(\d+)", uri):
-            client.get_model_version(match[1], match[2])
-        elif match := re.fullmatch(r"models:/([^/@]+)", uri):
-            if not client.search_model_versions(f"name = '{match[1]}'", max_results=1):
-                raise ValueError(f"model.pretrained: {uri}: the model has no version")
-        elif match := re.match(r"runs:/([0-9a-f]+)/", uri):
-            client.get_run(match[1])
-    except mlflow.exceptions.MlflowException as err:
-        raise ValueError(
-            f"model.pretrained: cannot resolve {uri} in {redact(tracking_uri)}: {err.message}"
-        ) from None
-
-
-def resolve_model_uri(uri: str, dest: Path) -> Path:
-    """A `models:/NAME/VERSION` or `runs:/RUN_ID/PATH` URI -> a local state_dict file.
-
-    The artifact is downloaded under `dest`; an MLflow PyTorch model gives its module's
-    state_dict; any other folder must hold exactly one .pt/.pth file.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
-    except mlflow.exceptions.MlflowException as err:
-        raise ValueError(f"model.pretrained: cannot fetch {uri}: {err.message}") from None
-    if local.is_file():
-        return local
-    if (local / "MLmodel").is_file():  # an MLflow PyTorch model (a study's registered best)
-        import torch
-        from mlflow import pytorch as mlflow_pytorch
-
-        state = local / "state_dict.pt"
-        if not state.is_file():
-            module = mlflow_pytorch.load_model(str(local), map_location="cpu")
-            torch.save(module.state_dict(), state)
-        return state
-    files = sorted(p for p in local.rglob("*") if p.suffix in (".pt", ".pth"))
-    if len(files) != 1:
-        raise ValueError(
-            f"model.pretrained: {uri} holds {len(files)} .pt/.pth files "
-            f"({[f.name for f in files]}); point the URI at one state_dict file"
-        )
-    return files[0]
-
-
 def load_text(run_id: str, artifact_file: str) -> str:
     return mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_file}")
-
-
-def download_checkpoint(client: MlflowClient, run_id: str, dest: Path) -> Path | None:
-    """The run's logged best-weights file, downloaded under `dest`; None when it has none."""
-    if checkpoint_state(client, run_id) != "logged":
-        return None
-    dest.mkdir(parents=True, exist_ok=True)
-    folder = Path(client.download_artifacts(run_id, "checkpoints", str(dest)))
-    files = sorted(folder.glob("*.pt"))
-    return files[0] if files else None
 
 
 def log_metrics_once(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-
-
-def register_model(
-    client: MlflowClient,
-    name: str,
-    run_id: str,
-    model,
-    example,
-    metrics: dict[str, float],
-) -> str:
-    """Log `model` (a torch module: raw uint8 images (N, C, H, W) in, logits out) in run
-    `run_id` as an MLflow PyTorch model with a signature and `example` as its input example,
-    register it as a version of `name` (once per run) and point the alias `best` at it:
-    `mlflow.pytorch.load_model("models:/NAME@best")` returns the model, and
-    `model.pretrained: models:/NAME@best` in another study starts from its weights."""
-    import torch
-    import torchvision
-    from mlflow import pytorch as mlflow_pytorch
-    from mlflow.models import infer_signature
-
-    for v in client.search_model_versions(f"name = '{name}'"):
-        if v.run_id == run_id and v.tags.get("harness.format") == "mlflow-pytorch":
-            client.set_registered_model_alias(name, "best", v.version)
-            return f"models:/{name}/{v.version}"
-    with contextlib.suppress(mlflow.exceptions.MlflowException):  # exists already
-        client.create_registered_model(name, description="Best model of the Optuna study")
-    with torch.inference_mode():
-        logits = model(torch.from_numpy(example)).numpy()
-    signature = infer_signature(example, logits)
-    requirements = [f"{m.__name__}=={m.__version__.split('+')[0]}" for m in (torch, torchvision)]
-    with mlflow.start_run(run_id=run_id):  # the trial's run: it ends FINISHED again
-        info = mlflow_pytorch.log_model(
-            model,
-            name="model",
-            signature=signature,
-            input_example=example,
-            pip_requirements=requirements,
-        )
-    tags = {k: f"{v:.6g}" for k, v in metrics.items()} | {"harness.format": "mlflow-pytorch"}
-    version = client.create_model_version(
-        name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id
-    )
-    client.set_registered_model_alias(name, "best", version.version)
-    return f"models:/{name}/{version.version}"
 
 
 def finished_reruns(
@@ -685,21 +388,6 @@ def yaml_text(tree: dict) -> str:
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's, where PyYAML has it
     yaml.dump(tree, buf, Dumper=dumper, sort_keys=False)
     return buf.getvalue()
-
-
-def ui_env() -> dict[str, str]:
-    """The UI server's environment: MLflow 3's job runner (a pool of huey consumers for GenAI
-    jobs) is turned off: the harness has no such jobs and it would crowd a small machine."""
-    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-
-
-def ui_command(tracking_uri: str, results: Path, host: str, port: int) -> list[str]:
-    """`mlflow server` on the study's store: loopback by default, one worker, middleware on."""
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri]
-    cmd += ["--host", host, "--port", str(port), "--workers", "1"]
-    if is_local_store(tracking_uri):
-        cmd += ["--default-artifact-root", (results / "mlartifacts").resolve().as_uri()]
-    return cmd
 
 
 # --- Reproductions of trial runs (`run_study.py reproduce`). ---

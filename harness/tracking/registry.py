@@ -1,0 +1,210 @@
+"""Weights in MLflow: a trial's best-weights file as a run artifact (logged, fetched,
+deleted), the cached source models and the studies' best models as registered model versions,
+and model URIs (models:/NAME@ALIAS) resolved to a local file."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from harness.tracking.store import connect, log_params, redact
+
+
+def log_checkpoint(client: MlflowClient, run_id: str, path: Path) -> None:
+    """Log a trial's best-weights file under `checkpoints/` and tag the run so."""
+    client.log_artifact(run_id, str(path), "checkpoints")
+    client.set_tag(run_id, "harness.checkpoint", "logged")
+
+
+def delete_checkpoint(client: MlflowClient, run_id: str) -> str:
+    """Delete a run's `checkpoints/` artifacts through its artifact repository.
+
+    MLflow's client has no call to delete one artifact; the repository (local files, the
+    tracking server's proxied store, S3, ...) has one where the store supports deletion.
+    Returns the run's new `harness.checkpoint` tag: deleted, or kept (when it cannot delete).
+    """
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
+    try:
+        repo.delete_artifacts("checkpoints")
+        state = "deleted"
+    except (NotImplementedError, mlflow.exceptions.MlflowException, OSError):
+        state = "kept (the artifact store cannot delete)"
+    client.set_tag(run_id, "harness.checkpoint", state)
+    return state
+
+
+def checkpoint_state(client: MlflowClient, run_id: str) -> str | None:
+    return client.get_run(run_id).data.tags.get("harness.checkpoint")
+
+
+def fetch_source_model(client: MlflowClient, key: str, dest: Path) -> tuple[Path, dict] | None:
+    """The registry's latest `source-KEY` version as a local file and its source metrics, or
+    None when this tracking store has none."""
+    try:
+        versions = client.search_model_versions(f"name = 'source-{key}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    if not versions:
+        return None
+    v = max(versions, key=lambda v: int(v.version))
+    path = resolve_model_uri(f"models:/source-{key}/{v.version}", dest)
+    run = client.get_run(v.run_id)
+    metrics = {
+        k.removeprefix("source_"): val
+        for k, val in run.data.metrics.items()
+        if k.startswith("source_")
+    }
+    return path, metrics
+
+
+def register_source_model(
+    client: MlflowClient, exp_id: str, key: str, path: Path, settings: dict, metrics: dict
+) -> str:
+    """Register the pretrained source model (a state_dict) as `source-KEY`; return its models:/ URI.
+
+    Done once per tracking store: a later call finds the registered version and returns it.
+    """
+    name = f"source-{key}"
+    versions = client.search_model_versions(f"name = '{name}'")
+    if versions:
+        return f"models:/{name}/{max(int(v.version) for v in versions)}"
+    run = client.create_run(
+        exp_id, run_name=f"source-pretrain-{key}", tags={"harness.role": "source_pretrain"}
+    )
+    run_id = run.info.run_id
+    log_params(client, run_id, {f"source.{k}": v for k, v in settings.items()})
+    client.log_batch(
+        run_id, metrics=[Metric(f"source_{k}", float(v), 0, 0) for k, v in metrics.items()]
+    )
+    client.log_artifact(run_id, str(path), "source")
+    client.set_terminated(run_id, "FINISHED")
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # another process was first
+        client.create_registered_model(name, description="Pretrained source model (state_dict)")
+    source = f"{client.get_run(run_id).info.artifact_uri}/source"
+    version = client.create_model_version(name, source, run_id=run_id, tags={"harness.key": key})
+    return f"models:/{name}/{version.version}"
+
+
+def pin_model_uri(uri: str) -> str:
+    """`models:/NAME@ALIAS` -> `models:/NAME/VERSION` (the version the alias names now), so
+    that a run records the exact weights it started from; other URIs are returned as given."""
+    match = re.fullmatch(r"models:/([^/@]+)@([\w-]+)", uri)
+    if not match:
+        return uri
+    try:
+        version = MlflowClient().get_model_version_by_alias(match[1], match[2]).version
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(f"model.pretrained: cannot resolve {uri}: {err.message}") from None
+    return f"models:/{match[1]}/{version}"
+
+
+def check_model_uri(tracking_uri: str, uri: str) -> None:
+    """ValueError unless `uri` (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH)
+    names something in the store at `tracking_uri`; downloads nothing."""
+    client = connect(tracking_uri)
+    try:
+        if match := re.fullmatch(r"models:/([^/@]+)@([\w-]+)", uri):
+            client.get_model_version_by_alias(match[1], match[2])
+        elif match := re.fullmatch(r"models:/([^/@]+)/(\d+)", uri):
+            client.get_model_version(match[1], match[2])
+        elif match := re.fullmatch(r"models:/([^/@]+)", uri):
+            if not client.search_model_versions(f"name = '{match[1]}'", max_results=1):
+                raise ValueError(f"model.pretrained: {uri}: the model has no version")
+        elif match := re.match(r"runs:/([0-9a-f]+)/", uri):
+            client.get_run(match[1])
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(
+            f"model.pretrained: cannot resolve {uri} in {redact(tracking_uri)}: {err.message}"
+        ) from None
+
+
+def resolve_model_uri(uri: str, dest: Path) -> Path:
+    """A `models:/NAME/VERSION` or `runs:/RUN_ID/PATH` URI -> a local state_dict file.
+
+    The artifact is downloaded under `dest`; an MLflow PyTorch model gives its module's
+    state_dict; any other folder must hold exactly one .pt/.pth file.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(f"model.pretrained: cannot fetch {uri}: {err.message}") from None
+    if local.is_file():
+        return local
+    if (local / "MLmodel").is_file():  # an MLflow PyTorch model (a study's registered best)
+        import torch
+        from mlflow import pytorch as mlflow_pytorch
+
+        state = local / "state_dict.pt"
+        if not state.is_file():
+            module = mlflow_pytorch.load_model(str(local), map_location="cpu")
+            torch.save(module.state_dict(), state)
+        return state
+    files = sorted(p for p in local.rglob("*") if p.suffix in (".pt", ".pth"))
+    if len(files) != 1:
+        raise ValueError(
+            f"model.pretrained: {uri} holds {len(files)} .pt/.pth files "
+            f"({[f.name for f in files]}); point the URI at one state_dict file"
+        )
+    return files[0]
+
+
+def download_checkpoint(client: MlflowClient, run_id: str, dest: Path) -> Path | None:
+    """The run's logged best-weights file, downloaded under `dest`; None when it has none."""
+    if checkpoint_state(client, run_id) != "logged":
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    folder = Path(client.download_artifacts(run_id, "checkpoints", str(dest)))
+    files = sorted(folder.glob("*.pt"))
+    return files[0] if files else None
+
+
+def register_model(
+    client: MlflowClient,
+    name: str,
+    run_id: str,
+    model,
+    example,
+    metrics: dict[str, float],
+) -> str:
+    """Log `model` (a torch module: raw uint8 images (N, C, H, W) in, logits out) in run
+    `run_id` as an MLflow PyTorch model with a signature and `example` as its input example,
+    register it as a version of `name` (once per run) and point the alias `best` at it:
+    `mlflow.pytorch.load_model("models:/NAME@best")` returns the model, and
+    `model.pretrained: models:/NAME@best` in another study starts from its weights."""
+    import torch
+    import torchvision
+    from mlflow import pytorch as mlflow_pytorch
+    from mlflow.models import infer_signature
+
+    for v in client.search_model_versions(f"name = '{name}'"):
+        if v.run_id == run_id and v.tags.get("harness.format") == "mlflow-pytorch":
+            client.set_registered_model_alias(name, "best", v.version)
+            return f"models:/{name}/{v.version}"
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # exists already
+        client.create_registered_model(name, description="Best model of the Optuna study")
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, logits)
+    requirements = [f"{m.__name__}=={m.__version__.split('+')[0]}" for m in (torch, torchvision)]
+    with mlflow.start_run(run_id=run_id):  # the trial's run: it ends FINISHED again
+        info = mlflow_pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example,
+            pip_requirements=requirements,
+        )
+    tags = {k: f"{v:.6g}" for k, v in metrics.items()} | {"harness.format": "mlflow-pytorch"}
+    version = client.create_model_version(
+        name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id
+    )
+    client.set_registered_model_alias(name, "best", version.version)
+    return f"models:/{name}/{version.version}"

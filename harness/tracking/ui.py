@@ -1,0 +1,66 @@
+"""The MLflow UI: the command that serves a results folder's store, and the links the harness
+prints (the study's runs in the training view, sorted by the objective)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from harness.config.metrics import best_name
+from harness.tracking.store import connect, is_local_store
+
+# MLflow 3.17's UI opens an experiment in its GenAI view unless the URL says otherwise (a browser
+# setting, local storage mlflow.workflowType, default GenAI): `workflowType=machine_learning` on
+# the experiment's `/runs` page lands on the runs table; its search and sort come from the query
+# too (the bare experiment page drops them).
+RUNS_VIEW = "workflowType=machine_learning"
+
+
+TRIAL_RUNS = "attributes.run_name LIKE 'trial-%'"
+
+
+def experiment_url(
+    base: str, exp_id: str, metric: str = "val_acc", direction: str = "maximize"
+) -> str:
+    """The UI page of an experiment's trial runs, ranked as Optuna ranks them: by the
+    objective's value at each trial's chosen epoch (`best_<metric>`)."""
+    from urllib.parse import quote
+
+    query = [
+        RUNS_VIEW,
+        f"searchFilter={quote(TRIAL_RUNS)}",
+        f"orderByKey={quote(f'metrics.`{best_name(metric)}`')}",
+        f"orderByAsc={str(direction == 'minimize').lower()}",
+    ]
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{'&'.join(query)}"
+
+
+def study_urls(tracking_uri: str, base: str) -> list[tuple[str, str]]:
+    """(study name, trial-runs URL) of every study (parent run) in the store."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).is_file():
+        return []
+    client = connect(tracking_uri)
+    out = []
+    for e in client.search_experiments():
+        for parent in client.search_runs([e.experiment_id], "tags.`harness.role` = 'study'"):
+            direction, _, metric = parent.data.params.get("objective", "").partition(" ")
+            metric = metric.split(",")[0] or "val_acc"
+            url = experiment_url(base, e.experiment_id, metric, direction or "maximize")
+            out.append((parent.info.run_name, url))
+    return out
+
+
+def ui_env() -> dict[str, str]:
+    """The UI server's environment: MLflow 3's job runner (a pool of huey consumers for GenAI
+    jobs) is turned off: the harness has no such jobs and it would crowd a small machine."""
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def ui_command(tracking_uri: str, results: Path, host: str, port: int) -> list[str]:
+    """`mlflow server` on the study's store: loopback by default, one worker, middleware on."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri]
+    cmd += ["--host", host, "--port", str(port), "--workers", "1"]
+    if is_local_store(tracking_uri):
+        cmd += ["--default-artifact-root", (results / "mlartifacts").resolve().as_uri()]
+    return cmd
