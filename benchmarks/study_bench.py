@@ -213,7 +213,7 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
 
     from harness.config.spec import load_spec
     from harness.core import resume_state
-    from harness.study import retention
+    from harness.study import objective, retention, space
     from harness.study import search as study
     from harness.tracking import store as tracking
 
@@ -236,8 +236,8 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
     # sampling (sampler and pruner) and storage
     open_storage, make_sampler, make_pruner = (
         study.open_storage,
-        study.make_sampler,
-        study.make_pruner,
+        space.make_sampler,
+        space.make_pruner,
     )
 
     def storage(url):
@@ -265,7 +265,7 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
         clock.wrap_methods(p, "sampling", ["prune"])
         return p
 
-    study.open_storage, study.make_sampler, study.make_pruner = storage, sampler, pruner
+    study.open_storage, space.make_sampler, space.make_pruner = storage, sampler, pruner
     # tracking: every function of harness.tracking.store, the epoch logger, the system monitor
     monitor = tracking.system_monitor
 
@@ -292,14 +292,14 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
     study.atomic_write = clock.wrap(study.atomic_write, "checkpoint")
     retention.apply_retention = clock.wrap(retention.apply_retention, "checkpoint")
     # the trials' boundaries
-    objective = study._objective
+    objective = objective.objective
 
     def timed_objective(ctx, trial):
         clock.trial = trial.number
         clock.mark()
         return objective(ctx, trial)
 
-    study._objective = timed_objective
+    objective.objective = timed_objective
 
     def finish(*a, **k):
         clock.mark()  # the end of the last trial

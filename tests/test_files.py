@@ -85,15 +85,15 @@ def test_an_attempt_that_fails_after_writing_its_best_weights_leaves_none(result
     summary = (*real.summary, "no_such_metric")
     monkeypatch.setitem(metrics.KINDS, "finetune", dataclasses.replace(real, summary=summary))
     written = []
-    import harness.study.search as study_mod
+    import harness.study.objective as objective_mod
 
-    original = study_mod.atomic_write
+    original = objective_mod.atomic_write
 
     def recording(path, write):
         written.append(path)
         return original(path, write)
 
-    monkeypatch.setattr(study_mod, "atomic_write", recording)
+    monkeypatch.setattr(objective_mod, "atomic_write", recording)
     spec = load_spec(QUICKSTART, TINY)
     with contextlib.suppress(Exception):  # the study may stop on its only trial failing
         run_study(spec, StudyOptions(results=results_dir, n_trials=1, quiet=True))

@@ -11,7 +11,9 @@ from mlflow import MlflowClient
 import harness.study.search as study_mod
 from harness.config.spec import SpecError, load_spec
 from harness.core import tasks
-from harness.study.search import StudyOptions, open_storage, run_study, suggest
+from harness.study import space
+from harness.study.search import StudyOptions, open_storage, run_study
+from harness.study.space import suggest
 
 
 def _spec(*overrides: str):
@@ -176,7 +178,7 @@ def test_storage_urls(tmp_path):
 @pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "gp"])
 def test_every_sampler_samples_the_conditional_space(tmp_path, sampler):
     spec = _conditional_spec(tmp_path, f"search.sampler={sampler}")
-    study = optuna.create_study(sampler=study_mod.make_sampler(spec), direction="maximize")
+    study = optuna.create_study(sampler=space.make_sampler(spec), direction="maximize")
     for i in range(7):  # past the samplers' startup trials
         trial = study.ask()
         values = suggest(trial, spec)
@@ -186,10 +188,10 @@ def test_every_sampler_samples_the_conditional_space(tmp_path, sampler):
 
 
 def test_pruners_follow_the_file(tmp_path):
-    assert isinstance(study_mod.make_pruner(_spec()), optuna.pruners.MedianPruner)
-    hyperband = study_mod.make_pruner(_spec("search.pruner=hyperband"))
+    assert isinstance(space.make_pruner(_spec()), optuna.pruners.MedianPruner)
+    hyperband = space.make_pruner(_spec("search.pruner=hyperband"))
     assert isinstance(hyperband, optuna.pruners.HyperbandPruner)
-    assert isinstance(study_mod.make_pruner(_spec("search.pruner=none")), optuna.pruners.NopPruner)
+    assert isinstance(space.make_pruner(_spec("search.pruner=none")), optuna.pruners.NopPruner)
 
 
 def test_timeout_stops_starting_trials(results_dir):

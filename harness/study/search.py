@@ -11,338 +11,46 @@ import contextlib
 import fcntl
 import os
 import signal
-import socket
 import sys
 import threading
 import time
-import traceback
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import optuna
-import torch
 from optuna.trial import TrialState
 
-from harness.config.metrics import KINDS
 from harness.config.spec import (
-    BASELINE,
     ExperimentSpec,
     SpecError,
-    TrialConfig,
-    active,
-    baseline_config,
-    fixed_values,
     grid_points,
     safe_name,
     spec_hash,
-    trial_config,
 )
-from harness.core import resume_state, tasks
-from harness.core.shared import seed_everything
+from harness.core import tasks
 from harness.data import datacache
 from harness.infra import envfaults
-from harness.infra.files import atomic_write
 from harness.reports import report
 from harness.study import inputs, retention, workers
 from harness.study.finish import finish_report, summarize
+from harness.study.objective import Context, end_parent, first_config, preflight, run_attempt
 from harness.study.recovery import (
     FINISHED,
     ExactBudget,
-    Interrupted,
     SameFailure,
-    TrialWatch,
-    fault_kind,
-    mark_stopped,
     raise_interrupted,
     reconcile,
-    requeue,
-    resume_path,
 )
+from harness.study.space import make_pruner, make_sampler
 from harness.study.storage import open_storage
 from harness.tracking import relocation, runs
 from harness.tracking import store as tracking
-from harness.tracking.runs import StudyOptions, best_weights_path
-
+from harness.tracking.runs import StudyOptions
 
 # --- Storages, samplers, pruners. ---
-def make_sampler(spec: ExperimentSpec, salt: int = 0) -> optuna.samplers.BaseSampler:
-    """The file's sampler, seeded with `seed + salt` (each worker of a study has its own salt,
-    or every worker would propose the same parameters)."""
-    seed = spec.seed + salt
-    return {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=5),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-        "grid": lambda: optuna.samplers.GridSampler(
-            {k: p.categorical for k, p in spec.search.space.items()}, seed=seed
-        ),
-    }[spec.search.sampler]()
-
-
-def make_pruner(spec: ExperimentSpec) -> optuna.pruners.BasePruner:
-    s = spec.search
-    if s.pruner == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=5, n_warmup_steps=s.pruner_warmup_epochs
-        )
-    if s.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.epochs)
-    return optuna.pruners.NopPruner()
-
-
-def suggest(trial: optuna.Trial, spec: ExperimentSpec) -> dict[str, Any]:
-    """Sample the space in file order; a conditional key is sampled only when its `when` holds."""
-    known = fixed_values(spec)
-    sampled: dict[str, Any] = {}
-    for key, p in spec.search.space.items():
-        if not active(p, known):
-            continue
-        if p.kind == "categorical":
-            value = trial.suggest_categorical(key, p.categorical)
-        elif p.kind == "int":
-            step = int(p.step) if p.step else 1
-            value = trial.suggest_int(key, p.int_[0], p.int_[1], step=step, log=p.log)
-        else:
-            value = trial.suggest_float(key, p.float_[0], p.float_[1], step=p.step, log=p.log)
-        sampled[key] = known[key] = value
-    return sampled
 
 
 # --- Core callbacks owned by the study. ---
-class PruneOnEpoch:
-    """Reports the objective metric each epoch; raises TrialPruned when the pruner says so."""
-
-    def __init__(self, trial: optuna.Trial, metric: str, enabled: bool = True, report=True):
-        self.trial, self.metric, self.pruned_at = trial, metric, None
-        self.enabled, self.report = enabled and report, report
-
-    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        if not self.report:
-            return
-        self.trial.report(metrics[self.metric], epoch)
-        if self.enabled and self.trial.should_prune():
-            self.pruned_at = epoch
-            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
-
-
-@dataclass
-class _Context:
-    """What the objective of one study process needs besides the trial."""
-
-    spec: ExperimentSpec
-    opts: StudyOptions
-    study_name: str
-    res: runs.Resources  # data, starting weights and source models, loaded once
-    parent_run_id: str
-    progress: report.Progress
-    logged: set[str] = field(default_factory=set)  # runs whose best weights are in MLflow
-    retained: dict[int, bool] = field(default_factory=dict)  # retention's decision by trial
-
-    @property
-    def client(self):
-        return self.res.client
-
-    @property
-    def exp_id(self) -> str:
-        return self.res.exp_id
-
-
-def _attempt(ctx: _Context, trial: optuna.Trial) -> float:
-    """One trial attempt. Stopped by a signal or by the environment anywhere (creating its run,
-    training, ending it), the trial is queued again, never failed for good: the retry resumes
-    from the attempt's last resume state. A store that is away when the stop comes leaves the
-    queueing to the next start's `reconcile`, once."""
-    try:
-        try:
-            return _objective(ctx, trial)
-        except Exception as err:  # raised outside the objective's own handling (its run's start)
-            fault = envfaults.disk_full(err, ctx.opts.results)
-            if fault is None:
-                raise
-            raise envfaults.EnvironmentStop(fault) from err
-    except (Interrupted, envfaults.EnvironmentStop) as err:
-        stopping = isinstance(err, envfaults.EnvironmentStop)
-        if stopping:
-            mark_stopped(ctx.opts.results, ctx.study_name, trial.number)
-        with envfaults.while_stopping(stopping):
-            requeue(trial.study, trial.study.trials[trial.number])
-        raise
-
-
-def _leave_for_retry(err: BaseException, end_tags: dict) -> None:
-    """An attempt stopped by a signal or by the environment: its run says why (its resume
-    state stays for the retry)."""
-    stop = err if isinstance(err, envfaults.EnvironmentStop) else None
-    end_tags["harness.fault"] = stop.fault.kind if stop else "interrupted"
-    if stop:
-        end_tags["harness.error"] = f"{stop.fault.where}: {stop.fault.detail}"
-
-
-def _objective(ctx: _Context, trial: optuna.Trial) -> float:
-    spec = ctx.spec
-    is_baseline = bool(trial.user_attrs.get("harness.baseline"))
-    values = dict(BASELINE) if is_baseline else suggest(trial, spec)
-    config = baseline_config(spec) if is_baseline else trial_config(spec, values)
-    data = ctx.res.data_for(config)
-    pretrained, pretrained_desc = ctx.res.pretrained_for(config)
-    tags = {
-        "harness.baseline": str(is_baseline).lower(),
-        "harness.data_hash": data.data_hash,
-        "harness.spec_hash": spec_hash(spec),
-        "harness.sampled": ",".join(sorted(values)),
-    }
-    tags["harness.pretrained"] = pretrained_desc
-    if config.model.pretrained == "source":
-        tags["harness.source_model"] = pretrained_desc
-    tags.update(runs.provenance(config))
-    retry_of = trial.user_attrs.get("harness.retry_of")
-    resume_from = None
-    resume_file = resume_path(ctx.opts.results, ctx.study_name, trial.number)
-    if retry_of is not None:
-        previous = trial.study.trials[retry_of]
-        tags["harness.retry_of"] = previous.user_attrs.get("mlflow_run_id", "")
-        tags["harness.retry_of_trial"] = str(retry_of)
-        old_file = resume_path(ctx.opts.results, ctx.study_name, retry_of)
-        if old_file.is_file():  # this attempt holds it now, so a stop at any point keeps it
-            old_file.replace(resume_file)
-            resume_from = resume_file
-        else:  # another node's attempt, or it died before its first epoch ended
-            tags["harness.resume"] = "restarted from epoch 1: no resume state on this node"
-    if config.task.kind != "finetune" and resume_from is not None:  # only fit resumes
-        resume_from, tags["harness.resume"] = None, "restarted from epoch 1: only fit resumes"
-    trial.set_user_attr("harness.host", socket.gethostname())
-    trial.set_user_attr("harness.pid", os.getpid())
-    started = time.perf_counter()
-    tags |= {
-        "mlflow.parentRunId": ctx.parent_run_id,
-        "optuna.study": ctx.study_name,
-        "optuna.trial_number": str(trial.number),
-    }
-    run = runs.start(
-        ctx.client,
-        ctx.exp_id,
-        f"trial-{trial.number}",
-        config,
-        tags,
-        synchronous=not spec.search.async_logging,
-        flush_seconds=spec.search.flush_seconds,
-    )
-    run_id, logger = run.run_id, run.logger
-    trial.set_user_attr("mlflow_run_id", run_id)
-    multi = spec.objective.metrics is not None  # Optuna cannot prune (or report) those
-    pruner = PruneOnEpoch(trial, spec.objective.metric, enabled=not is_baseline, report=not multi)
-    state, end_tags, status, end_metrics = "FAIL", {}, None, {}
-    monitor = tracking.system_monitor(
-        run_id, spec.search.system_metrics_interval, ctx.opts.tracking()
-    )
-    try:
-        seed_everything(config.seed)
-        model = tasks.build(config, data, pretrained)
-        resume = None
-        if resume_from is not None:
-            resume = resume_state.load_state_file(resume_from)
-            for epoch, m in enumerate(resume["history"], 1):  # the pruner sees the whole curve
-                if not multi:
-                    trial.report(m[spec.objective.metric], epoch)
-            end_tags["harness.resumed_from_epoch"] = resume["epoch"]
-        callbacks = [
-            logger,
-            TrialWatch(trial, resume_file, logger),
-            pruner,
-            ctx.progress.epoch_line(trial.number, config.epochs, KINDS[config.task.kind].headline),
-        ]
-        cache = datacache.under(ctx.opts.results)  # where ranks 1..K-1 load the data from
-        result = tasks.train(config, model, data, callbacks, resume=resume, cache_dir=cache)
-        if spec.search.keep_checkpoints != "none":
-            atomic_write(
-                best_weights_path(ctx.opts.results, ctx.study_name, trial.number),
-                lambda f: torch.save(result.best_state, f),
-            )
-        for k in KINDS[config.task.kind].summary:
-            trial.set_user_attr(k, result.best[k])
-        trial.set_user_attr("best_epoch", result.best_epoch)
-        trial.set_user_attr("epochs_run", len(result.history))
-        trial.set_user_attr("seconds", round(result.seconds, 3))
-        end_tags["harness.best_epoch"] = result.best_epoch
-        names = (*spec.objective.all_metrics, *KINDS[config.task.kind].summary)
-        end_metrics = runs.chosen_epoch_metrics(result, dict.fromkeys(names))
-        state = "COMPLETE"
-        if multi:
-            return tuple(result.best[m] for m in spec.objective.metrics)
-        return result.best[spec.objective.metric]
-    except optuna.TrialPruned:
-        state = "PRUNED"
-        end_tags["harness.pruned_epoch"] = pruner.pruned_at
-        end_tags[tracking.DESCRIPTION] = (
-            f"Pruned at epoch {pruner.pruned_at} by Optuna's {type(trial.study.pruner).__name__}: "
-            f"its {spec.objective.metric} was not promising against the other trials at that "
-            "epoch. A finished decision of the search, not a failure (optuna.state=PRUNED)."
-        )
-        trial.set_user_attr("harness.pruned_epoch", pruner.pruned_at)
-        trial.set_user_attr("epochs_run", pruner.pruned_at)
-        raise
-    except (Interrupted, envfaults.EnvironmentStop) as err:
-        status = "KILLED"
-        _leave_for_retry(err, end_tags)
-        raise
-    except Exception as err:
-        fault = envfaults.disk_full(err, ctx.opts.results)
-        if fault is not None:  # a full disk: not the trial's fault
-            status, stop = "KILLED", envfaults.EnvironmentStop(fault)
-            _leave_for_retry(stop, end_tags)
-            raise stop from err
-        end_tags["harness.error"] = f"{type(err).__name__}: {err}"[:5000]
-        end_tags["harness.fault"] = fault_kind(err)
-        trial.set_user_attr("harness.error", end_tags["harness.error"][:500])
-        trial.set_user_attr("harness.fault", end_tags["harness.fault"])
-        tracking.log_text(ctx.client, run_id, traceback.format_exc(), "traceback.txt")
-        raise
-    finally:  # the run ends with the trial's true state, whatever happened
-        ending = time.perf_counter()
-        monitor.finish()
-        stopping = isinstance(sys.exc_info()[1], envfaults.EnvironmentStop)
-        with envfaults.while_stopping(stopping):  # a store still away: the next start mends it
-            runs.end(
-                run,
-                status or tracking.STATUS[state],
-                {"optuna.state": state, **end_tags},
-                end_metrics,
-            )
-        if status != "KILLED":  # a finished or faulty attempt is not resumed: its state goes
-            for number in (trial.number, retry_of):
-                if number is not None:
-                    resume_path(ctx.opts.results, ctx.study_name, number).unlink(missing_ok=True)
-            # best weights of an attempt that is not COMPLETE (this one failing after writing
-            # them, the attempt this one retried) are never retained: they go too
-            for number in (retry_of, None if state == "COMPLETE" else trial.number):
-                if number is not None:
-                    best_weights_path(ctx.opts.results, ctx.study_name, number).unlink(
-                        missing_ok=True
-                    )
-        done = time.perf_counter()
-        cost = run.setup_seconds + logger.seconds + (done - ending)
-        if not stopping:
-            tracking.log_metrics_once(
-                ctx.client,
-                run_id,
-                {"tracking_ms": 1000 * cost, "tracking_share": cost / max(done - started, 1e-9)},
-            )
-
-
-def _end_parent(client, parent: str, status: str) -> None:
-    """End the study's parent run; when the process stops for the environment, one try (the
-    next start reopens it anyway)."""
-    with envfaults.while_stopping(isinstance(sys.exc_info()[1], envfaults.EnvironmentStop)):
-        tracking.end_run(client, parent, status)
-
-
-def first_config(spec: ExperimentSpec) -> TrialConfig:
-    """The study's first trial: the baseline recipe, or the file's own values without one."""
-    return baseline_config(spec) if spec.search.baseline else trial_config(spec, {})
 
 
 # --- The study. ---
@@ -449,23 +157,6 @@ def _note_moved(note: str | None) -> None:
         print(f"note: {note}.", file=sys.stderr, flush=True)
 
 
-def _preflight(ctx: _Context, config: TrialConfig) -> None:
-    """Fetch (or pretrain) the starting weights and build the model once, before any trial,
-    for the first trial and every `model.pretrained` the space can sample: a bad weights name,
-    file or model URI is an input error (exit 2), not a study of failed trials. Returns the
-    largest model's size in bytes (what a best-weights file holds)."""
-    largest = 0
-    for c in inputs.starting_configs(ctx.spec, config):
-        try:
-            pretrained, _ = ctx.res.pretrained_for(c)
-            model = tasks.build(c, ctx.res.data_for(c), pretrained)
-        except ValueError as err:
-            raise SpecError(f"{err}") from None
-        state = model.state_dict().values()
-        largest = max(largest, sum(t.numel() * t.element_size() for t in state))
-    return largest
-
-
 def _space_needed(spec: ExperimentSpec, trials: int, model_bytes: int, workers: int) -> int:
     """What a study of `trials` more trials will keep in its results folder, roughly: the kept
     best weights (a local file and its MLflow copy each), each running trial's resume state
@@ -521,10 +212,10 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
             "the MLflow experiment",
         )
     notes = report.Progress(total=target, done=0, quiet=opts.quiet, bar=False)
-    ctx = _Context(spec, opts, name, runs.Resources(opts.results, client, exp_id), "", notes)
+    ctx = Context(spec, opts, name, runs.Resources(opts.results, client, exp_id), "", notes)
     ctx.res.note = lambda text: ctx.progress.note(text)  # the progress line of the moment
     ctx.res.data[runs.data_key(first)] = base_data
-    model_bytes = _preflight(ctx, first)
+    model_bytes = preflight(ctx, first)
     for line in base_data.report.lines():
         notes.note(line)
     with _stores_lock(opts.results):
@@ -574,7 +265,7 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
             if left is not None and left <= 0:
                 break
             study.optimize(
-                lambda t: _attempt(ctx, t),
+                lambda t: run_attempt(ctx, t),
                 n_trials=target - done,
                 timeout=left,
                 callbacks=[
@@ -612,7 +303,7 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
             signal.signal(sig, handler)
         progress.close()
         if not opts.worker:
-            _end_parent(client, parent, status)
+            end_parent(client, parent, status)
     if opts.worker:  # the process that spawned the workers reports, once
         return summarize(study, opts, name)
     others = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
@@ -652,7 +343,7 @@ def _run_workers(study, opts, name, n, client, parent, progress, k=1) -> report.
         codes = [p.returncode for p in procs]
         if envfaults.EXIT_TEMPFAIL in codes:  # a worker stopped for the environment: so do we
             status = "KILLED"
-            _end_parent(client, parent, status)
+            end_parent(client, parent, status)
             raise envfaults.EnvironmentStop.of_workers(codes, logs)
         if any(c != 0 for c in codes):
             progress.note(f"workers ended with exit codes {codes}; see {logs}")

@@ -1,0 +1,278 @@
+"""One trial of a study: its attempt (a store or the environment away leaves it for a
+retry), its MLflow run from start to true end, its config, its core, its callbacks, its result
+and its faults."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import optuna
+import torch
+
+from harness.config.metrics import KINDS
+from harness.config.spec import (
+    BASELINE,
+    ExperimentSpec,
+    SpecError,
+    TrialConfig,
+    baseline_config,
+    spec_hash,
+    trial_config,
+)
+from harness.core import resume_state, tasks
+from harness.core.shared import seed_everything
+from harness.data import datacache
+from harness.infra import envfaults
+from harness.infra.files import atomic_write
+from harness.reports import report
+from harness.study import inputs
+from harness.study.recovery import (
+    Interrupted,
+    TrialWatch,
+    fault_kind,
+    mark_stopped,
+    requeue,
+    resume_path,
+)
+from harness.study.space import PruneOnEpoch, suggest
+from harness.tracking import runs
+from harness.tracking import store as tracking
+from harness.tracking.runs import StudyOptions, best_weights_path
+
+
+@dataclass
+class Context:
+    """What the objective of one study process needs besides the trial."""
+
+    spec: ExperimentSpec
+    opts: StudyOptions
+    study_name: str
+    res: runs.Resources  # data, starting weights and source models, loaded once
+    parent_run_id: str
+    progress: report.Progress
+    logged: set[str] = field(default_factory=set)  # runs whose best weights are in MLflow
+    retained: dict[int, bool] = field(default_factory=dict)  # retention's decision by trial
+
+    @property
+    def client(self):
+        return self.res.client
+
+    @property
+    def exp_id(self) -> str:
+        return self.res.exp_id
+
+
+def run_attempt(ctx: Context, trial: optuna.Trial) -> float:
+    """One trial attempt. Stopped by a signal or by the environment anywhere (creating its run,
+    training, ending it), the trial is queued again, never failed for good: the retry resumes
+    from the attempt's last resume state. A store that is away when the stop comes leaves the
+    queueing to the next start's `reconcile`, once."""
+    try:
+        try:
+            return objective(ctx, trial)
+        except Exception as err:  # raised outside the objective's own handling (its run's start)
+            fault = envfaults.disk_full(err, ctx.opts.results)
+            if fault is None:
+                raise
+            raise envfaults.EnvironmentStop(fault) from err
+    except (Interrupted, envfaults.EnvironmentStop) as err:
+        stopping = isinstance(err, envfaults.EnvironmentStop)
+        if stopping:
+            mark_stopped(ctx.opts.results, ctx.study_name, trial.number)
+        with envfaults.while_stopping(stopping):
+            requeue(trial.study, trial.study.trials[trial.number])
+        raise
+
+
+def leave_for_retry(err: BaseException, end_tags: dict) -> None:
+    """An attempt stopped by a signal or by the environment: its run says why (its resume
+    state stays for the retry)."""
+    stop = err if isinstance(err, envfaults.EnvironmentStop) else None
+    end_tags["harness.fault"] = stop.fault.kind if stop else "interrupted"
+    if stop:
+        end_tags["harness.error"] = f"{stop.fault.where}: {stop.fault.detail}"
+
+
+def objective(ctx: Context, trial: optuna.Trial) -> float:
+    spec = ctx.spec
+    is_baseline = bool(trial.user_attrs.get("harness.baseline"))
+    values = dict(BASELINE) if is_baseline else suggest(trial, spec)
+    config = baseline_config(spec) if is_baseline else trial_config(spec, values)
+    data = ctx.res.data_for(config)
+    pretrained, pretrained_desc = ctx.res.pretrained_for(config)
+    tags = {
+        "harness.baseline": str(is_baseline).lower(),
+        "harness.data_hash": data.data_hash,
+        "harness.spec_hash": spec_hash(spec),
+        "harness.sampled": ",".join(sorted(values)),
+    }
+    tags["harness.pretrained"] = pretrained_desc
+    if config.model.pretrained == "source":
+        tags["harness.source_model"] = pretrained_desc
+    tags.update(runs.provenance(config))
+    retry_of = trial.user_attrs.get("harness.retry_of")
+    resume_from = None
+    resume_file = resume_path(ctx.opts.results, ctx.study_name, trial.number)
+    if retry_of is not None:
+        previous = trial.study.trials[retry_of]
+        tags["harness.retry_of"] = previous.user_attrs.get("mlflow_run_id", "")
+        tags["harness.retry_of_trial"] = str(retry_of)
+        old_file = resume_path(ctx.opts.results, ctx.study_name, retry_of)
+        if old_file.is_file():  # this attempt holds it now, so a stop at any point keeps it
+            old_file.replace(resume_file)
+            resume_from = resume_file
+        else:  # another node's attempt, or it died before its first epoch ended
+            tags["harness.resume"] = "restarted from epoch 1: no resume state on this node"
+    if config.task.kind != "finetune" and resume_from is not None:  # only fit resumes
+        resume_from, tags["harness.resume"] = None, "restarted from epoch 1: only fit resumes"
+    trial.set_user_attr("harness.host", socket.gethostname())
+    trial.set_user_attr("harness.pid", os.getpid())
+    started = time.perf_counter()
+    tags |= {
+        "mlflow.parentRunId": ctx.parent_run_id,
+        "optuna.study": ctx.study_name,
+        "optuna.trial_number": str(trial.number),
+    }
+    run = runs.start(
+        ctx.client,
+        ctx.exp_id,
+        f"trial-{trial.number}",
+        config,
+        tags,
+        synchronous=not spec.search.async_logging,
+        flush_seconds=spec.search.flush_seconds,
+    )
+    run_id, logger = run.run_id, run.logger
+    trial.set_user_attr("mlflow_run_id", run_id)
+    multi = spec.objective.metrics is not None  # Optuna cannot prune (or report) those
+    pruner = PruneOnEpoch(trial, spec.objective.metric, enabled=not is_baseline, report=not multi)
+    state, end_tags, status, end_metrics = "FAIL", {}, None, {}
+    monitor = tracking.system_monitor(
+        run_id, spec.search.system_metrics_interval, ctx.opts.tracking()
+    )
+    try:
+        seed_everything(config.seed)
+        model = tasks.build(config, data, pretrained)
+        resume = None
+        if resume_from is not None:
+            resume = resume_state.load_state_file(resume_from)
+            for epoch, m in enumerate(resume["history"], 1):  # the pruner sees the whole curve
+                if not multi:
+                    trial.report(m[spec.objective.metric], epoch)
+            end_tags["harness.resumed_from_epoch"] = resume["epoch"]
+        callbacks = [
+            logger,
+            TrialWatch(trial, resume_file, logger),
+            pruner,
+            ctx.progress.epoch_line(trial.number, config.epochs, KINDS[config.task.kind].headline),
+        ]
+        cache = datacache.under(ctx.opts.results)  # where ranks 1..K-1 load the data from
+        result = tasks.train(config, model, data, callbacks, resume=resume, cache_dir=cache)
+        if spec.search.keep_checkpoints != "none":
+            atomic_write(
+                best_weights_path(ctx.opts.results, ctx.study_name, trial.number),
+                lambda f: torch.save(result.best_state, f),
+            )
+        for k in KINDS[config.task.kind].summary:
+            trial.set_user_attr(k, result.best[k])
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("epochs_run", len(result.history))
+        trial.set_user_attr("seconds", round(result.seconds, 3))
+        end_tags["harness.best_epoch"] = result.best_epoch
+        names = (*spec.objective.all_metrics, *KINDS[config.task.kind].summary)
+        end_metrics = runs.chosen_epoch_metrics(result, dict.fromkeys(names))
+        state = "COMPLETE"
+        if multi:
+            return tuple(result.best[m] for m in spec.objective.metrics)
+        return result.best[spec.objective.metric]
+    except optuna.TrialPruned:
+        state = "PRUNED"
+        end_tags["harness.pruned_epoch"] = pruner.pruned_at
+        end_tags[tracking.DESCRIPTION] = (
+            f"Pruned at epoch {pruner.pruned_at} by Optuna's {type(trial.study.pruner).__name__}: "
+            f"its {spec.objective.metric} was not promising against the other trials at that "
+            "epoch. A finished decision of the search, not a failure (optuna.state=PRUNED)."
+        )
+        trial.set_user_attr("harness.pruned_epoch", pruner.pruned_at)
+        trial.set_user_attr("epochs_run", pruner.pruned_at)
+        raise
+    except (Interrupted, envfaults.EnvironmentStop) as err:
+        status = "KILLED"
+        leave_for_retry(err, end_tags)
+        raise
+    except Exception as err:
+        fault = envfaults.disk_full(err, ctx.opts.results)
+        if fault is not None:  # a full disk: not the trial's fault
+            status, stop = "KILLED", envfaults.EnvironmentStop(fault)
+            leave_for_retry(stop, end_tags)
+            raise stop from err
+        end_tags["harness.error"] = f"{type(err).__name__}: {err}"[:5000]
+        end_tags["harness.fault"] = fault_kind(err)
+        trial.set_user_attr("harness.error", end_tags["harness.error"][:500])
+        trial.set_user_attr("harness.fault", end_tags["harness.fault"])
+        tracking.log_text(ctx.client, run_id, traceback.format_exc(), "traceback.txt")
+        raise
+    finally:  # the run ends with the trial's true state, whatever happened
+        ending = time.perf_counter()
+        monitor.finish()
+        stopping = isinstance(sys.exc_info()[1], envfaults.EnvironmentStop)
+        with envfaults.while_stopping(stopping):  # a store still away: the next start mends it
+            runs.end(
+                run,
+                status or tracking.STATUS[state],
+                {"optuna.state": state, **end_tags},
+                end_metrics,
+            )
+        if status != "KILLED":  # a finished or faulty attempt is not resumed: its state goes
+            for number in (trial.number, retry_of):
+                if number is not None:
+                    resume_path(ctx.opts.results, ctx.study_name, number).unlink(missing_ok=True)
+            # best weights of an attempt that is not COMPLETE (this one failing after writing
+            # them, the attempt this one retried) are never retained: they go too
+            for number in (retry_of, None if state == "COMPLETE" else trial.number):
+                if number is not None:
+                    best_weights_path(ctx.opts.results, ctx.study_name, number).unlink(
+                        missing_ok=True
+                    )
+        done = time.perf_counter()
+        cost = run.setup_seconds + logger.seconds + (done - ending)
+        if not stopping:
+            tracking.log_metrics_once(
+                ctx.client,
+                run_id,
+                {"tracking_ms": 1000 * cost, "tracking_share": cost / max(done - started, 1e-9)},
+            )
+
+
+def end_parent(client, parent: str, status: str) -> None:
+    """End the study's parent run; when the process stops for the environment, one try (the
+    next start reopens it anyway)."""
+    with envfaults.while_stopping(isinstance(sys.exc_info()[1], envfaults.EnvironmentStop)):
+        tracking.end_run(client, parent, status)
+
+
+def first_config(spec: ExperimentSpec) -> TrialConfig:
+    """The study's first trial: the baseline recipe, or the file's own values without one."""
+    return baseline_config(spec) if spec.search.baseline else trial_config(spec, {})
+
+
+def preflight(ctx: Context, config: TrialConfig) -> None:
+    """Fetch (or pretrain) the starting weights and build the model once, before any trial,
+    for the first trial and every `model.pretrained` the space can sample: a bad weights name,
+    file or model URI is an input error (exit 2), not a study of failed trials. Returns the
+    largest model's size in bytes (what a best-weights file holds)."""
+    largest = 0
+    for c in inputs.starting_configs(ctx.spec, config):
+        try:
+            pretrained, _ = ctx.res.pretrained_for(c)
+            model = tasks.build(c, ctx.res.data_for(c), pretrained)
+        except ValueError as err:
+            raise SpecError(f"{err}") from None
+        state = model.state_dict().values()
+        largest = max(largest, sum(t.numel() * t.element_size() for t in state))
+    return largest
