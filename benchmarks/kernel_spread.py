@@ -58,13 +58,13 @@ def _tolerances() -> dict[str, float]:
     import recorded
     import test_distributed
 
-    from harness.reports import reproduce
+    from harness.reports import tolerance
 
     return {
         "chaotic": recorded.REL_CHAOTIC,
         "golden": recorded.REL,
         "k2_vs_k1": test_distributed.REL_TOL,
-        "reproduce": reproduce.CROSS_MACHINE_REL,
+        "reproduce": tolerance.CROSS_MACHINE_REL,
     }
 
 

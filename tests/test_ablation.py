@@ -12,8 +12,9 @@ from conftest import QUICKSTART, TINY
 from harness import cli
 from harness.config.spec import ParamSpec, SpecError
 from harness.core import tasks
-from harness.reports import ablation
-from harness.reports.ablation import Effect, Group, paired, verdict
+from harness.reports import ablation, stats, variants
+from harness.reports.stats import Effect, paired, verdict
+from harness.reports.variants import Group
 
 # A space whose only non-baseline trial is known in advance: lr 0.03 (the baseline's 0.001) and
 # partial fine-tuning with its conditional child freeze_stages 2 (the baseline: full, 1).
@@ -60,7 +61,7 @@ def test_paired_interval_matches_a_hand_computation():
     assert e.mean == pytest.approx(0.25 / 3)
     assert e.half == pytest.approx(4.302652729911275 * sd / math.sqrt(3))
     assert e.half == pytest.approx(0.071711, abs=1e-6)
-    assert ablation.t_quantile(4) == pytest.approx(2.776445105)
+    assert stats.t_quantile(4) == pytest.approx(2.776445105)
     assert verdict(e, "val_acc") == "helps: +8.3 ± 7.2 pt"
     assert verdict(paired(b, a), "test_acc") == "hurts: -8.3 ± 7.2 pt"
     noisy = paired([0.8, 0.7, 0.9], [0.75, 0.8, 0.8])
@@ -91,7 +92,7 @@ def test_conditional_keys_move_with_their_parent():
     }
     base = {**best, "strategy.kind": "full", "strategy.lp_epochs": 2, "aug.magnitude": 9}
     base["train.lr"] = 0.001
-    gs = ablation.groups(best, base, ablation.parents_of(space), list(space))
+    gs = variants.groups(best, base, variants.parents_of(space), list(space))
     assert gs == [
         Group(("strategy.kind", "strategy.lp_epochs"), ("lp_ft", 5), ("full", 2)),
         Group(("aug.magnitude",), (12,), (9,)),
@@ -242,8 +243,8 @@ def test_a_multitask_best_ablates_its_auxiliary_tasks_as_one_choice(monkeypatch)
 def test_table_sorts_by_effect_and_says_what_was_not_run(tmp_path):
     gs = [Group(("train.lr",), (0.01,), (0.001,)), Group(("reg.dropout",), (0.3,), (0.0,))]
     names = ["best", "baseline", "loo:train.lr", "add:train.lr", "loo:reg.dropout"]
-    vs = [ablation.Variant(n, object()) for n in names]
-    vs.append(ablation.Variant("add:reg.dropout", None, error="refused: a bad combination"))
+    vs = [variants.Variant(n, object()) for n in names]
+    vs.append(variants.Variant("add:reg.dropout", None, error="refused: a bad combination"))
     ab = ablation.Ablation(7, 0, "run", [1, 2, 3], gs, vs, "val_acc", "test_acc")
     values = {  # best - loo: lr +0.20 (steady), dropout +0.00 +-0.01
         "best": [0.90, 0.91, 0.92],

@@ -12,7 +12,7 @@ from conftest import fresh_model, make_config
 from torch import nn
 
 from harness.config.spec import DataSpec, SpecError, TrainSpec, TrialConfig
-from harness.core import finetune
+from harness.core import finetune, strategies
 from harness.core import shared as loop
 from harness.data import datasets as hdata
 
@@ -117,7 +117,7 @@ def test_optimizer_is_fused_on_cuda_single_tensor_on_the_cpu():
     for name in ("sgd", "adamw"):
         config = make_config(train={"optimizer": name})
         groups = [{"name": "all", "params": list(fresh_model(config).parameters())}]
-        opt = finetune.make_optimizer(config, groups)
+        opt = strategies.make_optimizer(config, groups)
         assert opt.defaults["foreach"] is False and not opt.defaults.get("fused")
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from harness.config.spec import RegSpec
-from harness.core import finetune, models
+from harness.core import finetune, models, strategies
 from harness.core import regularizers as R
 from harness.data import datasets as hdata
 
@@ -85,7 +85,7 @@ def _grads(model: nn.Module, loss: torch.Tensor) -> tuple[list, list]:
 def test_make_penalty_terms_touch_only_their_parameters():
     config = make_config()
     model = fresh_model(config)
-    units = finetune.model_units(model)
+    units = strategies.model_units(model)
     backbone = [p for u in units[1:] for p in u.params]
     head = list(units[0].params)
     anchors = [p.detach().clone() for p in backbone]

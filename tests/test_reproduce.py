@@ -22,6 +22,7 @@ import harness.study.search as study_mod
 from harness.cli import main
 from harness.config.metrics import KINDS
 from harness.config.spec import load_spec
+from harness.reports import tolerance
 from harness.study.search import StudyOptions, run_study
 
 
@@ -204,7 +205,7 @@ def test_a_rerun_on_another_kernel_path_is_within_the_cross_machine_tolerance(re
     a 10-epoch trial is within CROSS_MACHINE_REL. Its spread is noted for kernel_spread."""
     from recorded import THREADS, note_spread
 
-    from harness.reports.reproduce import CROSS_MACHINE_REL, is_count_metric
+    from harness.reports.tolerance import CROSS_MACHINE_REL, is_count_metric
 
     if torch.backends.cpu.get_cpu_capability() == "DEFAULT" and (
         "ATEN_CPU_CAPABILITY" not in os.environ
@@ -251,13 +252,13 @@ def test_a_rerun_on_another_kernel_path_is_within_the_cross_machine_tolerance(re
 
 
 def test_the_cross_machine_tolerance_allows_one_example_on_accuracies():
-    tol = reproduce_mod.cross_machine_tolerance(50)
+    tol = tolerance.cross_machine_tolerance(50)
     assert tol.same(0.50, 0.52, "val_acc") and not tol.same(0.50, 0.5401, "val_acc")
     assert tol.same(0.1, 0.14, "overfit_gap")  # one example on each side of the gap
     assert not tol.same(1.0, 1.05, "val_loss") and tol.same(1.0, 1.029, "val_loss")
     assert tol.same(0.0, 9e-4, "overfit_gap_loss")  # a loss gap near 0: the absolute floor
     assert not tol.same(0.0, 2e-3, "overfit_gap_loss")
-    assert not reproduce_mod.EXACT.same(0.5, 0.52, "val_acc")
+    assert not tolerance.EXACT.same(0.5, 0.52, "val_acc")
 
 
 def test_code_and_version_changes_are_warned_about(study, capsys, monkeypatch):
@@ -375,15 +376,14 @@ def test_compare_exactly_on_the_cpu_and_within_the_tolerance_on_a_gpu():
     recorded = {"val_loss": {1: 1.0, 2: float("nan")}, "phase": {1: 0.0, 2: 1.0}}
     reproduced = [{"val_loss": 1.0 + 1e-9, "phase": 0.0}, {"val_loss": float("nan")}]
     rows = {
-        (r.epoch, r.metric): r
-        for r in reproduce_mod.compare(recorded, reproduced, 2, reproduce_mod.EXACT)
+        (r.epoch, r.metric): r for r in tolerance.compare(recorded, reproduced, 2, tolerance.EXACT)
     }
     assert not rows[1, "val_loss"].same  # one part in 1e9 is a difference on the CPU
     assert rows[2, "val_loss"].same  # NaN in both
     assert rows[1, "phase"].same and not rows[2, "phase"].same  # missing on one side
     assert rows[1, "train_acc"].recorded is None and rows[1, "train_acc"].same
-    gpu = reproduce_mod.GPU_TOLERANCE
-    rows = {(r.epoch, r.metric): r for r in reproduce_mod.compare(recorded, reproduced, 2, gpu)}
+    gpu = tolerance.GPU_TOLERANCE
+    rows = {(r.epoch, r.metric): r for r in tolerance.compare(recorded, reproduced, 2, gpu)}
     assert rows[1, "val_loss"].same
     assert not gpu.same(0.5, 0.5 * (1 + 2e-4))
     assert gpu.describe() == "within tolerance (rel 0.0001, abs 1e-06)"

@@ -11,7 +11,7 @@ from recorded import THREADS, assert_history_matches_recorded, assert_matches_re
 from torch import nn
 
 from harness.config.spec import StrategySpec
-from harness.core import finetune, models
+from harness.core import finetune, models, strategies
 from harness.data import datasets as hdata
 
 
@@ -182,7 +182,7 @@ def test_partial_freezing_every_stage_is_a_linear_probe(task):
 def test_trainable_stages_schedule():
     def counts(n_stages=3, epochs=7, **kw):
         spec = StrategySpec(**kw)
-        return [finetune.trainable_stages(spec, e, n_stages) for e in range(1, epochs + 1)]
+        return [strategies.trainable_stages(spec, e, n_stages) for e in range(1, epochs + 1)]
 
     assert counts(kind="full") == [3] * 7
     assert counts(kind="linear_probe") == [0] * 7
@@ -271,8 +271,8 @@ def test_layer_decay_learning_rates_per_named_group(task):
     }
     assert result.history[0]["lr"] == 0.05 * 10.0  # the logged lr is the head's
     # each group holds exactly its stage's parameters
-    units = finetune.model_units(model)
-    groups = finetune.param_groups(units, config, 0.05)
+    units = strategies.model_units(model)
+    groups = strategies.param_groups(units, config, 0.05)
     blocks = {"head": models.head_module(model)}
     blocks |= {f"stage{i + 1}": s for i, s in enumerate(models.stages(model))}
     for g in groups:
@@ -293,7 +293,7 @@ def test_norm_and_bias_groups_get_no_weight_decay(task, decay_norm_bias):
         for p in m.parameters(recurse=False)
     }
     biases = {id(p) for n, p in model.named_parameters() if n.endswith(".bias")}
-    groups = finetune.param_groups(finetune.model_units(model), config, 0.05)
+    groups = strategies.param_groups(strategies.model_units(model), config, 0.05)
     for g in groups:
         ids = {id(p) for p in g["params"]}
         if decay_norm_bias:

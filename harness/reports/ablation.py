@@ -22,11 +22,12 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from harness.config.metrics import KINDS, best_name, direction
+from harness.config.metrics import KINDS, best_name
 from harness.config.spec import ParamSpec, SpecError, TrialConfig, flatten, parse_yaml
 from harness.core import tasks
+from harness.reports.stats import Effect, _scaled, _std, maximized, paired, verdict
+from harness.reports.variants import Group, Variant, _fmt, groups, parents_of, variants
 from harness.tracking import runs
 from harness.tracking import store as tracking
 
@@ -34,166 +35,9 @@ TEST_NOTE = "measured after selection: the test split, evaluated once per ablati
 
 
 # --- Statistics. ---
-def t_quantile(df: int, level: float = 0.95) -> float:
-    """The two-sided Student's t quantile with `df` degrees of freedom."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.5 + level / 2, df))
-
-
-@dataclass(frozen=True)
-class Effect:
-    """The mean of paired differences over seeds and its 95 % interval's half-width."""
-
-    mean: float
-    half: float  # nan with one seed: no interval
-    n: int
-
-    @property
-    def low(self) -> float:
-        return self.mean - self.half
-
-    @property
-    def high(self) -> float:
-        return self.mean + self.half
-
-
-def paired(a: list[float], b: list[float]) -> Effect:
-    """Effect of a over b from runs paired by seed: mean of a_i - b_i ± t(0.975, n-1) s/sqrt(n)."""
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    n = len(diffs)
-    mean = statistics.fmean(diffs)
-    if n < 2:
-        return Effect(mean, math.nan, n)
-    return Effect(mean, t_quantile(n - 1) * statistics.stdev(diffs) / math.sqrt(n), n)
-
-
-def maximized(metric: str) -> bool:
-    """Whether higher is better: the objectives' directions, and test accuracies."""
-    return direction(metric) == "maximize" or metric.startswith(("test_acc", "meta_test_acc"))
-
-
-def _scaled(metric: str) -> tuple[float, str]:
-    """Accuracies in percentage points, other metrics as they are."""
-    return (100.0, " pt") if "acc" in metric else (1.0, "")
-
-
-def amount(effect: Effect, metric: str) -> str:
-    scale, unit = _scaled(metric)
-    digits = 1 if unit else 4
-    if math.isnan(effect.half):
-        return f"{effect.mean * scale:+.{digits}f}{unit} (one seed: no interval)"
-    return f"{effect.mean * scale:+.{digits}f} ± {effect.half * scale:.{digits}f}{unit}"
-
-
-def verdict(effect: Effect, metric: str) -> str:
-    """'helps: +2.1 ± 0.8 pt' when the interval excludes 0 on the metric's better side,
-    'hurts: ...' on the other, else no effect distinguishable from seed noise."""
-    sign = 1.0 if maximized(metric) else -1.0
-    if not math.isnan(effect.half):
-        if sign * effect.low > 0 and sign * effect.high > 0:
-            return f"helps: {amount(effect, metric)}"
-        if sign * effect.low < 0 and sign * effect.high < 0:
-            return f"hurts: {amount(effect, metric)}"
-    return f"no effect distinguishable from seed noise ({amount(effect, metric)})"
 
 
 # --- The variants. ---
-@dataclass(frozen=True)
-class Group:
-    """One choice of the best recipe: a searched key and its conditional children (`when`)."""
-
-    keys: tuple[str, ...]  # the leader first
-    best: tuple  # their values in the best config
-    base: tuple  # and in the baseline's
-
-    @property
-    def leader(self) -> str:
-        return self.keys[0]
-
-    def values(self, which: tuple) -> dict[str, Any]:
-        return dict(zip(self.keys, which, strict=True))
-
-    def short(self) -> str:
-        more = f" (+{len(self.keys) - 1} dependent)" if len(self.keys) > 1 else ""
-        return f"{self.leader}={_fmt(self.best[0])}{more}"
-
-    def label(self) -> str:
-        values = [f"{k}={_fmt(v)}" for k, v in zip(self.keys, self.best, strict=True)]
-        text = values[0] + (f" (+ {', '.join(values[1:])})" if len(values) > 1 else "")
-        return f"{text}  [baseline: {', '.join(_fmt(v) for v in self.base)}]"
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def parents_of(space: dict[str, ParamSpec]) -> dict[str, list[str]]:
-    """Each searched key's parents: the keys its `when` names."""
-    return {k: list(p.condition()) for k, p in space.items()}
-
-
-def groups(
-    best: dict[str, Any], base: dict[str, Any], parents: dict[str, list[str]], searched: list[str]
-) -> list[Group]:
-    """The searched keys whose flat values differ between the best and the baseline config,
-    each conditional key with the nearest differing key its `when` names (transitively)."""
-    diff = [k for k in searched if k != "seed" and best.get(k) != base.get(k)]
-
-    def leader(key: str, seen: tuple = ()) -> str:
-        for parent in parents.get(key, ()):
-            if parent in diff and parent not in seen:
-                return leader(parent, (*seen, key))
-        return key
-
-    members: dict[str, list[str]] = {}
-    for key in diff:
-        members.setdefault(leader(key), []).append(key)
-    for head, keys in members.items():  # the leader first, then its children in space order
-        keys.sort(key=lambda k: (k != head, diff.index(k)))
-    return [
-        Group(tuple(ks), tuple(best.get(k) for k in ks), tuple(base.get(k) for k in ks))
-        for ks in members.values()
-    ]
-
-
-def with_values(config: TrialConfig, values: dict[str, Any]) -> TrialConfig:
-    """`config` with dotted-key values set, validated again."""
-    tree = config.model_dump(mode="json")
-    for key, value in values.items():
-        *parents, last = key.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return TrialConfig.model_validate(tree)
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str  # best, baseline, loo:KEY, add:KEY
-    config: TrialConfig | None  # None: a combination the config checks refuse
-    same_as: str | None = None  # an identical config trained under another variant's name
-    error: str = ""
-
-
-def variants(best: TrialConfig, base: TrialConfig, gs: list[Group]) -> list[Variant]:
-    out: list[Variant] = []
-    built = [("best", lambda: best), ("baseline", lambda: base)]
-    for g in gs:
-        built.append((f"loo:{g.leader}", lambda g=g: with_values(best, g.values(g.base))))
-        built.append((f"add:{g.leader}", lambda g=g: with_values(base, g.values(g.best))))
-    seen: dict[str, str] = {}
-    for name, make in built:
-        try:
-            config = make()
-        except ValueError as err:  # pydantic's ValidationError and SpecError are ValueErrors
-            out.append(Variant(name, None, error=str(err).splitlines()[0][:200]))
-            continue
-        key = config.model_dump_json()
-        out.append(Variant(name, config, same_as=seen.get(key)))
-        seen.setdefault(key, name)
-    return out
 
 
 # --- The runs. ---
@@ -437,10 +281,6 @@ class Ablation:
         with report_md.open("a") as f:
             f.write(f"## {title}\n\n![{title}]({png.name})\n")
         return [png]
-
-
-def _std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 # --- The whole ablation. ---
