@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from harness.config.spec import TORCHVISION_ARCHS, ModelSpec
-from harness.core import models
+from harness.core import models, small_cnn
 
 NUM_CLASSES = 3
 DROPOUT = 0.25
@@ -321,7 +321,7 @@ def test_stochastic_depth_unsupported_raises(arch):
 # --- small_cnn -----------------------------------------------------------------------------------
 def test_small_cnn_is_unchanged():
     model = models.build_model(ModelSpec(pretrained="none"), 5, 0.5)
-    assert isinstance(model.net, models.SmallCNN)
+    assert isinstance(model.net, small_cnn.SmallCNN)
     assert models.head_module(model) is model.net.head
     assert models.stages(model) == list(model.net.stages)
     assert model.prep.size is None and model.prep.channels == 1
