@@ -82,7 +82,7 @@ def _study_figures(results: Path, name: str) -> dict[str, float]:
 
 
 def pruning(n_trials: int | None) -> list[str]:
-    from harness.config.spec import load_spec
+    from harness.config.load import load_spec
 
     experiment = REPO / "experiments" / "digits_regularization.yaml"
     spec = load_spec(experiment, [])
@@ -211,7 +211,7 @@ def _stub_fit(clock: Clock):
 def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
     import optuna
 
-    from harness.config.spec import load_spec
+    from harness.config.load import load_spec
     from harness.core import resume_state
     from harness.study import objective, retention, space
     from harness.study import search as study
@@ -377,7 +377,7 @@ def workers(n_trials: int | None, threads: list[int]) -> list[str]:
     start with the source model already pretrained (copied from a warm-up study)."""
     import shutil
 
-    from harness.config.spec import load_spec
+    from harness.config.load import load_spec
 
     experiment = REPO / "experiments" / "digits_regularization.yaml"
     spec = load_spec(experiment, [])

@@ -21,7 +21,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from harness.config.spec import SpecError, describe_space, load_spec
+from harness.config.load import load_spec
+from harness.config.spec import SpecError, describe_space
 
 COMMANDS = ("check", "ui", "report", "reproduce")
 

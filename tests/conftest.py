@@ -128,7 +128,8 @@ def source_cache(tmp_path_factory) -> Path:
 
     Trained once per session; copy it into a test's results folder to skip pretraining.
     """
-    from harness.config.spec import baseline_config, load_spec
+    from harness.config.load import load_spec
+    from harness.config.spec import baseline_config
     from harness.core.source import get_source_model
 
     spec = load_spec(QUICKSTART, [f"{s}" for s in TINY])

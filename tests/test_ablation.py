@@ -210,7 +210,8 @@ def test_ablate_refuses_bad_input(tmp_path, results_dir, monkeypatch, capsys):
 
 
 def test_a_multitask_best_ablates_its_auxiliary_tasks_as_one_choice(monkeypatch):
-    from harness.config.spec import baseline_config, load_spec, trial_config
+    from harness.config.load import load_spec
+    from harness.config.spec import baseline_config, trial_config
     from harness.reports.report import TrialRow
     from harness.tracking import runs
     from harness.tracking import store as tracking

@@ -18,7 +18,8 @@ import pytest
 from conftest import QUICKSTART, REPO, TINY, hold_env, make_config, release, run_cli, wait_held
 from recorded import THREADS, note_spread
 
-from harness.config.spec import SpecError, load_spec
+from harness.config.load import load_spec
+from harness.config.spec import SpecError
 from harness.core import distributed, tasks
 from harness.core import shared as loop
 from harness.study.workers import assign, worker_count

@@ -10,7 +10,7 @@ from conftest import REPO
 from test_data import write_cifar10
 
 from harness import cli
-from harness.config.spec import load_spec
+from harness.config.load import load_spec
 from harness.core import models
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 from conftest import QUICKSTART, REPO, hold_env, run_cli, wait_held
 from mlflow import MlflowClient
 
-from harness.config.spec import load_spec
+from harness.config.load import load_spec
 from harness.core.resume_state import load_state_file
 from harness.study.search import StudyOptions, open_storage, run_study
 

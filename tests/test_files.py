@@ -78,7 +78,7 @@ def test_sigterm_during_a_best_weights_write_leaves_no_temporary_file(tmp_path):
 def test_an_attempt_that_fails_after_writing_its_best_weights_leaves_none(results_dir, monkeypatch):
     """The trial fails after its best-weights file was written (here: a summary metric the
     result does not have): the file goes with the failed attempt."""
-    from harness.config.spec import load_spec
+    from harness.config.load import load_spec
     from harness.study.search import StudyOptions, best_weights_path, run_study
 
     real = metrics.KINDS["finetune"]

@@ -20,8 +20,8 @@ from mlflow import MlflowClient
 import harness.reports.reproduce as reproduce_mod
 import harness.study.search as study_mod
 from harness.cli import main
+from harness.config.load import load_spec
 from harness.config.metrics import KINDS
-from harness.config.spec import load_spec
 from harness.reports import tolerance
 from harness.study.search import StudyOptions, run_study
 

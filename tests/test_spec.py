@@ -11,6 +11,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from harness.config.load import load_spec, parse_yaml, spec_hash
 from harness.config.spec import (
     ExperimentSpec,
     SpecError,
@@ -18,9 +19,6 @@ from harness.config.spec import (
     active,
     baseline_config,
     fixed_values,
-    load_spec,
-    parse_yaml,
-    spec_hash,
     trial_config,
 )
 

@@ -9,7 +9,8 @@ from conftest import QUICKSTART, TINY
 from mlflow import MlflowClient
 
 import harness.study.search as study_mod
-from harness.config.spec import SpecError, load_spec
+from harness.config.load import load_spec
+from harness.config.spec import SpecError
 from harness.core import tasks
 from harness.study import space
 from harness.study.search import StudyOptions, open_storage, run_study

@@ -16,7 +16,8 @@ from conftest import REPO, run_cli
 from mlflow import MlflowClient
 from test_data import balanced_labels, distinct_images, py2, write_py2_pickle
 
-from harness.config.spec import SpecError, load_spec, trial_config
+from harness.config.load import load_spec
+from harness.config.spec import SpecError, trial_config
 from harness.core import meta, models, tasks
 
 META_FILE = REPO / "experiments" / "digits_meta.yaml"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import QUICKSTART, REPO, TINY, free_port, run_cli
 
-from harness.config.spec import load_spec
+from harness.config.load import load_spec
 from harness.study.search import StudyOptions, run_study
 
 pytestmark = pytest.mark.slow

@@ -23,8 +23,9 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.config.load import parse_yaml
 from harness.config.metrics import KINDS, best_name
-from harness.config.spec import ParamSpec, SpecError, TrialConfig, flatten, parse_yaml
+from harness.config.spec import ParamSpec, SpecError, TrialConfig, flatten
 from harness.core import tasks
 from harness.reports.stats import Effect, _scaled, _std, maximized, paired, verdict
 from harness.reports.variants import Group, Variant, _fmt, groups, parents_of, variants

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import optuna
 import torch
 
+from harness.config.load import spec_hash
 from harness.config.metrics import KINDS
 from harness.config.spec import (
     BASELINE,
@@ -21,7 +22,6 @@ from harness.config.spec import (
     SpecError,
     TrialConfig,
     baseline_config,
-    spec_hash,
     trial_config,
 )
 from harness.core import resume_state, tasks

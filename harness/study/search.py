@@ -20,13 +20,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from harness.config.spec import (
-    ExperimentSpec,
-    SpecError,
-    grid_points,
-    safe_name,
-    spec_hash,
-)
+from harness.config.load import grid_points, spec_hash
+from harness.config.spec import ExperimentSpec, SpecError, safe_name
 from harness.core import tasks
 from harness.data import datacache
 from harness.infra import envfaults

@@ -7,11 +7,7 @@ from typing import Any
 
 import optuna
 
-from harness.config.spec import (
-    ExperimentSpec,
-    active,
-    fixed_values,
-)
+from harness.config.spec import ExperimentSpec, active, fixed_values
 
 
 def make_sampler(spec: ExperimentSpec, salt: int = 0) -> optuna.samplers.BaseSampler:

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from harness.config.load import parse_yaml
 from harness.config.metrics import KINDS, best_name
-from harness.config.spec import SpecError, TrialConfig, flatten, parse_yaml, safe_name
+from harness.config.spec import SpecError, TrialConfig, flatten, safe_name
 from harness.core import distributed, models, tasks
 from harness.core.shared import resolve_device, seed_everything
 from harness.core.source import SourceModel, get_source_model, source_key
