@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        from harness.data.datasets import DataError
+        from harness.data.sources import DataError
 
         if isinstance(err, DataError):
             where = getattr(args, "experiment", None) or getattr(args, "study", None) or "data"

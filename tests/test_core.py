@@ -19,6 +19,7 @@ from harness.config.spec import TrialConfig
 from harness.core import augment, finetune, models, source
 from harness.core import shared as loop
 from harness.data import datasets as hdata
+from harness.data import sources
 
 METRIC_KEYS = {
     "train_loss",
@@ -402,7 +403,7 @@ def test_load_target_is_seeded(task):
 @pytest.mark.parametrize(("shots", "val"), [(160, 30), (150, 30), (20, 200)])
 def test_load_target_too_many_images_raises(shots, val):
     spec = make_config(data={"shots_per_class": shots, "val_per_class": val}).data
-    with pytest.raises(hdata.DataError, match="shots_per_class"):
+    with pytest.raises(sources.DataError, match="shots_per_class"):
         hdata.load_target(spec, 0)
 
 

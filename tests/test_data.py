@@ -23,13 +23,14 @@ from PIL import Image
 
 from harness.config.spec import DataSpec
 from harness.data import datasets as hdata
+from harness.data import sources
 
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    hdata.clear_cache()
+    sources.clear_cache()
     yield
-    hdata.clear_cache()
+    sources.clear_cache()
 
 
 def spec_of(**data) -> DataSpec:
@@ -239,7 +240,7 @@ def test_cifar10_real_format(tmp_path, cifar_md5_ok):
     check_target(task, spec, x_tr, y_tr, x_te, y_te, shots=2, val=3)
     assert task.x_test.shape == (9, 3, 32, 32)
     assert (task.channels, task.image_size) == (3, 32)
-    assert (task.mean, task.std) == hdata.STATS["cifar10"]
+    assert (task.mean, task.std) == sources.STATS["cifar10"]
     assert task.report.duplicates == 0 and task.report.skipped == ()
     # seeded: the same seed gives the same split and hash, another seed another
     again = hdata.load_target(spec, 0)
@@ -293,7 +294,7 @@ def test_cifar100_real_format(tmp_path, cifar_md5_ok):
     task = hdata.load_target(spec, 0)
     check_target(task, spec, x_tr, y_tr, x_te, y_te, shots=1, val=2)
     assert len(task.x_test) == 6
-    assert (task.mean, task.std) == hdata.STATS["cifar100"]
+    assert (task.mean, task.std) == sources.STATS["cifar100"]
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -334,7 +335,7 @@ def test_mnist_idx_files(tmp_path, dataset, cls_name):
     check_target(task, spec, x_tr, y_tr, x_te, y_te, shots=3, val=2)
     assert task.x_train.shape == (6, 1, 28, 28)
     assert (task.channels, task.image_size) == (1, 28)
-    assert (task.mean, task.std) == hdata.STATS[dataset]
+    assert (task.mean, task.std) == sources.STATS[dataset]
 
 
 @pytest.mark.parametrize(
@@ -349,7 +350,7 @@ def test_mnist_idx_files(tmp_path, dataset, cls_name):
 def test_missing_files_offline_error(tmp_path, dataset, folder):
     root = tmp_path / "no-data-here"
     spec = spec_of(dataset=dataset, root=str(root))
-    with pytest.raises(hdata.DataError) as err:
+    with pytest.raises(sources.DataError) as err:
         hdata.load_target(spec, 0)
     message = str(err.value)
     assert str(root) in message and folder in message
@@ -361,7 +362,7 @@ def test_partial_cifar_folder_names_the_missing_files(tmp_path, cifar_md5_ok):
     write_cifar10(tmp_path, per_class_train=2, per_class_test=1)
     (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
-    with pytest.raises(hdata.DataError) as err:
+    with pytest.raises(sources.DataError) as err:
         hdata.load_target(spec_of(dataset="cifar10", root=str(tmp_path)), 0)
     message = str(err.value)
     assert "missing: cifar-10-batches-py/data_batch_3, cifar-10-batches-py/test_batch" in message
@@ -376,7 +377,7 @@ def test_download_without_network_is_a_clear_error(tmp_path, monkeypatch, datase
     module = tvd.cifar if dataset == "cifar10" else tvd.mnist
     monkeypatch.setattr(module, "download_and_extract_archive", unreachable)
     root = tmp_path / "data"
-    with pytest.raises(hdata.DataError) as err:
+    with pytest.raises(sources.DataError) as err:
         hdata.load_target(spec_of(dataset=dataset, root=str(root), download=True), 0)
     message = str(err.value)
     assert str(root) in message and "Downloading" in message and "failed" in message
@@ -392,12 +393,12 @@ def test_duplicates_across_splits_by_index(tmp_path, cifar_md5_ok):
     write_py2_pickle(folder / "test_batch", py2(test))
     data = {"dataset": "cifar10", "root": str(tmp_path), "target_classes": [3, 4]}
     spec = spec_of(**data, shots_per_class=None, val_per_class=1)  # every other image trains
-    with pytest.raises(hdata.DataError) as err:
+    with pytest.raises(sources.DataError) as err:
         hdata.load_target(spec, 0)
     message = str(err.value)
     assert "1 exact duplicate" in message and "data.allow_duplicates: true" in message
     assert f"cifar10 test image {i_te}" in message and f"cifar10 train image {i_tr}" in message
-    hdata.clear_cache()
+    sources.clear_cache()
     task = hdata.load_target(spec.model_copy(update={"allow_duplicates": True}), 0)
     assert task.report.duplicates == 1 and task.report.duplicates_allowed
     assert any("1 exact duplicate" in line for line in task.report.lines())
@@ -405,7 +406,7 @@ def test_duplicates_across_splits_by_index(tmp_path, cifar_md5_ok):
 
 # --- digits ----------------------------------------------------------------------------------
 def test_digits_has_no_exact_duplicates_and_the_default_reports_clean():
-    x, _ = hdata._digits()
+    x, _ = sources._digits()
     assert len({img.tobytes() for img in x}) == len(x)  # so the default never trips the check
     task = hdata.load_target(DataSpec(), 0)
     assert task.report == hdata.DataReport(dataset="digits")
@@ -481,7 +482,7 @@ def test_imagefolder_flat_split_per_class(tmp_path):
     again = hdata.load_target(spec, 0, size_hint=8)
     assert again.data_hash == task.data_hash and torch.equal(again.x_val, task.x_val)
     assert hdata.load_target(spec, 1, size_hint=8).data_hash != task.data_hash
-    with pytest.raises(hdata.DataError, match="shots_per_class"):
+    with pytest.raises(sources.DataError, match="shots_per_class"):
         hdata.load_target(spec.model_copy(update={"shots_per_class": 5}), 0, size_hint=8)
 
 
@@ -497,11 +498,11 @@ def test_imagefolder_class_selection_by_name_and_index(tmp_path):
         for a in "xy":
             assert torch.equal(getattr(by_name, f"{a}_{part}"), getattr(by_index, f"{a}_{part}"))
     assert by_name.data_hash == by_index.data_hash
-    with pytest.raises(hdata.DataError, match=r"'zebra' is not a class .*a_cat"):
+    with pytest.raises(sources.DataError, match=r"'zebra' is not a class .*a_cat"):
         hdata.load_target(spec_of(**base, target_classes=["zebra", "a_cat"], **common), 0)
-    with pytest.raises(hdata.DataError, match="class index 7 is out of range"):
+    with pytest.raises(sources.DataError, match="class index 7 is out of range"):
         hdata.load_target(spec_of(**base, target_classes=[7, 0], **common), 0)
-    with pytest.raises(hdata.DataError, match="names one class twice"):
+    with pytest.raises(sources.DataError, match="names one class twice"):
         hdata.load_target(spec_of(**base, target_classes=["a_cat", 0], **common), 0)
 
 
@@ -531,7 +532,7 @@ def test_imagefolder_train_val_test_folders_corrupt_and_duplicates(tmp_path):
         val_per_class=2,
         image_size=8,
     )
-    with pytest.raises(hdata.DataError) as err:
+    with pytest.raises(sources.DataError) as err:
         hdata.load_target(spec, 0)
     message = str(err.value)
     assert "1 exact duplicate" in message and "data.allow_duplicates: true" in message
@@ -560,7 +561,7 @@ def test_imagefolder_train_val_test_folders_corrupt_and_duplicates(tmp_path):
     train = np.stack([chw(p) for p in written["train"].values()]).astype(np.float64) / 255
     assert task.mean == pytest.approx(train.mean(axis=(0, 2, 3)), abs=1e-4)
     # a class with too few val/ images
-    with pytest.raises(hdata.DataError, match="val_per_class is 3"):
+    with pytest.raises(sources.DataError, match="val_per_class is 3"):
         hdata.load_target(spec.model_copy(update={"val_per_class": 3}), 0)
 
 
@@ -645,6 +646,6 @@ def test_imagefolder_greyscale(tmp_path):
 def test_imagefolder_missing_root(tmp_path):
     root = tmp_path / "absent"
     spec = spec_of(dataset="imagefolder", root=str(root), target_classes=["a", "b"])
-    with pytest.raises(hdata.DataError, match="is not a folder") as err:
+    with pytest.raises(sources.DataError, match="is not a folder") as err:
         hdata.load_target(spec, 0)
     assert str(root) in str(err.value)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from harness.config.spec import DataSpec
-from harness.data import datacache
+from harness.data import datacache, sources
 from harness.data import datasets as hdata
 from harness.data.stream import HostImages
 
@@ -51,7 +51,7 @@ def decodes(cache: Path) -> list[str]:
 
 
 def listing(root: Path, size: int):
-    names, files = hdata._listing(root)
+    names, files = sources._listing(root)
     import hashlib
 
     stamp = hashlib.sha256()
@@ -73,9 +73,9 @@ def same_task(a: hdata.TaskData, b: hdata.TaskData) -> None:
 
 @pytest.fixture(autouse=True)
 def _fresh():
-    hdata.clear_cache()
+    sources.clear_cache()
     yield
-    hdata.clear_cache()
+    sources.clear_cache()
 
 
 def test_cached_load_equals_the_uncached_one_then_hits(tmp_path):
@@ -86,7 +86,7 @@ def test_cached_load_equals_the_uncached_one_then_hits(tmp_path):
     spec = spec_of(root)
     plain = hdata.load_target(spec, 0)
     src_plain = hdata.load_source(spec, 0)
-    hdata.clear_cache()
+    sources.clear_cache()
     cached = hdata.load_target(spec, 0, cache_dir=cache)
     same_task(cached, plain)
     assert cached.report.skipped_paths == (str(root / "train" / "a" / "broken.png"),)
@@ -97,13 +97,13 @@ def test_cached_load_equals_the_uncached_one_then_hits(tmp_path):
     assert meta["splits"]["train"]["skipped"][0][0].endswith("broken.png")
     assert len(meta["splits"]["train"]["hashes"]) == 14 and meta["mode"] == "RGB"
     # a hit: another load (the process cache forgotten) maps the file, decodes nothing
-    hdata.clear_cache()
+    sources.clear_cache()
     again = hdata.load_target(spec, 0, cache_dir=cache)
     same_task(again, plain)
     assert len(decodes(cache)) == 1
     assert not list(cache.glob(".*"))  # no temporary file left behind
     # a miss: another size is another key
-    hdata.clear_cache()
+    sources.clear_cache()
     other = hdata.load_target(spec.model_copy(update={"image_size": 10}), 0, cache_dir=cache)
     assert other.x_train.shape[-1] == 10 and len(decodes(cache)) == 2
     assert len(list(cache.glob("*.npy"))) == 2
@@ -125,7 +125,7 @@ def test_parallel_decode_gives_the_serial_pixels(tmp_path):
     root = tmp_path / "f"
     make_folder(root, {"a": 40, "b": 40}, size=(31, 23), jpeg=True)
     (root / "a" / "bad.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    paths = hdata._image_files(root)
+    paths = sources._image_files(root)
     serial, r1, h1 = datacache.decode(paths, "RGB", 16, tmp_path / "s.npy", workers=1)
     parallel, r2, h2 = datacache.decode(paths, "RGB", 16, tmp_path / "p.npy", workers=2)
     assert len(paths) > 2 * datacache.CHUNK and r1 == r2
@@ -195,7 +195,7 @@ def test_a_changed_folder_gets_a_new_key(tmp_path):
     (new,) = cache.glob("*.npy")  # the stale cache of the same folder is removed
     assert new != old and len(decodes(cache)) == 2
     assert after.data_hash != before.data_hash
-    hdata.clear_cache()
+    sources.clear_cache()
     same_task(after, hdata.load_target(spec, 0))
 
 
@@ -205,7 +205,7 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, {repo!r})
     from harness.data import datacache
-    from harness.data.datasets import _listing
+    from harness.data.sources import _listing
     import hashlib
     root, cache, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     names, files = _listing(root)
@@ -309,8 +309,8 @@ def test_parallel_build_with_an_unreadable_file_equals_the_uncached_load(tmp_pat
     (root / "a" / "015.jpg").write_bytes(b"\xff\xd8\xff truncated")
     spec = spec_of(root, shots_per_class=5, val_per_class=3)
     plain = hdata.load_target(spec, 0)
-    hdata.clear_cache()
-    names, files = hdata._listing(root)
+    sources.clear_cache()
+    names, files = sources._listing(root)
     _, stamp = listing(root, 8)
     built = datacache.folder(cache, root, files, stamp, 8, workers=2)
     assert built.built_now and "2 worker(s)" in decodes(cache)[0]

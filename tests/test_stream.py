@@ -12,6 +12,7 @@ from PIL import Image
 from harness.core import finetune, models
 from harness.core import shared as loop
 from harness.data import datasets as hdata
+from harness.data import sources
 from harness.data.stream import HostImages, batch
 
 
@@ -26,7 +27,7 @@ def make_folder(root, counts, size=(14, 12), seed=0):
 
 @pytest.fixture
 def folder_config(tmp_path):
-    hdata.clear_cache()
+    sources.clear_cache()
     root = tmp_path / "pets"
     make_folder(root, {"a": 30, "b": 30, "c": 30})
     data = {
@@ -46,7 +47,7 @@ def folder_config(tmp_path):
         train=train,
         aug={"policy": "crop"},
     )
-    hdata.clear_cache()
+    sources.clear_cache()
 
 
 def fit_on(config, task):

@@ -18,9 +18,9 @@ from harness.config.spec import (
     ExperimentSpec,
     SpecError,
     describe_error,
-    set_dotted,
     fixed_values,
     leaf_keys,
+    set_dotted,
     trial_config,
 )
 

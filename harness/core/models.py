@@ -29,7 +29,7 @@ from torchvision.ops import StochasticDepth
 from harness.config.spec import STOCHASTIC_DEPTH_ARCHS, TORCHVISION_ARCHS, ModelSpec, TrialConfig
 from harness.core.layouts import head_path, layout_of, submodule
 from harness.core.small_cnn import SmallCNN
-from harness.data.datasets import DIGITS_MEAN, DIGITS_STD
+from harness.data.sources import DIGITS_MEAN, DIGITS_STD
 
 
 class WeightsUnavailable(ValueError):

@@ -204,7 +204,7 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
 
     from harness.core import tasks
     from harness.core.shared import seed_everything
-    from harness.data.datasets import DataError
+    from harness.data.sources import DataError
 
     uri = opts.tracking()
     if not _store_exists(uri):  # before connecting, which would create an empty one

@@ -18,7 +18,7 @@ from harness.config.spec import safe_name
 from harness.core import resume_state
 from harness.core.distributed import RankFailed
 from harness.core.shared import TrainingFault
-from harness.data.datasets import DataError
+from harness.data.sources import DataError
 from harness.tracking import store as tracking
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward a study's budget
