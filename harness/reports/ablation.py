@@ -26,6 +26,7 @@ from pathlib import Path
 from harness.config.load import parse_yaml
 from harness.config.metrics import KINDS, best_name
 from harness.config.spec import ParamSpec, SpecError, TrialConfig, flatten
+from harness.config.tags import Tag
 from harness.core import tasks
 from harness.reports.stats import Effect, _scaled, _std, maximized, paired, verdict
 from harness.reports.variants import Group, Variant, _fmt, groups, parents_of, variants
@@ -78,13 +79,13 @@ def train_variant(
     """One variant at one seed from the starting weights `start` (path, description), as a
     tracked run; returns what it logged."""
     tags = {
-        "harness.ablation_of": of_run,
-        "harness.ablation": name,
-        "harness.seed_index": str(index),
-        "harness.ablation_config": key,
-        "harness.pretrained": start[1],
-        "harness.role": "ablation",
-        "harness.test": TEST_NOTE,
+        Tag.ABLATION_OF: of_run,
+        Tag.ABLATION: name,
+        Tag.SEED_INDEX: str(index),
+        Tag.ABLATION_CONFIG: key,
+        Tag.PRETRAINED: start[1],
+        Tag.ROLE: "ablation",
+        Tag.TEST: TEST_NOTE,
     }
     run_name = f"ablation-{name}-seed{config.seed}"
     test_config = _test_config(config)
@@ -318,7 +319,7 @@ def plan(client, parent: str, best_row, base_row) -> Ablation:
         flatten(base.model_dump(mode="json")),
     )
     _, tags = tracking.run_record(client, of_run)
-    sampled = [k for k in tags.get("harness.sampled", "").split(",") if k]
+    sampled = [k for k in tags.get(Tag.SAMPLED, "").split(",") if k]
     notes = []
     space = _space(tracking.run_record(client, parent)[0]) if parent else None
     if space is None:
@@ -410,6 +411,6 @@ def ablate_study(client, opts, summary, study_attrs: dict, n: int) -> Ablation:
     parent = study_attrs.get("mlflow_parent_run_id", "")
     ab = plan(client, parent, complete[0] if complete else None, summary.baseline())
     exp_id = tracking.experiment_id(
-        client, study_attrs["harness.experiment"], opts.results, opts.tracking()
+        client, study_attrs[Tag.EXPERIMENT], opts.results, opts.tracking()
     )
     return run(runs.Resources(opts.results, client, exp_id, print), parent, ab, n)

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from harness.config.metrics import KINDS
+from harness.config.tags import Tag
 from harness.reports.report import SeedGroup, Summary, _fmt, headline, kind_of, render, seed_groups
 
 
@@ -133,9 +134,7 @@ def searched(study):
     import optuna
 
     copy = optuna.create_study(directions=study.directions)
-    trials = [
-        t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("harness.baseline")
-    ]
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(Tag.BASELINE)]
     copy.add_trials(trials)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     common = set.intersection(*(set(t.params) for t in complete)) if complete else set()

@@ -15,6 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from harness.config.metrics import KINDS, best_name
+from harness.config.tags import Tag
 
 
 def kind_of(values: dict[str, Any]) -> str:
@@ -95,7 +96,7 @@ class Summary:
     def counts(self) -> dict[str, int]:
         """Trials by state; an attempt that was interrupted (a signal, a dead process, the
         environment) and re-queued counts as RETRIED, not FAIL: it did not fail for good."""
-        retried = {t.attrs.get("harness.retry_of") for t in self.trials}
+        retried = {t.attrs.get(Tag.RETRY_OF) for t in self.trials}
         counts: dict[str, int] = {}
         for t in self.trials:
             state = "RETRIED" if t.state == "FAIL" and t.number in retried else t.state
@@ -150,11 +151,11 @@ class Progress:
         acc, gap = headline(a)
         if acc in a:
             line += f" {acc} {a[acc]:.4f} {gap} {a[gap]:+.4f}"
-        if a.get("harness.error"):
+        if a.get(Tag.ERROR):
             line += f": {a['harness.error'][:200]}"
-        if a.get("harness.pruned_epoch"):
+        if a.get(Tag.PRUNED_EPOCH):
             line += f" at epoch {a['harness.pruned_epoch']}"
-        if a.get("harness.baseline"):
+        if a.get(Tag.BASELINE):
             line += " (baseline)"
         try:
             line += f"  best {study.best_value:.4f} (trial {study.best_trial.number})"

@@ -22,6 +22,7 @@ from typing import TextIO
 
 from harness.config.metrics import KINDS, OPTIONAL_EPOCH, multitask_epoch
 from harness.config.spec import SpecError, TrialConfig, safe_name
+from harness.config.tags import Tag
 from harness.core import distributed
 from harness.core.source import source_key
 from harness.data import datacache
@@ -62,10 +63,10 @@ def recorded_histories(client, run, keys: list[str]) -> dict[str, dict[int, floa
     out = tracking.metric_steps(client, run.info.run_id, keys)
     tags = run.data.tags
     for _ in range(100):  # a chain of retries
-        if not tags.get("harness.retry_of") or "harness.resumed_from_epoch" not in tags:
+        if not tags.get(Tag.RETRY_OF) or Tag.RESUMED_FROM_EPOCH not in tags:
             break
-        upto = int(tags["harness.resumed_from_epoch"])
-        previous = tracking.find_run(client, tags["harness.retry_of"])
+        upto = int(tags[Tag.RESUMED_FROM_EPOCH])
+        previous = tracking.find_run(client, tags[Tag.RETRY_OF])
         if previous is None:
             break
         for key, history in tracking.metric_steps(client, previous.info.run_id, keys).items():
@@ -113,13 +114,13 @@ def _trial_run(client, run_id: str, uri: str):
     if run is None:
         raise SpecError(f"no MLflow run {run_id!r} in {tracking.redact(uri)}")
     tags = run.data.tags
-    if "optuna.trial_number" not in tags:
-        role = tags.get("harness.role", "unknown")
+    if Tag.OPTUNA_TRIAL_NUMBER not in tags:
+        role = tags.get(Tag.ROLE, "unknown")
         raise SpecError(
             f"run {run_id} is not a trial run (harness.role={role}); give the run id of a "
             "trial (the Optuna user attribute mlflow_run_id, or a trial-N run in the MLflow UI)."
         )
-    state = tags.get("optuna.state")
+    state = tags.get(Tag.OPTUNA_STATE)
     if state not in ("COMPLETE", "PRUNED"):
         why = f"its trial state is {state}" if state else "its trial is running or was cut off"
         raise SpecError(f"run {run_id}: {why}; only COMPLETE and PRUNED trials are reproduced")
@@ -128,18 +129,18 @@ def _trial_run(client, run_id: str, uri: str):
 
 def _provenance_warnings(recorded: dict[str, str], now: dict[str, str]) -> None:
     """Warn where code, libraries or hardware differ from the record."""
-    for key in ("harness.git_commit", *sorted(k for k in now if k.startswith("harness.version."))):
+    for key in (Tag.GIT_COMMIT, *sorted(k for k in now if k.startswith(Tag.VERSION))):
         was, is_ = recorded.get(key), now.get(key)
         if was is None:
             warn(f"the record has no {key} tag (now {is_})")
         elif was != is_:
-            what = "code" if key == "harness.git_commit" else key.removeprefix("harness.version.")
+            what = "code" if key == Tag.GIT_COMMIT else key.removeprefix(Tag.VERSION)
             warn(f"{what} differs from the record: {key} was {was}, is {is_}")
-    if recorded.get("harness.git_dirty") == "true":
+    if recorded.get(Tag.GIT_DIRTY) == "true":
         warn("the recorded trial ran with uncommitted changes: its commit does not pin its code")
-    if now.get("harness.git_dirty") == "true":
+    if now.get(Tag.GIT_DIRTY) == "true":
         warn("this checkout has uncommitted changes")
-    for key in ("harness.device", "harness.cpu"):
+    for key in (Tag.DEVICE, Tag.CPU):
         if recorded.get(key) and recorded.get(key) != now.get(key):
             warn(f"{key} differs from the record: was {recorded[key]}, is {now.get(key)}")
 
@@ -219,12 +220,12 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
     tags = run.data.tags
     config = runs.load_config(run_id)
 
-    device_tag = tags.get("harness.device", "cpu")
+    device_tag = tags.get(Tag.DEVICE, "cpu")
     gpu = device_tag.startswith("cuda")
     device = "cuda" if gpu else "cpu"  # as recorded, whatever `auto` would pick here
     config = config.model_copy(update={"train": config.train.model_copy(update={"device": device})})
-    if "harness.threads" in tags:
-        threads = int(tags["harness.threads"])
+    if Tag.THREADS in tags:
+        threads = int(tags[Tag.THREADS])
     else:
         threads = config.train.threads or torch.get_num_threads()
         warn(f"the record has no harness.threads tag; using {threads} threads")
@@ -239,8 +240,8 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
     keys = compared_keys(config)
     recorded = recorded_histories(client, run, [*keys, *OPTIONAL])
     pruned_epoch = None
-    if tags.get("optuna.state") == "PRUNED":  # compared up to the pruning epoch
-        pruned = tags.get("harness.pruned_epoch", "")
+    if tags.get(Tag.OPTUNA_STATE) == "PRUNED":  # compared up to the pruning epoch
+        pruned = tags.get(Tag.PRUNED_EPOCH, "")
         last = max((max(h) for h in recorded.values() if h), default=1)
         pruned_epoch = int(pruned) if pruned.isdigit() else last
     epochs = pruned_epoch or config.epochs
@@ -255,7 +256,7 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
             data = tasks.load_data(config, datacache.under(opts.results))
         except DataError as err:
             raise SpecError(f"run {run_id}: data: {err}") from None
-        recorded_hash = tags.get("harness.data_hash")
+        recorded_hash = tags.get(Tag.DATA_HASH)
         if recorded_hash is None:
             warn("the record has no harness.data_hash tag: the data split cannot be checked")
         elif recorded_hash != data.data_hash:
@@ -263,20 +264,20 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
                 f"run {run_id}: the data split differs from the record (data hash "
                 f"{recorded_hash} recorded, {data.data_hash} now); refusing to compare"
             )
-        now = {**provenance.provenance_tags(device, threads), "harness.devices_per_trial": str(k)}
+        now = {**provenance.provenance_tags(device, threads), Tag.DEVICES_PER_TRIAL: str(k)}
         _provenance_warnings(tags, now)
         if same_environment(tags, now):
             tolerance = GPU_TOLERANCE if gpu else EXACT
         else:
             tolerance = cross_machine_tolerance(_smallest_set(config, data), gpu)
         res = runs.Resources(opts.results, client, run.info.experiment_id, note=lambda _: None)
-        start, start_desc = _starting_weights(res, config, tags.get("harness.pretrained"))
-        if tags.get("harness.pretrained") not in (None, start_desc):
+        start, start_desc = _starting_weights(res, config, tags.get(Tag.PRETRAINED))
+        if tags.get(Tag.PRETRAINED) not in (None, start_desc):
             warn(
                 f"starting weights differ from the record: harness.pretrained was "
                 f"{tags['harness.pretrained']}, is {start_desc}"
             )
-        trial = tags["optuna.trial_number"]
+        trial = tags[Tag.OPTUNA_TRIAL_NUMBER]
         print(
             f"Reproducing trial {trial} of study {tags.get('optuna.study', '?')} (run {run_id}): "
             f"{epochs} epochs{' (pruned there)' if pruned_epoch else ''} on {device}"
@@ -285,10 +286,10 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
             file=out,
             flush=True,
         )
-        new_tags = {**now, "harness.data_hash": data.data_hash, "harness.pretrained": start_desc}
-        new_tags |= {"harness.reproduces": run_id, "harness.role": "reproduce"}
-        if tags.get("mlflow.parentRunId"):
-            new_tags["mlflow.parentRunId"] = tags["mlflow.parentRunId"]
+        new_tags = {**now, Tag.DATA_HASH: data.data_hash, Tag.PRETRAINED: start_desc}
+        new_tags |= {Tag.REPRODUCES: run_id, Tag.ROLE: "reproduce"}
+        if tags.get(Tag.PARENT_RUN):
+            new_tags[Tag.PARENT_RUN] = tags[Tag.PARENT_RUN]
         name = f"reproduce-of-trial-{trial}"
         recorder = _Recorder()
         with runs.tracked(client, run.info.experiment_id, name, config, new_tags) as (new, end):
@@ -310,13 +311,13 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
                 rerun_on=environment(now),
             )
             end["status"] = "FINISHED" if outcome.matched else "FAILED"
-            end["harness.reproduce_result"] = outcome.result
-            end["harness.reproduce_tolerance"] = tolerance.describe()
+            end[Tag.REPRODUCE_RESULT] = outcome.result
+            end[Tag.REPRODUCE_TOLERANCE] = tolerance.describe()
             if outcome.result == "within_tolerance":
                 worst = outcome.largest_relative_difference()[0]
-                end["harness.reproduce_largest_rel_difference"] = f"{worst:.3g}"
+                end[Tag.REPRODUCE_LARGEST_REL_DIFFERENCE] = f"{worst:.3g}"
             if not outcome.matched:
-                end["harness.reproduce_first_difference"] = outcome.verdict()
+                end[Tag.REPRODUCE_FIRST_DIFFERENCE] = outcome.verdict()
             tracking.log_text(client, new.run_id, outcome.render() + "\n", "reproduce.txt")
         return outcome
     finally:

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 from harness.config.metrics import KINDS, OPTIONAL_EPOCH
+from harness.config.tags import Tag
 
 
 def is_count_metric(metric: str) -> bool:
@@ -80,17 +81,17 @@ class Row:
     same: bool
 
 
-ENVIRONMENT = ("harness.cpu", "harness.threads", "harness.version.torch", "harness.device")
+ENVIRONMENT = (Tag.CPU, Tag.THREADS, Tag.VERSION + "torch", Tag.DEVICE)
 
 
-KERNELS = "harness.cpu_kernels"  # logged since 2026-12-07; a record without it: not compared
+KERNELS = Tag.CPU_KERNELS  # logged since 2026-12-07; a record without it: not compared
 
 
 def environment(tags: dict[str, str]) -> str:
     """Where a run ran, as a verdict names it: 'AMD EPYC, 2 threads, torch 2.14.1, cpu'
     (with its kernel path in brackets where the record has it: '... [AVX512]')."""
-    cpu, threads = tags.get("harness.cpu", "unknown CPU"), tags.get("harness.threads", "?")
-    torch_version, device = tags.get("harness.version.torch", "?"), tags.get("harness.device")
+    cpu, threads = tags.get(Tag.CPU, "unknown CPU"), tags.get(Tag.THREADS, "?")
+    torch_version, device = tags.get(Tag.VERSION + "torch", "?"), tags.get(Tag.DEVICE)
     kernels = f" [{tags[KERNELS]}]" if tags.get(KERNELS) else ""
     return f"{cpu}{kernels}, {threads} threads, torch {torch_version}, {device or 'cpu'}"
 

@@ -12,6 +12,7 @@ import optuna
 
 from harness.config.metrics import KINDS, best_name
 from harness.config.spec import safe_name
+from harness.config.tags import Tag
 from harness.core import tasks
 from harness.core.models import load_state
 from harness.core.shared import seed_everything
@@ -103,7 +104,7 @@ def seed_reruns(
                         "data": config.data.model_copy(update={"split_seed": config.split_seed}),
                     }
                 )
-                tags = {"harness.rerun_of": run_id, "harness.role": "seed_rerun"}
+                tags = {Tag.RERUN_OF: run_id, Tag.ROLE: "seed_rerun"}
                 name = f"trial-{row.number}-seed{seed}"
                 logged = runs.retrain(res, parent, name, rerun, start, tags)
                 done[seed] = {k: logged[best_name(k)] for k in values}
@@ -161,13 +162,13 @@ def finish_report(
         notes = report.Progress(total=0, done=0, quiet=True, bar=False)
         parent = study.user_attrs.get("mlflow_parent_run_id", "")
         exp_id = tracking.experiment_id(
-            client, study.user_attrs["harness.experiment"], opts.results, opts.tracking()
+            client, study.user_attrs[Tag.EXPERIMENT], opts.results, opts.tracking()
         )
         seeded = seed_reruns(
             Resources(opts.results, client, exp_id, notes.note), parent, shown, seeds
         )
     references = classical_references(study, opts, client)
-    exp = client.get_experiment_by_name(study.user_attrs.get("harness.experiment", name))
+    exp = client.get_experiment_by_name(study.user_attrs.get(Tag.EXPERIMENT, name))
     objective = summary.objectives[0] if summary.objectives else "val_acc"
     url = (
         ui.experiment_url("http://127.0.0.1:5000", exp.experiment_id, objective, summary.direction)
@@ -226,7 +227,7 @@ def summarize(study: optuna.Study, opts: StudyOptions, name: str) -> report.Summ
             number=t.number,
             state=t.state.name,
             value=t.values[0] if t.values else None,
-            baseline=bool(t.user_attrs.get("harness.baseline")),
+            baseline=bool(t.user_attrs.get(Tag.BASELINE)),
             params=dict(t.params),
             attrs=dict(t.user_attrs),
         )
@@ -240,5 +241,5 @@ def summarize(study: optuna.Study, opts: StudyOptions, name: str) -> report.Summ
         rows,
         opts,
         pareto=pareto,
-        objectives=tuple(study.user_attrs.get("harness.objectives", ())),
+        objectives=tuple(study.user_attrs.get(Tag.OBJECTIVES, ())),
     )

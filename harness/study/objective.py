@@ -24,6 +24,7 @@ from harness.config.spec import (
     baseline_config,
     trial_config,
 )
+from harness.config.tags import Tag
 from harness.core import resume_state, tasks
 from harness.core.shared import seed_everything
 from harness.data import datacache
@@ -93,50 +94,50 @@ def leave_for_retry(err: BaseException, end_tags: dict) -> None:
     """An attempt stopped by a signal or by the environment: its run says why (its resume
     state stays for the retry)."""
     stop = err if isinstance(err, envfaults.EnvironmentStop) else None
-    end_tags["harness.fault"] = stop.fault.kind if stop else "interrupted"
+    end_tags[Tag.FAULT] = stop.fault.kind if stop else "interrupted"
     if stop:
-        end_tags["harness.error"] = f"{stop.fault.where}: {stop.fault.detail}"
+        end_tags[Tag.ERROR] = f"{stop.fault.where}: {stop.fault.detail}"
 
 
 def objective(ctx: Context, trial: optuna.Trial) -> float:
     spec = ctx.spec
-    is_baseline = bool(trial.user_attrs.get("harness.baseline"))
+    is_baseline = bool(trial.user_attrs.get(Tag.BASELINE))
     values = dict(BASELINE) if is_baseline else suggest(trial, spec)
     config = baseline_config(spec) if is_baseline else trial_config(spec, values)
     data = ctx.res.data_for(config)
     pretrained, pretrained_desc = ctx.res.pretrained_for(config)
     tags = {
-        "harness.baseline": str(is_baseline).lower(),
-        "harness.data_hash": data.data_hash,
-        "harness.spec_hash": spec_hash(spec),
-        "harness.sampled": ",".join(sorted(values)),
+        Tag.BASELINE: str(is_baseline).lower(),
+        Tag.DATA_HASH: data.data_hash,
+        Tag.SPEC_HASH: spec_hash(spec),
+        Tag.SAMPLED: ",".join(sorted(values)),
     }
-    tags["harness.pretrained"] = pretrained_desc
+    tags[Tag.PRETRAINED] = pretrained_desc
     if config.model.pretrained == "source":
-        tags["harness.source_model"] = pretrained_desc
+        tags[Tag.SOURCE_MODEL] = pretrained_desc
     tags.update(runs.provenance(config))
-    retry_of = trial.user_attrs.get("harness.retry_of")
+    retry_of = trial.user_attrs.get(Tag.RETRY_OF)
     resume_from = None
     resume_file = resume_path(ctx.opts.results, ctx.study_name, trial.number)
     if retry_of is not None:
         previous = trial.study.trials[retry_of]
-        tags["harness.retry_of"] = previous.user_attrs.get("mlflow_run_id", "")
-        tags["harness.retry_of_trial"] = str(retry_of)
+        tags[Tag.RETRY_OF] = previous.user_attrs.get("mlflow_run_id", "")
+        tags[Tag.RETRY_OF_TRIAL] = str(retry_of)
         old_file = resume_path(ctx.opts.results, ctx.study_name, retry_of)
         if old_file.is_file():  # this attempt holds it now, so a stop at any point keeps it
             old_file.replace(resume_file)
             resume_from = resume_file
         else:  # another node's attempt, or it died before its first epoch ended
-            tags["harness.resume"] = "restarted from epoch 1: no resume state on this node"
+            tags[Tag.RESUME] = "restarted from epoch 1: no resume state on this node"
     if config.task.kind != "finetune" and resume_from is not None:  # only fit resumes
-        resume_from, tags["harness.resume"] = None, "restarted from epoch 1: only fit resumes"
-    trial.set_user_attr("harness.host", socket.gethostname())
-    trial.set_user_attr("harness.pid", os.getpid())
+        resume_from, tags[Tag.RESUME] = None, "restarted from epoch 1: only fit resumes"
+    trial.set_user_attr(Tag.HOST, socket.gethostname())
+    trial.set_user_attr(Tag.PID, os.getpid())
     started = time.perf_counter()
     tags |= {
-        "mlflow.parentRunId": ctx.parent_run_id,
-        "optuna.study": ctx.study_name,
-        "optuna.trial_number": str(trial.number),
+        Tag.PARENT_RUN: ctx.parent_run_id,
+        Tag.OPTUNA_STUDY: ctx.study_name,
+        Tag.OPTUNA_TRIAL_NUMBER: str(trial.number),
     }
     run = runs.start(
         ctx.client,
@@ -164,7 +165,7 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
             for epoch, m in enumerate(resume["history"], 1):  # the pruner sees the whole curve
                 if not multi:
                     trial.report(m[spec.objective.metric], epoch)
-            end_tags["harness.resumed_from_epoch"] = resume["epoch"]
+            end_tags[Tag.RESUMED_FROM_EPOCH] = resume["epoch"]
         callbacks = [
             logger,
             TrialWatch(trial, resume_file, logger),
@@ -183,7 +184,7 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
         trial.set_user_attr("best_epoch", result.best_epoch)
         trial.set_user_attr("epochs_run", len(result.history))
         trial.set_user_attr("seconds", round(result.seconds, 3))
-        end_tags["harness.best_epoch"] = result.best_epoch
+        end_tags[Tag.BEST_EPOCH] = result.best_epoch
         names = (*spec.objective.all_metrics, *KINDS[config.task.kind].summary)
         end_metrics = runs.chosen_epoch_metrics(result, dict.fromkeys(names))
         state = "COMPLETE"
@@ -192,13 +193,13 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
         return result.best[spec.objective.metric]
     except optuna.TrialPruned:
         state = "PRUNED"
-        end_tags["harness.pruned_epoch"] = pruner.pruned_at
+        end_tags[Tag.PRUNED_EPOCH] = pruner.pruned_at
         end_tags[tracking.DESCRIPTION] = (
             f"Pruned at epoch {pruner.pruned_at} by Optuna's {type(trial.study.pruner).__name__}: "
             f"its {spec.objective.metric} was not promising against the other trials at that "
             "epoch. A finished decision of the search, not a failure (optuna.state=PRUNED)."
         )
-        trial.set_user_attr("harness.pruned_epoch", pruner.pruned_at)
+        trial.set_user_attr(Tag.PRUNED_EPOCH, pruner.pruned_at)
         trial.set_user_attr("epochs_run", pruner.pruned_at)
         raise
     except (Interrupted, envfaults.EnvironmentStop) as err:
@@ -211,10 +212,10 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
             status, stop = "KILLED", envfaults.EnvironmentStop(fault)
             leave_for_retry(stop, end_tags)
             raise stop from err
-        end_tags["harness.error"] = f"{type(err).__name__}: {err}"[:5000]
-        end_tags["harness.fault"] = fault_kind(err)
-        trial.set_user_attr("harness.error", end_tags["harness.error"][:500])
-        trial.set_user_attr("harness.fault", end_tags["harness.fault"])
+        end_tags[Tag.ERROR] = f"{type(err).__name__}: {err}"[:5000]
+        end_tags[Tag.FAULT] = fault_kind(err)
+        trial.set_user_attr(Tag.ERROR, end_tags[Tag.ERROR][:500])
+        trial.set_user_attr(Tag.FAULT, end_tags[Tag.FAULT])
         tracking.log_text(ctx.client, run_id, traceback.format_exc(), "traceback.txt")
         raise
     finally:  # the run ends with the trial's true state, whatever happened
@@ -225,7 +226,7 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
             runs.end(
                 run,
                 status or tracking.STATUS[state],
-                {"optuna.state": state, **end_tags},
+                {Tag.OPTUNA_STATE: state, **end_tags},
                 end_metrics,
             )
         if status != "KILLED":  # a finished or faulty attempt is not resumed: its state goes

@@ -15,6 +15,7 @@ import torch
 from optuna.trial import TrialState
 
 from harness.config.spec import safe_name
+from harness.config.tags import Tag
 from harness.core import resume_state
 from harness.core.distributed import RankFailed
 from harness.core.shared import TrainingFault
@@ -45,7 +46,7 @@ class TrialWatch:
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         if self.logger.written_upto == epoch:
-            self.trial.set_user_attr("harness.heartbeat", time.time())
+            self.trial.set_user_attr(Tag.HEARTBEAT, time.time())
 
     def wants_state(self, epoch: int) -> bool:
         return self.logger.written_upto == epoch
@@ -65,8 +66,8 @@ def alive(trial, grace: float = 600.0) -> bool:
     """Whether a RUNNING trial's process still runs: by its pid on this host, else by the age
     of its heartbeat (or of its start, before the first epoch)."""
     a = trial.user_attrs
-    if a.get("harness.host") == socket.gethostname() and "harness.pid" in a:
-        pid = int(a["harness.pid"])
+    if a.get(Tag.HOST) == socket.gethostname() and Tag.PID in a:
+        pid = int(a[Tag.PID])
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -77,7 +78,7 @@ def alive(trial, grace: float = 600.0) -> bool:
             return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
         except (OSError, IndexError):
             return True
-    last = a.get("harness.heartbeat") or (
+    last = a.get(Tag.HEARTBEAT) or (
         trial.datetime_start.timestamp() if trial.datetime_start else time.time()
     )
     return time.time() - last < grace
@@ -88,13 +89,12 @@ def requeue(study: optuna.Study, trial) -> None:
     retry where the resume state is). Once: an attempt that already has a retry (queued when it
     stopped, before its own end could be stored) gets no second one."""
     if any(
-        t.user_attrs.get("harness.retry_of") == trial.number
-        for t in study.get_trials(deepcopy=False)
+        t.user_attrs.get(Tag.RETRY_OF) == trial.number for t in study.get_trials(deepcopy=False)
     ):
         return
-    attrs = {"harness.retry_of": trial.number}
-    if trial.user_attrs.get("harness.baseline"):
-        attrs["harness.baseline"] = True
+    attrs = {Tag.RETRY_OF: trial.number}
+    if trial.user_attrs.get(Tag.BASELINE):
+        attrs[Tag.BASELINE] = True
     study.enqueue_trial(dict(trial.params), user_attrs=attrs)
 
 
@@ -147,7 +147,7 @@ def reconcile(
     }
     for run_id in tracking.running_trial_runs(client, study_name):
         if run_id not in live:
-            tags = {"optuna.state": "FAIL", "harness.fault": "killed"}
+            tags = {Tag.OPTUNA_STATE: "FAIL", Tag.FAULT: "killed"}
             tracking.end_run_tagged(client, run_id, "KILLED", tags)
     return [t.number for t in dead]
 
@@ -200,11 +200,11 @@ class SameFailure:
 
     def __call__(self, study: optuna.Study, trial) -> None:
         error = None
-        if trial.state == TrialState.FAIL and trial.user_attrs.get("harness.fault") in (
+        if trial.state == TrialState.FAIL and trial.user_attrs.get(Tag.FAULT) in (
             "error",
             "data",
         ):
-            error = trial.user_attrs.get("harness.error")
+            error = trial.user_attrs.get(Tag.ERROR)
         self.count = self.count + 1 if error is not None and error == self.last else 1
         self.last = error
         if error is not None and self.count >= self.limit:

@@ -11,6 +11,7 @@ import fcntl
 import optuna
 from optuna.trial import TrialState
 
+from harness.config.tags import Tag
 from harness.tracking import registry
 from harness.tracking import store as tracking
 from harness.tracking.runs import best_weights_path
@@ -33,7 +34,7 @@ def keep_set(study: optuna.Study, policy: str, k: int) -> set[int]:
     keep |= set(best_of.values())
     if len(study.directions) > 1:  # and the whole Pareto front
         keep |= {t.number for t in study.best_trials}
-    return keep | {t.number for t in complete if t.user_attrs.get("harness.baseline")}
+    return keep | {t.number for t in complete if t.user_attrs.get(Tag.BASELINE)}
 
 
 def apply_retention(ctx, study: optuna.Study) -> None:
@@ -74,4 +75,4 @@ def _retain(ctx, t, kept: bool) -> None:
         if logged or registry.checkpoint_state(ctx.client, run_id) == "logged":
             registry.delete_checkpoint(ctx.client, run_id)
         else:  # fell out before it was ever logged
-            ctx.client.set_tag(run_id, "harness.checkpoint", "deleted")
+            ctx.client.set_tag(run_id, Tag.CHECKPOINT, "deleted")

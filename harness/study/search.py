@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from harness.config.load import grid_points, spec_hash
 from harness.config.spec import ExperimentSpec, SpecError, safe_name
+from harness.config.tags import Tag
 from harness.core import tasks
 from harness.data import datacache
 from harness.infra import envfaults
@@ -101,7 +102,7 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
         if not opts.worker:  # others may run this study now: propose other parameters
             sampler = make_sampler(spec, os.getpid())
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-        recorded = study.user_attrs.get("harness.spec_hash")
+        recorded = study.user_attrs.get(Tag.SPEC_HASH)
         if recorded != spec_hash(spec):
             raise SpecError(
                 f"study {name!r} in {tracking.redact(opts.storage_url())} was made from a "
@@ -118,15 +119,15 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
         if parent is None:
             raise RuntimeError(f"study {name!r} has no MLflow parent run after 60 s") from None
         return study, parent, False
-    study.set_user_attr("harness.spec_hash", spec_hash(spec))
-    study.set_user_attr("harness.experiment", spec.name)
-    study.set_user_attr("harness.objectives", list(spec.objective.all_metrics))
+    study.set_user_attr(Tag.SPEC_HASH, spec_hash(spec))
+    study.set_user_attr(Tag.EXPERIMENT, spec.name)
+    study.set_user_attr(Tag.OBJECTIVES, list(spec.objective.all_metrics))
     with warnings.catch_warnings():  # experimental in Optuna 5: the names dashboards show
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(spec.objective.all_metrics))
-    study.set_user_attr("harness.task_kind", spec.task.kind)
+    study.set_user_attr(Tag.TASK_KIND, spec.task.kind)
     if spec.search.baseline:
-        study.enqueue_trial({}, user_attrs={"harness.baseline": True})
+        study.enqueue_trial({}, user_attrs={Tag.BASELINE: True})
     for values in spec.search.enqueue:
         study.enqueue_trial(dict(values))
     settings = {

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import mlflow
 
+from harness.config.tags import Tag
+
 _REPO = Path(__file__).resolve().parents[2]  # the repository whose commit is logged
 
 
@@ -58,18 +60,18 @@ def provenance_tags(device: str, threads: int) -> dict[str, str]:
 
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     tags = {
-        "harness.git_commit": _git("rev-parse", "HEAD"),
-        "harness.git_dirty": str(dirty not in ("", "unknown")).lower(),
-        "harness.version.python": platform.python_version(),
-        "harness.version.torch": torch.__version__,
-        "harness.version.torchvision": torchvision.__version__,
-        "harness.version.optuna": importlib.metadata.version("optuna"),  # the study's layer's
-        "harness.version.mlflow": mlflow.__version__,
-        "harness.device": device,
-        "harness.threads": str(threads),
-        "harness.cpu": cpu_model(),
-        "harness.cpu_kernels": cpu_kernels(),
+        Tag.GIT_COMMIT: _git("rev-parse", "HEAD"),
+        Tag.GIT_DIRTY: str(dirty not in ("", "unknown")).lower(),
+        Tag.VERSION + "python": platform.python_version(),
+        Tag.VERSION + "torch": torch.__version__,
+        Tag.VERSION + "torchvision": torchvision.__version__,
+        Tag.VERSION + "optuna": importlib.metadata.version("optuna"),  # the study's layer's
+        Tag.VERSION + "mlflow": mlflow.__version__,
+        Tag.DEVICE: device,
+        Tag.THREADS: str(threads),
+        Tag.CPU: cpu_model(),
+        Tag.CPU_KERNELS: cpu_kernels(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
-        tags["harness.device"] = f"{device} ({torch.cuda.get_device_name()})"
+        tags[Tag.DEVICE] = f"{device} ({torch.cuda.get_device_name()})"
     return tags

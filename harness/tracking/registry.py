@@ -12,13 +12,14 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
+from harness.config.tags import Tag
 from harness.tracking.store import connect, log_params, redact
 
 
 def log_checkpoint(client: MlflowClient, run_id: str, path: Path) -> None:
     """Log a trial's best-weights file under `checkpoints/` and tag the run so."""
     client.log_artifact(run_id, str(path), "checkpoints")
-    client.set_tag(run_id, "harness.checkpoint", "logged")
+    client.set_tag(run_id, Tag.CHECKPOINT, "logged")
 
 
 def delete_checkpoint(client: MlflowClient, run_id: str) -> str:
@@ -36,12 +37,12 @@ def delete_checkpoint(client: MlflowClient, run_id: str) -> str:
         state = "deleted"
     except (NotImplementedError, mlflow.exceptions.MlflowException, OSError):
         state = "kept (the artifact store cannot delete)"
-    client.set_tag(run_id, "harness.checkpoint", state)
+    client.set_tag(run_id, Tag.CHECKPOINT, state)
     return state
 
 
 def checkpoint_state(client: MlflowClient, run_id: str) -> str | None:
-    return client.get_run(run_id).data.tags.get("harness.checkpoint")
+    return client.get_run(run_id).data.tags.get(Tag.CHECKPOINT)
 
 
 def fetch_source_model(client: MlflowClient, key: str, dest: Path) -> tuple[Path, dict] | None:
@@ -76,7 +77,7 @@ def register_source_model(
     if versions:
         return f"models:/{name}/{max(int(v.version) for v in versions)}"
     run = client.create_run(
-        exp_id, run_name=f"source-pretrain-{key}", tags={"harness.role": "source_pretrain"}
+        exp_id, run_name=f"source-pretrain-{key}", tags={Tag.ROLE: "source_pretrain"}
     )
     run_id = run.info.run_id
     log_params(client, run_id, {f"source.{k}": v for k, v in settings.items()})
@@ -88,7 +89,7 @@ def register_source_model(
     with contextlib.suppress(mlflow.exceptions.MlflowException):  # another process was first
         client.create_registered_model(name, description="Pretrained source model (state_dict)")
     source = f"{client.get_run(run_id).info.artifact_uri}/source"
-    version = client.create_model_version(name, source, run_id=run_id, tags={"harness.key": key})
+    version = client.create_model_version(name, source, run_id=run_id, tags={Tag.KEY: key})
     return f"models:/{name}/{version.version}"
 
 
@@ -185,7 +186,7 @@ def register_model(
     from mlflow.models import infer_signature
 
     for v in client.search_model_versions(f"name = '{name}'"):
-        if v.run_id == run_id and v.tags.get("harness.format") == "mlflow-pytorch":
+        if v.run_id == run_id and v.tags.get(Tag.FORMAT) == "mlflow-pytorch":
             client.set_registered_model_alias(name, "best", v.version)
             return f"models:/{name}/{v.version}"
     with contextlib.suppress(mlflow.exceptions.MlflowException):  # exists already
@@ -202,7 +203,7 @@ def register_model(
             input_example=example,
             pip_requirements=requirements,
         )
-    tags = {k: f"{v:.6g}" for k, v in metrics.items()} | {"harness.format": "mlflow-pytorch"}
+    tags = {k: f"{v:.6g}" for k, v in metrics.items()} | {Tag.FORMAT: "mlflow-pytorch"}
     version = client.create_model_version(
         name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id
     )

@@ -22,6 +22,7 @@ import torch
 from harness.config.load import parse_yaml
 from harness.config.metrics import KINDS, best_name
 from harness.config.spec import SpecError, TrialConfig, flatten, safe_name
+from harness.config.tags import Tag
 from harness.core import distributed, models, tasks
 from harness.core.shared import resolve_device, seed_everything
 from harness.core.source import SourceModel, get_source_model, source_key
@@ -90,7 +91,7 @@ def provenance(config: TrialConfig) -> dict[str, str]:
     if k > 1:
         threads = distributed.rank_threads(config)
     tags = where_from.provenance_tags(str(resolve_device(config.train.device)), threads)
-    return {**tags, "harness.devices_per_trial": str(k)}
+    return {**tags, Tag.DEVICES_PER_TRIAL: str(k)}
 
 
 @dataclass
@@ -153,10 +154,10 @@ def tracked(
         status = ending.pop("status", "FINISHED")
     except KeyboardInterrupt:
         status = "KILLED"
-        ending["harness.fault"] = "interrupted"
+        ending[Tag.FAULT] = "interrupted"
         raise
     except Exception as err:
-        ending["harness.error"] = f"{type(err).__name__}: {err}"[:5000]
+        ending[Tag.ERROR] = f"{type(err).__name__}: {err}"[:5000]
         raise
     finally:
         ending.pop("status", None)
@@ -177,8 +178,8 @@ def retrain(
     `best_<metric>` of the kind's headline metrics, and what `then(model, data)` measures on
     the best epoch's weights."""
     data = res.data_for(config)
-    tags = {**provenance(config), "mlflow.parentRunId": parent, **tags}
-    tags["harness.data_hash"] = data.data_hash
+    tags = {**provenance(config), Tag.PARENT_RUN: parent, **tags}
+    tags[Tag.DATA_HASH] = data.data_hash
     with tracked(res.client, res.exp_id, run_name, config, tags) as (run, _):
         seed_everything(config.seed)
         model = tasks.build(config, data, start)

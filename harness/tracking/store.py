@@ -24,10 +24,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from harness.config.metrics import best_name
+from harness.config.tags import Tag
 from harness.infra import envfaults
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
-DESCRIPTION = "mlflow.note.content"  # the run's description in the UI
+DESCRIPTION = Tag.DESCRIPTION  # the run's description in the UI
 TrackingError = mlflow.exceptions.MlflowException  # what the tracking store raises
 
 
@@ -93,7 +94,7 @@ def experiment_id(client: MlflowClient, name: str, results: Path, tracking_uri: 
         location = (results / "mlartifacts" / name).resolve().as_uri()
     try:  # the kind tag: a training experiment, not a GenAI one (for UIs that read it)
         return client.create_experiment(
-            name, artifact_location=location, tags={"mlflow.experimentKind": EXPERIMENT_KIND}
+            name, artifact_location=location, tags={Tag.EXPERIMENT_KIND: EXPERIMENT_KIND}
         )
     except mlflow.exceptions.MlflowException:  # another process created it first
         return client.get_experiment_by_name(name).experiment_id
@@ -112,7 +113,7 @@ def create_parent_run(
     client: MlflowClient, exp_id: str, study_name: str, settings: dict[str, Any]
 ) -> str:
     run = client.create_run(
-        exp_id, run_name=study_name, tags={"harness.study": study_name, "harness.role": "study"}
+        exp_id, run_name=study_name, tags={Tag.STUDY: study_name, Tag.ROLE: "study"}
     )
     log_params(client, run.info.run_id, settings)
     return run.info.run_id
@@ -316,10 +317,11 @@ def running_trial_runs(client: MlflowClient, study_name: str) -> list[str]:
     """Ids of the study's trial runs that MLflow still shows RUNNING."""
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
-        filter_string=f"tags.`optuna.study` = '{study_name}' and attributes.status = 'RUNNING'",
+        filter_string=f"tags.`{Tag.OPTUNA_STUDY}` = '{study_name}' "
+        "and attributes.status = 'RUNNING'",
         max_results=10000,
     )
-    return [r.info.run_id for r in runs if "optuna.trial_number" in r.data.tags]
+    return [r.info.run_id for r in runs if Tag.OPTUNA_TRIAL_NUMBER in r.data.tags]
 
 
 def load_text(run_id: str, artifact_file: str) -> str:
@@ -337,7 +339,7 @@ def finished_reruns(
     """{seed: {key: value}} of the finished reruns of a trial run that logged every one of
     `keys` (as `best_KEY`, harness.config.metrics.best_name)."""
     runs = client.search_runs(
-        [exp_id], filter_string=f"tags.`harness.rerun_of` = '{of_run}'", max_results=1000
+        [exp_id], filter_string=f"tags.`{Tag.RERUN_OF}` = '{of_run}'", max_results=1000
     )
     names = {k: best_name(k) for k in keys}
     return {
@@ -355,15 +357,14 @@ def finished_ablations(
     `harness.ablation_config`) that logged every one of `metrics`."""
     runs = client.search_runs(
         [exp_id],
-        filter_string=f"tags.`harness.ablation_of` = '{of_run}' "
-        "and tags.`harness.role` = 'ablation'",
+        filter_string=f"tags.`{Tag.ABLATION_OF}` = '{of_run}' and tags.`{Tag.ROLE}` = 'ablation'",
         max_results=10000,
     )
     return {
         (
-            r.data.tags["harness.ablation"],
-            int(r.data.tags["harness.seed_index"]),
-            r.data.tags.get("harness.ablation_config", ""),
+            r.data.tags[Tag.ABLATION],
+            int(r.data.tags[Tag.SEED_INDEX]),
+            r.data.tags.get(Tag.ABLATION_CONFIG, ""),
         ): {m: r.data.metrics[m] for m in metrics}
         for r in runs
         if r.info.status == "FINISHED" and all(m in r.data.metrics for m in metrics)

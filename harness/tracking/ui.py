@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from harness.config.metrics import best_name
+from harness.config.tags import Tag
 from harness.tracking.store import connect, is_local_store
 
 # MLflow 3.17's UI opens an experiment in its GenAI view unless the URL says otherwise (a browser
@@ -43,7 +44,7 @@ def study_urls(tracking_uri: str, base: str) -> list[tuple[str, str]]:
     client = connect(tracking_uri)
     out = []
     for e in client.search_experiments():
-        for parent in client.search_runs([e.experiment_id], "tags.`harness.role` = 'study'"):
+        for parent in client.search_runs([e.experiment_id], f"tags.`{Tag.ROLE}` = 'study'"):
             direction, _, metric = parent.data.params.get("objective", "").partition(" ")
             metric = metric.split(",")[0] or "val_acc"
             url = experiment_url(base, e.experiment_id, metric, direction or "maximize")
