@@ -6,6 +6,7 @@ the tracking layer, and ARCHITECTURE.md names every module."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,24 @@ def test_each_library_lives_in_its_layer(library, layers, modules):
         and m not in modules
     ]
     assert not outside, f"{library} imported outside {sorted(layers | modules)}: {outside}"
+
+
+def test_tag_names_are_spelled_only_in_their_home():
+    """Every run tag and trial attribute name is `Tag.X` (harness/config/tags.py); a literal
+    "harness.x" elsewhere in the package (but a module's dotted name) would drift from it."""
+    literal = re.compile(r"^(harness|optuna|mlflow)\.[A-Za-z_.]+$")
+    spelled = [
+        f"{m}: {node.value!r}"
+        for m, path in MODULES.items()
+        if m != "harness.config.tags"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and literal.match(node.value)
+        and node.value not in MODULES
+        and node.value not in ("optuna.journal", "mlflow.db")  # file names
+    ]
+    assert not spelled, "tag names outside harness/config/tags.py: " + ", ".join(spelled)
 
 
 def test_architecture_md_names_every_module():

@@ -77,11 +77,6 @@ def direction(metric: str) -> str:
     return "maximize" if metric in MAXIMIZED else "minimize"
 
 
-def kind_of_objective(metric: str) -> str:
-    """'meta' for the meta-learning metrics, else 'finetune' (multi-task shares those)."""
-    return "meta" if metric in KINDS["meta"].objectives else "finetune"
-
-
 def multitask_epoch(tasks: list[str], uncertainty: bool) -> tuple[str, ...]:
     """The per-epoch metrics of a multi-task trial with these task names (the target first)."""
     per_task = (*MULTITASK_PER_TASK, *(("log_var",) if uncertainty else ()))

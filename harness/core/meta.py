@@ -68,7 +68,6 @@ from harness.data.episodes import (  # noqa: F401 (the class splits and episodes
     load_pool,
 )
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "protonet")
 VAL_STREAM, TEST_STREAM = 1_000_003, 2_000_003  # seed offsets of the val and test episodes
 
 

@@ -329,10 +329,6 @@ def _metrics(ordered, sums: list[float], n_clean: int, n_val: int, uncertainty: 
     return m
 
 
-def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
 def predict(model: nn.Module, heads: MultiTaskHeads, x: torch.Tensor, target: str):
     """Every task's logits for a batch, in eval mode: {task: logits}."""
     model.eval()

@@ -152,9 +152,9 @@ class Progress:
         if acc in a:
             line += f" {acc} {a[acc]:.4f} {gap} {a[gap]:+.4f}"
         if a.get(Tag.ERROR):
-            line += f": {a['harness.error'][:200]}"
+            line += f": {a[Tag.ERROR][:200]}"
         if a.get(Tag.PRUNED_EPOCH):
-            line += f" at epoch {a['harness.pruned_epoch']}"
+            line += f" at epoch {a[Tag.PRUNED_EPOCH]}"
         if a.get(Tag.BASELINE):
             line += " (baseline)"
         try:

@@ -275,11 +275,11 @@ def reproduce(run_id: str, opts, out: TextIO | None = None) -> Outcome:
         if tags.get(Tag.PRETRAINED) not in (None, start_desc):
             warn(
                 f"starting weights differ from the record: harness.pretrained was "
-                f"{tags['harness.pretrained']}, is {start_desc}"
+                f"{tags[Tag.PRETRAINED]}, is {start_desc}"
             )
         trial = tags[Tag.OPTUNA_TRIAL_NUMBER]
         print(
-            f"Reproducing trial {trial} of study {tags.get('optuna.study', '?')} (run {run_id}): "
+            f"Reproducing trial {trial} of study {tags.get(Tag.OPTUNA_STUDY, '?')} (run {run_id}): "
             f"{epochs} epochs{' (pruned there)' if pruned_epoch else ''} on {device}"
             f"{f' x {k} data-parallel ranks' if k > 1 else ''}, "
             f"{threads} CPU threads, seed {config.seed}, data hash {data.data_hash}",
