@@ -146,6 +146,14 @@ def results_dir(tmp_path, source_cache) -> Path:
     return results
 
 
+@pytest.fixture(scope="module")
+def task():
+    """The digits target task of `make_config()` (seed 0): a small real TaskData, on the CPU."""
+    from harness.data import datasets
+
+    return datasets.load_target(make_config().data, 0)
+
+
 def make_config(defaults: dict | None = None, **sections: dict):
     """A strict TrialConfig for core tests: CPU, 3 epochs, lr 0.05; `defaults` then `sections`
     merged in per section."""

@@ -12,7 +12,6 @@ from torch import nn
 
 from harness.config.spec import StrategySpec
 from harness.core import finetune, models, strategies
-from harness.data import datasets as hdata
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -40,11 +39,6 @@ class StageRecorder:
         self.grad[epoch] = [
             any(p.requires_grad for p in s.parameters()) for s in models.stages(self.model)
         ]
-
-
-@pytest.fixture(scope="module")
-def task() -> hdata.TaskData:
-    return hdata.load_target(make_config().data, 0)
 
 
 # --- golden: the baseline recipe's history is what it was before the strategies -------------
