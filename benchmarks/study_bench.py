@@ -213,8 +213,10 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
 
     from harness.config.load import load_spec
     from harness.core import resume_state
-    from harness.study import objective, retention, space
+    from harness.study import objective as objective_mod
+    from harness.study import retention
     from harness.study import search as study
+    from harness.tracking import provenance, registry, ui
     from harness.tracking import store as tracking
 
     clock = Clock()
@@ -234,10 +236,10 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
     except ImportError:
         pass
     # sampling (sampler and pruner) and storage
-    open_storage, make_sampler, make_pruner = (
+    open_storage, make_sampler, make_pruner = (  # the names the study loop calls
         study.open_storage,
-        space.make_sampler,
-        space.make_pruner,
+        study.make_sampler,
+        study.make_pruner,
     )
 
     def storage(url):
@@ -265,8 +267,8 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
         clock.wrap_methods(p, "sampling", ["prune"])
         return p
 
-    study.open_storage, space.make_sampler, space.make_pruner = storage, sampler, pruner
-    # tracking: every function of harness.tracking.store, the epoch logger, the system monitor
+    study.open_storage, study.make_sampler, study.make_pruner = storage, sampler, pruner
+    # tracking: every function of the tracking layer, the epoch logger, the system monitor
     monitor = tracking.system_monitor
 
     def system_monitor(*a, **k):
@@ -275,11 +277,12 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
         return m
 
     tracking.system_monitor = system_monitor
-    for name in dir(tracking):
-        fn = getattr(tracking, name)
-        ours = getattr(fn, "__module__", "") == "harness.tracking.store" and name[0] != "_"
-        if ours and callable(fn) and not isinstance(fn, type):
-            setattr(tracking, name, clock.wrap(fn, "tracking"))
+    for module in (tracking, registry, provenance, ui):  # the tracking layer's functions
+        for name in dir(module):
+            fn = getattr(module, name)
+            ours = getattr(fn, "__module__", "") == module.__name__ and name[0] != "_"
+            if ours and callable(fn) and not isinstance(fn, type):
+                setattr(module, name, clock.wrap(fn, "tracking"))
     for name in ("on_epoch_end", "flush", "end_run"):
         if hasattr(tracking.EpochLogger, name):  # the names of this version of the logger
             setattr(
@@ -289,17 +292,17 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
             )
     # checkpoint: the resume state, the best weights' file, the retention policy
     resume_state.save_state = clock.wrap(resume_state.save_state, "checkpoint")
-    study.atomic_write = clock.wrap(study.atomic_write, "checkpoint")
+    objective_mod.atomic_write = clock.wrap(objective_mod.atomic_write, "checkpoint")
     retention.apply_retention = clock.wrap(retention.apply_retention, "checkpoint")
     # the trials' boundaries
-    objective = objective.objective
+    objective = objective_mod.objective
 
     def timed_objective(ctx, trial):
         clock.trial = trial.number
         clock.mark()
         return objective(ctx, trial)
 
-    objective.objective = timed_objective
+    objective_mod.objective = timed_objective
 
     def finish(*a, **k):
         clock.mark()  # the end of the last trial

@@ -1,5 +1,6 @@
-"""Optuna, and only here: storages, samplers, pruners, the conditional search space, the trial
-objective, and the study loop with its total budget of finished trials.
+"""The study loop: the stores and the study opened (or resumed), the parent run, the total
+budget of finished trials (with several workers too), and the study's end. The study layer is
+Optuna's only home; its sampler and pruner are `space`, one trial attempt is `objective`.
 
 One trial: sample (or take the baseline recipe) -> TrialConfig -> child MLflow run -> `fit`
 with callbacks (metrics to MLflow, values to the pruner, progress) -> Optuna value and state.

@@ -1,5 +1,7 @@
-"""MLflow, and only here: experiments, the study's parent run, one child run per trial attempt,
-per-epoch metrics, artifacts, final statuses, the model registry, and the UI server command.
+"""The MLflow client and the records of a study: experiments, the study's parent run, one
+child run per trial attempt, per-epoch metrics, artifacts, final statuses, and the queries of
+finished runs. The tracking layer is MLflow's only home; the registry is `registry`, the
+provenance tags `provenance`, the UI `ui`.
 
 Uses MlflowClient with explicit run ids (no fluent active-run stack), so nothing depends on
 process-global state. Run status follows the Optuna trial state: COMPLETE -> FINISHED,
