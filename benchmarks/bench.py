@@ -35,8 +35,7 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.config.spec import TrialConfig  # noqa: E402
-from harness.core import finetune, models
-from harness.core import shared as loop
+from harness.core import finetune, models, shared
 from harness.data.datasets import TaskData  # noqa: E402
 
 
@@ -220,18 +219,18 @@ def ceiling(s: Setup, steps: int, windows: int = 3) -> float:
     )
     net = models.build_model(config.model, 10, 0.0).net.to(device)
     fmt = torch.contiguous_format
-    if loop.uses_channels_last(config, net, device):
+    if shared.uses_channels_last(config, net, device):
         fmt = torch.channels_last
         net = net.to(memory_format=fmt)
     opt = torch.optim.SGD(
-        net.parameters(), lr=0.001, momentum=0.9, **loop.optimizer_options(device)
+        net.parameters(), lr=0.001, momentum=0.9, **shared.optimizer_options(device)
     )
     x = torch.randn(s.batch, 3, s.size, s.size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (s.batch,), device=device)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with loop.autocast(device, config.train.amp):
+        with shared.autocast(device, config.train.amp):
             loss = F.cross_entropy(net(x), y)
         loss.backward()
         opt.step()

@@ -27,8 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.config.spec import TrialConfig  # noqa: E402
-from harness.core import shared as loop
-from harness.core import tasks
+from harness.core import shared, tasks
 
 
 class _Marks:
@@ -57,13 +56,13 @@ def trial(k: int, device: str, arch: str, size: int, per_device: int, epochs: in
         }
     )
     data = tasks.load_data(config)
-    loop.seed_everything(config.seed)
+    shared.seed_everything(config.seed)
     model = tasks.build(config, data, None)
     marks = _Marks()  # from before the ranks start
     tasks.train(config, model, data, [marks])
     spans = [b - a for a, b in zip(marks.marks[1:], marks.marks[2:], strict=False)]
     setup = marks.marks[1] - marks.marks[0] - statistics.median(spans)  # start, less an epoch
-    images = loop.steps_per_epoch(len(data.x_train), config.train.batch_size, 2 * k)
+    images = shared.steps_per_epoch(len(data.x_train), config.train.batch_size, 2 * k)
     images *= config.train.batch_size  # every step a full global batch (the tail is skipped)
     return images / statistics.median(spans), max(setup, 0.0)
 

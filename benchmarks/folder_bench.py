@@ -148,8 +148,7 @@ def throughput(root: Path, size: int, cache: Path, shots: int, batch: int, epoch
     import torch
 
     from harness.config.spec import TrialConfig
-    from harness.core import finetune, models
-    from harness.core import shared as loop
+    from harness.core import finetune, models, shared
     from harness.data import datasets as hdata
 
     base = spec_for(root, size).model_dump()
@@ -166,7 +165,7 @@ def throughput(root: Path, size: int, cache: Path, shots: int, batch: int, epoch
             }
         )
         task = hdata.load_target(config.data, 0, cache_dir=cache)
-        loop.seed_everything(0)
+        shared.seed_everything(0)
         model = models.model_for(config, task)
         marks = _Marks()
         finetune.fit(config, model, task, [marks])

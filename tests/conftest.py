@@ -168,10 +168,9 @@ def make_config(defaults: dict | None = None, **sections: dict):
 
 def fresh_model(config, num_classes: int = 5):
     """The small CNN of `config`, initialised from its seed."""
-    from harness.core import models
-    from harness.core import shared as loop
+    from harness.core import models, shared
 
-    loop.seed_everything(config.seed)
+    shared.seed_everything(config.seed)
     return models.build_model(config.model, num_classes, config.reg.dropout)
 
 

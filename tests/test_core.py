@@ -14,8 +14,7 @@ from conftest import make_config
 from torch import nn
 
 from harness.config.spec import TrialConfig
-from harness.core import augment, finetune, models
-from harness.core import shared as loop
+from harness.core import augment, finetune, models, shared
 from harness.data import datasets as hdata
 from harness.data import sources
 
@@ -34,7 +33,7 @@ METRIC_KEYS = {
 
 # --- helpers ---------------------------------------------------------------------------------
 def fresh_model(config: TrialConfig, num_classes: int = 5, pretrained=None) -> nn.Module:
-    loop.seed_everything(config.seed)
+    shared.seed_everything(config.seed)
     return models.build_model(config.model, num_classes, config.reg.dropout, pretrained=pretrained)
 
 

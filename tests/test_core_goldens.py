@@ -15,9 +15,8 @@ import torch
 from recorded import THREADS, assert_history_matches_recorded
 
 from harness.config.spec import DataSpec, ModelSpec, TrialConfig
-from harness.core import meta, models
+from harness.core import meta, models, shared
 from harness.core import multitask as mt
-from harness.core import shared as loop
 from harness.data import datasets as hdata
 
 SPLIT = meta.DIGITS_SPLIT
@@ -87,7 +86,7 @@ def mt_config(weighting: str = "fixed", objective: dict | None = None, **train) 
 
 
 def small_model(ways: int) -> models.ImageModel:
-    loop.seed_everything(0)
+    shared.seed_everything(0)
     return models.build_model(ModelSpec(pretrained="none", width=8), ways)
 
 

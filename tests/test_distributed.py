@@ -20,8 +20,7 @@ from recorded import THREADS, note_spread
 
 from harness.config.load import load_spec
 from harness.config.spec import SpecError
-from harness.core import distributed, tasks
-from harness.core import shared as loop
+from harness.core import distributed, shared, tasks
 from harness.study.workers import assign, worker_count
 
 # K=2 against K=1, same global batch and `bn: sync`: the ranks sum the same numbers in another
@@ -45,7 +44,7 @@ def _config(k: int, bn: str = "train", epochs: int = 2, threads: int = 1, **trai
 
 def _fit(config, callbacks=()):
     data = tasks.load_data(config)
-    loop.seed_everything(config.seed)
+    shared.seed_everything(config.seed)
     model = tasks.build(config, data, None)
     return tasks.train(config, model, data, callbacks)
 
@@ -123,7 +122,7 @@ def test_two_ranks_resume_equals_uninterrupted():
     straight = _fit(config, [Keep()])
     assert Keep.state is not None and Keep.state["epoch"] == 1
     data = tasks.load_data(config)
-    loop.seed_everything(config.seed)
+    shared.seed_everything(config.seed)
     resumed = tasks.train(config, tasks.build(config, data, None), data, resume=Keep.state)
     assert resumed.history == straight.history
     assert all((resumed.best_state[k] == straight.best_state[k]).all() for k in resumed.best_state)

@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from harness.config.spec import DataSpec, ModelSpec, TrialConfig
-from harness.core import meta, models
-from harness.core import shared as loop
+from harness.core import meta, models, shared
 
 SPLIT = meta.DIGITS_SPLIT
 
@@ -32,7 +31,7 @@ def meta_config(seed: int = 0, objective: dict | None = None, **keys) -> TrialCo
 
 
 def small_model(ways: int = 3, seed: int = 0) -> models.ImageModel:
-    loop.seed_everything(seed)
+    shared.seed_everything(seed)
     return models.build_model(ModelSpec(pretrained="none", width=8), ways)
 
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from harness.config.spec import TrialConfig
-from harness.core import finetune, models
+from harness.core import finetune, models, shared
 from harness.core import multitask as mt
-from harness.core import shared as loop
 from harness.data import datasets as hdata
 
 
@@ -35,7 +34,7 @@ def digits() -> hdata.TaskData:
 
 
 def fresh(config: TrialConfig, classes: int = 10) -> models.ImageModel:
-    loop.seed_everything(config.seed)
+    shared.seed_everything(config.seed)
     return models.build_model(config.model, classes)
 
 
@@ -141,7 +140,7 @@ def test_uncertainty_gives_a_noisy_task_a_larger_log_variance(digits):
     noise["val"] = torch.randint(0, 10, (len(digits.y_val),), generator=g)
     tasks = [mt.digit_tasks()[1], mt.Task("noise", 10, noise)]
     config = trial("uncertainty", epochs=6)
-    loop.seed_everything(0)
+    shared.seed_everything(0)
     model = models.build_model(trial().model, 2)
     result = mt.multitask_fit(config, model, tasks, digits)
     last = result.history[-1]
@@ -161,7 +160,7 @@ def test_target_head_must_fit(digits):
 
 
 def test_weight_decay_skips_every_norm_and_bias_as_fit_does():
-    """One rule (loop.split_decay) for both cores: GroupNorm and RMSNorm too, which the
+    """One rule (shared.split_decay) for both cores: GroupNorm and RMSNorm too, which the
     multi-task core once decayed."""
     from torch import nn
 
@@ -179,5 +178,5 @@ def test_weight_decay_skips_every_norm_and_bias_as_fit_does():
     norms = {id(p) for m in net[1:4] for p in m.parameters()}
     biases = {id(net[0].bias), id(net[4].bias), id(heads.heads["aux"][1].bias)}
     assert rest == norms | biases | {id(heads.log_vars)}
-    fit_decay, fit_rest = loop.split_decay([*net.modules(), *heads.heads.modules()])
+    fit_decay, fit_rest = shared.split_decay([*net.modules(), *heads.heads.modules()])
     assert {id(p) for p in fit_decay} == decay

@@ -12,8 +12,7 @@ from conftest import fresh_model, make_config
 from torch import nn
 
 from harness.config.spec import DataSpec, SpecError, TrainSpec, TrialConfig
-from harness.core import finetune, strategies
-from harness.core import shared as loop
+from harness.core import finetune, shared, strategies
 from harness.data import datasets as hdata
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -35,10 +34,10 @@ def test_default_clean_train_subset_is_bounded():
 
 def test_clean_train_subset_is_fixed_and_bounded(task):
     n = len(task.x_train)
-    idx = loop.clean_subset(n, 30, seed=0, device="cpu")
-    again = loop.clean_subset(n, 30, seed=0, device="cpu")
+    idx = shared.clean_subset(n, 30, seed=0, device="cpu")
+    again = shared.clean_subset(n, 30, seed=0, device="cpu")
     assert len(idx) == 30 and len(set(idx.tolist())) == 30 and torch.equal(idx, again)
-    assert torch.equal(loop.clean_subset(n, 10_000, 0, "cpu"), torch.arange(n))  # small: whole
+    assert torch.equal(shared.clean_subset(n, 10_000, 0, "cpu"), torch.arange(n))  # small: whole
 
 
 def test_fit_measures_train_metrics_on_the_subset(task):
@@ -68,13 +67,13 @@ def test_channels_last_only_for_convolutional_models_on_cuda():
     cnn = fresh_model(config)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.Linear(64, 5))
     patch = nn.Sequential(nn.Conv2d(1, 4, 2), nn.Flatten(), nn.Linear(4 * 7 * 7, 5000))
-    assert loop.is_convolutional(cnn)
-    assert not loop.is_convolutional(mlp)
-    assert not loop.is_convolutional(patch)  # a patch embedding alone: not a CNN
-    assert loop.uses_channels_last(config, cnn, CUDA)
-    assert not loop.uses_channels_last(config, cnn, CPU)  # the CPU stays NCHW
+    assert shared.is_convolutional(cnn)
+    assert not shared.is_convolutional(mlp)
+    assert not shared.is_convolutional(patch)  # a patch embedding alone: not a CNN
+    assert shared.uses_channels_last(config, cnn, CUDA)
+    assert not shared.uses_channels_last(config, cnn, CPU)  # the CPU stays NCHW
     off = make_config(train={"channels_last": False})
-    assert not loop.uses_channels_last(off, cnn, CUDA)
+    assert not shared.uses_channels_last(off, cnn, CUDA)
 
 
 def test_channels_last_gives_the_same_predictions(task):
@@ -93,10 +92,10 @@ def test_channels_last_gives_the_same_predictions(task):
 
 
 def test_autocast_is_bf16_on_cuda_and_off_on_the_cpu():
-    assert isinstance(loop.autocast(CPU, True), contextlib.nullcontext)
-    assert isinstance(loop.autocast(CUDA, False), contextlib.nullcontext)
+    assert isinstance(shared.autocast(CPU, True), contextlib.nullcontext)
+    assert isinstance(shared.autocast(CUDA, False), contextlib.nullcontext)
     if torch.cuda.is_available():
-        ctx = loop.autocast(CUDA, True)
+        ctx = shared.autocast(CUDA, True)
         assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
 
 
@@ -112,8 +111,8 @@ def test_new_train_fields_are_validated():
 
 # --- the optimizer's implementation ----------------------------------------------------------
 def test_optimizer_is_fused_on_cuda_single_tensor_on_the_cpu():
-    assert loop.optimizer_options(CUDA) == {"fused": True}
-    assert loop.optimizer_options(CPU) == {"foreach": False}
+    assert shared.optimizer_options(CUDA) == {"fused": True}
+    assert shared.optimizer_options(CPU) == {"foreach": False}
     for name in ("sgd", "adamw"):
         config = make_config(train={"optimizer": name})
         groups = [{"name": "all", "params": list(fresh_model(config).parameters())}]

@@ -14,8 +14,7 @@ from conftest import make_config as base_config
 from torch import nn
 
 from harness.config.spec import TrialConfig
-from harness.core import finetune, models, resume_state
-from harness.core import shared as loop
+from harness.core import finetune, models, resume_state, shared
 from harness.core.resume_state import load_state_file, save_state
 from harness.data import datasets as hdata
 
@@ -26,7 +25,7 @@ def make_config(**sections: dict) -> TrialConfig:
 
 
 def fresh_model(config: TrialConfig) -> nn.Module:
-    loop.seed_everything(config.seed)
+    shared.seed_everything(config.seed)
     return models.build_model(config.model, 5, config.reg.dropout)
 
 

@@ -9,8 +9,7 @@ import torch
 from conftest import make_config
 from PIL import Image
 
-from harness.core import finetune, models
-from harness.core import shared as loop
+from harness.core import finetune, models, shared
 from harness.data import datasets as hdata
 from harness.data import sources
 from harness.data.stream import HostImages, batch
@@ -51,7 +50,7 @@ def folder_config(tmp_path):
 
 
 def fit_on(config, task):
-    loop.seed_everything(config.seed)
+    shared.seed_everything(config.seed)
     model = models.model_for(config, task)
     return finetune.fit(config, model, task)
 

@@ -52,8 +52,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from harness.config.spec import RegSpec, TrialConfig
-from harness.core import distributed, regularizers, resume_state
-from harness.core import shared as loop
+from harness.core import distributed, regularizers, resume_state, shared
 from harness.core.augment import augment
 from harness.core.regularizers import Mixer, Penalty
 from harness.core.shared import (
@@ -317,7 +316,7 @@ def fit(
         resume_state.check_state(resume, config)
     callbacks = list(callbacks)
     savers = [cb for cb in callbacks if callable(getattr(cb, "on_checkpoint", None))]
-    device = loop.start(config)
+    device = shared.start(config)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
     channels_last = uses_channels_last(config, model, device)
@@ -326,8 +325,8 @@ def fit(
     data = data.to(device)
     s, reg, train = config.strategy, config.reg, config.train
     k = distributed.world(group)
-    steps_per_epoch = loop.steps_per_epoch(len(data.x_train), train.batch_size, min_batch=2 * k)
-    clean = loop.clean_subset(len(data.x_train), config.data.eval_train_max, config.seed, device)
+    steps_per_epoch = shared.steps_per_epoch(len(data.x_train), train.batch_size, min_batch=2 * k)
+    clean = shared.clean_subset(len(data.x_train), config.data.eval_train_max, config.seed, device)
     x_clean, y_clean = data.x_train[clean], data.y_train[clean]
     n_clean, n_val = len(x_clean), len(data.x_val)
     x_val, y_val, swaps, net, net_t = data.x_val, data.y_val, [], None, None
@@ -356,7 +355,7 @@ def fit(
     )
     scored = run.ema.module if run.ema is not None else model  # what is evaluated and kept
     with_penalty = any(c > 0 for c in (reg.l1, reg.l2, reg.l2_sp, reg.l2_sp_head))
-    progress, first = resume_state.FitProgress(best=loop.BestEpoch.of(config)), 1
+    progress, first = resume_state.FitProgress(best=shared.BestEpoch.of(config)), 1
     if resume is not None:  # the optimizer's groups as they were, then every state
         t = _replay_phases(run, config, units, resume["epoch"], steps_per_epoch)
         resume_state.restore(resume, model, run, progress, generator, device, anchors)
@@ -416,7 +415,7 @@ def fit(
                 m["compile_seconds"] = compile_seconds
             check_loss(m["train_loss_running"], epoch, train)
             history.append(m)
-            progress.best.update(epoch, m, lambda: loop.copy_state(scored))
+            progress.best.update(epoch, m, lambda: shared.copy_state(scored))
 
             def report(epoch=epoch, m=m):
                 for cb in callbacks:
@@ -445,7 +444,7 @@ def fit(
             model.to(memory_format=torch.contiguous_format)
     best_epoch, best_state = progress.best.epoch, progress.best.state
     if best_state is None:  # every epoch's metric was NaN: keep the last weights
-        best_epoch, best_state = train.epochs, loop.copy_state(scored)
+        best_epoch, best_state = train.epochs, shared.copy_state(scored)
     model.load_state_dict(best_state)
     model.eval()
     return FitResult(

@@ -4,7 +4,7 @@ Reptile, first-order MAML, second-order MAML and Prototypical Networks; `meta_te
 Knows neither Optuna nor MLflow. Like `finetune.fit`, `meta_fit` reports each meta-epoch
 through callbacks (`on_epoch_end(epoch, metrics)`; an exception from one, a pruner's decision,
 propagates), reads the device once per meta-epoch, keeps the best meta-epoch's weights (by
-the objective's metric and direction, `loop.BestEpoch`) and is deterministic under the trial's
+the objective's metric and direction, `shared.BestEpoch`) and is deterministic under the trial's
 seed on the CPU for a thread count. It reads the trial's `meta:` section (`MetaSpec`), and of
 `train:` the device, threads and max_loss; meta-learning runs in fp32 (the spec refuses the
 other `train:` keys in a meta study).
@@ -54,8 +54,7 @@ from torch import nn
 from torch.func import functional_call
 
 from harness.config.spec import MetaSpec, TrialConfig
-from harness.core import models
-from harness.core import shared as loop
+from harness.core import models, shared
 from harness.core.shared import Callback, lr_factor
 from harness.data.episodes import (  # noqa: F401 (the class splits and episodes, re-exported)
     CIFAR100_CLASSES,
@@ -367,7 +366,7 @@ def meta_fit(
     """
     started = time.perf_counter()
     callbacks, m = list(callbacks), config.meta
-    device = loop.start(config)
+    device = shared.start(config)
     _check_head(m, model)
     model.to(device)
     x, y = data_x.to(device), data_y.to(device)
@@ -381,7 +380,7 @@ def meta_fit(
     steps_per_epoch = math.ceil(m.episodes_per_epoch / mb)
     total_steps = m.meta_epochs * steps_per_epoch
     history: list[dict[str, float]] = []
-    best = loop.BestEpoch.of(config)
+    best = shared.BestEpoch.of(config)
     step = 0
 
     def set_lr() -> float:
@@ -418,14 +417,14 @@ def meta_fit(
             "adaptation_gap": tr_acc - va_acc,
             "lr": lr,
         }
-        loop.check_loss(tr_loss, epoch, config.train, "meta-train loss")
+        shared.check_loss(tr_loss, epoch, config.train, "meta-train loss")
         history.append(metrics)
-        best.update(epoch, metrics, lambda: loop.copy_state(model))
+        best.update(epoch, metrics, lambda: shared.copy_state(model))
         for cb in callbacks:
             cb.on_epoch_end(epoch, metrics)
     best_epoch, best_state = best.epoch, best.state
     if best_state is None:  # every epoch's metric was NaN: keep the last weights
-        best_epoch, best_state = m.meta_epochs, loop.copy_state(model)
+        best_epoch, best_state = m.meta_epochs, shared.copy_state(model)
     model.load_state_dict(best_state)
     if m.recalibrate_bn:
         recalibrate_bn(model, _subset_of_classes(x, y, split.train, 2048, config.seed))
@@ -459,7 +458,7 @@ def meta_test(
     m = config.meta
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    device = loop.resolve_device(config.train.device)
+    device = shared.resolve_device(config.train.device)
     d_ways, d_shots, d_queries = m.val_shape
     ways, shots, queries = ways or d_ways, shots or d_shots, queries or d_queries
     _check_head(m.model_copy(update={"ways": ways, "eval_ways": ways}), model)
@@ -475,7 +474,7 @@ def meta_test(
         config.seed + TEST_STREAM,
         episodes,
     )
-    state = loop.copy_state(model)
+    state = shared.copy_state(model)
     try:
         accs, _ = evaluate_episodes(m, model, test, ways)
     finally:  # train-mode forwards moved the running statistics: put them back

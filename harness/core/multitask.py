@@ -41,8 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.config.spec import TrialConfig
-from harness.core import models
-from harness.core import shared as loop
+from harness.core import models, shared
 from harness.core.augment import augment
 from harness.core.shared import Callback, autocast, lr_factor
 from harness.data.datasets import TaskData
@@ -159,10 +158,10 @@ def _forward(model, heads: MultiTaskHeads, store, x, target: str) -> dict[str, t
 
 def _optimizer(config: TrialConfig, model: nn.Module, heads: MultiTaskHeads, device):
     """SGD (momentum) or AdamW; no weight decay on norm parameters, biases and log-variances
-    (`loop.split_decay`, the rule `fit` uses); fused on CUDA."""
+    (`shared.split_decay`, the rule `fit` uses); fused on CUDA."""
     t, wd = config.train, config.reg.weight_decay
     params = [*model.modules(), *heads.heads.modules()]
-    decay, no_decay = loop.split_decay(
+    decay, no_decay = shared.split_decay(
         params, {id(p) for p in model.parameters() if not p.requires_grad}
     )
     if heads.log_vars.requires_grad:
@@ -171,7 +170,7 @@ def _optimizer(config: TrialConfig, model: nn.Module, heads: MultiTaskHeads, dev
         {"params": decay, "weight_decay": wd, "base_lr": t.lr},
         {"params": no_decay, "weight_decay": 0.0, "base_lr": t.lr},
     ]
-    impl = loop.optimizer_options(device)
+    impl = shared.optimizer_options(device)
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, **impl)
     return torch.optim.AdamW(groups, lr=t.lr, **impl)
@@ -224,10 +223,10 @@ def multitask_fit(
             f"{target.name} has {target.num_classes} classes"
         )
     uncertainty = config.multitask.weighting == "uncertainty"
-    device = loop.start(config)
+    device = shared.start(config)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
-    channels_last = loop.uses_channels_last(config, model, device)
+    channels_last = shared.uses_channels_last(config, model, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     data = data.to(device)
@@ -236,14 +235,14 @@ def multitask_fit(
     )
     train_y = {t.name: t.targets(data.y_train, "train") for t in ordered}
     val_y = {t.name: t.targets(data.y_val, "val") for t in ordered}
-    clean = loop.clean_subset(len(data.x_train), config.data.eval_train_max, config.seed, device)
+    clean = shared.clean_subset(len(data.x_train), config.data.eval_train_max, config.seed, device)
     x_clean, clean_y = data.x_train[clean], {k: v[clean] for k, v in train_y.items()}
     weights = torch.tensor([t.weight for t in ordered], device=device)
     optimizer = _optimizer(config, model, heads, device)
     n, bs = len(data.x_train), train.batch_size
-    total = train.epochs * loop.steps_per_epoch(n, bs)
+    total = train.epochs * shared.steps_per_epoch(n, bs)
     history: list[dict[str, float]] = []
-    best = loop.BestEpoch.of(config)
+    best = shared.BestEpoch.of(config)
     step = 0
     try:
         with _features(model) as store:
@@ -284,9 +283,9 @@ def multitask_fit(
                 m = _metrics(ordered, sums, len(x_clean), len(data.x_val), uncertainty)
                 m["train_loss_running"] = sums[4 * len(ordered)] / max(seen, 1)
                 m["lr"] = lr
-                loop.check_loss(m["train_loss_running"], epoch, train)
+                shared.check_loss(m["train_loss_running"], epoch, train)
                 history.append(m)
-                best.update(epoch, m, lambda: (loop.copy_state(model), loop.copy_state(heads)))
+                best.update(epoch, m, lambda: (shared.copy_state(model), shared.copy_state(heads)))
                 for cb in callbacks:
                     cb.on_epoch_end(epoch, m)
     finally:
@@ -294,7 +293,7 @@ def multitask_fit(
             model.to(memory_format=torch.contiguous_format)
     best_epoch, kept = best.epoch, best.state
     if kept is None:  # every epoch's metric was NaN: keep the last weights
-        best_epoch, kept = train.epochs, (loop.copy_state(model), loop.copy_state(heads))
+        best_epoch, kept = train.epochs, (shared.copy_state(model), shared.copy_state(heads))
     model.load_state_dict(kept[0])
     heads.load_state_dict(kept[1])
     model.eval()
