@@ -43,7 +43,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,14 +52,14 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from harness.config.spec import RegSpec, TrialConfig
-from harness.core import distributed, regularizers, resume_state, shared
+from harness.core import distributed, kernel, regularizers, resume_state, shared
 from harness.core.augment import augment
+from harness.core.kernel import Result
 from harness.core.regularizers import Mixer, Penalty
 from harness.core.shared import (
     Callback,
+    Schedule,
     autocast,
-    check_loss,
-    lr_factor,
     sync,
     uses_channels_last,
 )
@@ -75,45 +75,18 @@ from harness.core.strategies import (
 from harness.data import stream
 from harness.data.datasets import TaskData
 
-
-@dataclass(frozen=True)
-class FitResult:
-    best_epoch: int
-    best: dict[str, float]  # the per-epoch metrics of the best epoch
-    history: list[dict[str, float]]
-    best_state: dict[str, torch.Tensor] = field(repr=False)  # on the CPU
-    seconds: float
-    device: str
-    threads: int
-    compile_seconds: float = 0.0  # train.compile: the warm-up's compilation, apart from training
-    # per epoch, the optimizer's groups at its start: name, lr, weight_decay, params (a count)
-    param_groups: list[list[dict[str, Any]]] = field(default_factory=list, repr=False)
-
-
-# --- Units: the head and the stages, each frozen, unfrozen and given an lr as one ------------
-
-
-# --- The optimizer: named groups per unit, its learning rates, the schedule ------------------
+FitResult = Result  # every core's result (`harness.core.kernel`)
 
 
 @dataclass
 class TrainState:
     """What the training loop carries from step to step; a new phase replaces the optimizer."""
 
-    optimizer: torch.optim.Optimizer
-    schedule: str
-    start: int  # the global step at which the current schedule starts
-    length: int  # its number of steps
-    step: int = 0  # global optimizer steps so far
+    schedule: Schedule  # the optimizer, its schedule and the global step
     penalty: Penalty | None = None
     mixer: Mixer | None = None
     ema: AveragedModel | None = None
     label_smoothing: float = 0.0
-
-    def set_lr(self) -> None:
-        factor = lr_factor(self.schedule, self.step - self.start, self.length)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
 
 
 def train_one_epoch(
@@ -149,7 +122,7 @@ def train_one_epoch(
     penalty_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     seen = 0
-    amp = config.train.amp
+    amp, sched = config.train.amp, run.schedule
     for start in range(0, n, bs):
         idx = order[start : start + bs]
         if len(idx) < 2 * k <= n:  # BatchNorm cannot train on a batch of one
@@ -162,7 +135,7 @@ def train_one_epoch(
         if group is not None:  # this rank's slice of the global batch
             mine = distributed.shard(len(idx), group)
             xb, target = xb[mine], target[mine]
-            with distributed.rank_rng(config.seed, run.step, group), autocast(x.device, amp):
+            with distributed.rank_rng(config.seed, sched.step, group), autocast(x.device, amp):
                 logits = net(xb)
                 summed = F.cross_entropy(
                     logits, target, label_smoothing=run.label_smoothing, reduction="sum"
@@ -177,11 +150,11 @@ def train_one_epoch(
             penalty = run.penalty()
             total = loss + penalty
             penalty_sum += penalty.detach()
-        run.optimizer.zero_grad(set_to_none=True)
+        sched.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        run.set_lr()
-        run.optimizer.step()
-        run.step += 1
+        sched.set_lr()
+        sched.optimizer.step()
+        sched.step += 1
         if run.ema is not None:
             regularizers.ema_update(run.ema, model)
         loss_sum += loss.detach() * len(idx) if group is None else summed.detach()
@@ -268,14 +241,14 @@ def _freeze(units: list[Unit], t: int, reg: RegSpec, anchors: dict) -> Penalty |
 def _next_phase(run: TrainState, config: TrialConfig, units, epoch, t_before, t, steps_per_epoch):
     """LP-FT's switch: a new optimizer over every unit at lr x ft_lr_scale, its schedule over
     the remaining steps. Gradual unfreezing: the newly trainable stages join the optimizer."""
-    s, train = config.strategy, config.train
+    s, train, sched = config.strategy, config.train, run.schedule
     if s.kind == "lp_ft" and epoch == s.lp_epochs + 1:
         groups = param_groups(units[: 1 + t], config, train.lr * s.ft_lr_scale)
-        run.optimizer = make_optimizer(config, groups)
-        run.start, run.length = run.step, (train.epochs - s.lp_epochs) * steps_per_epoch
+        sched.optimizer = make_optimizer(config, groups)
+        sched.start, sched.length = sched.step, (train.epochs - s.lp_epochs) * steps_per_epoch
     elif t > t_before:
         for group in param_groups(units[1 + t_before : 1 + t], config, train.lr):
-            run.optimizer.add_param_group(group)
+            sched.optimizer.add_param_group(group)
 
 
 def _replay_phases(
@@ -311,12 +284,18 @@ def fit(
     validation splits, and the metric sums are all-reduced, so that the metrics mean what one
     device's do. Callbacks should be given on rank 0 alone; every rank leaves when it does.
     """
-    started = time.perf_counter()
-    if resume is not None:
-        resume_state.check_state(resume, config)
-    callbacks = list(callbacks)
-    savers = [cb for cb in callbacks if callable(getattr(cb, "on_checkpoint", None))]
-    device = shared.start(config)
+    return kernel.run(
+        config,
+        lambda device: _setup(config, model, data, group, device),
+        callbacks,
+        resume,
+        resume_state.OWN["finetune"],
+        group,
+    )
+
+
+def _setup(config: TrialConfig, model: nn.Module, data: TaskData, group, device) -> kernel.Core:
+    """fit's parts for the epoch kernel."""
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
     channels_last = uses_channels_last(config, model, device)
@@ -329,7 +308,7 @@ def fit(
     clean = shared.clean_subset(len(data.x_train), config.data.eval_train_max, config.seed, device)
     x_clean, y_clean = data.x_train[clean], data.y_train[clean]
     n_clean, n_val = len(x_clean), len(data.x_val)
-    x_val, y_val, swaps, net, net_t = data.x_val, data.y_val, [], None, None
+    x_val, y_val, swaps = data.x_val, data.y_val, []
     if group is not None:  # rank 0's weights everywhere; each rank evaluates its slice
         distributed.broadcast_module(model, group)
         part, val_part = distributed.shard(n_clean, group), distributed.shard(n_val, group)
@@ -342,99 +321,90 @@ def fit(
     n_stages = len(units) - 1
     # L2-SP's anchors: the backbone at the start of fit (the pretrained point)
     anchors = {id(p): p.detach().clone() for u in units[1:] for p in u.params} if reg.l2_sp else {}
-    t = trainable_stages(s, 1, n_stages)
     phase_epochs = s.lp_epochs if s.kind == "lp_ft" else train.epochs
+    t = trainable_stages(s, 1, n_stages)
+    optimizer = make_optimizer(config, param_groups(units[: 1 + t], config, train.lr))
     run = TrainState(
-        make_optimizer(config, param_groups(units[: 1 + t], config, train.lr)),
-        train.schedule,
-        start=0,
-        length=phase_epochs * steps_per_epoch,
+        Schedule(optimizer, train.schedule, phase_epochs * steps_per_epoch),
         mixer=regularizers.make_mixer(reg, data.num_classes),
         ema=regularizers.ema_model(model, reg.ema_decay) if reg.ema_decay > 0 else None,
         label_smoothing=reg.label_smoothing,
     )
     scored = run.ema.module if run.ema is not None else model  # what is evaluated and kept
     with_penalty = any(c > 0 for c in (reg.l1, reg.l2, reg.l2_sp, reg.l2_sp_head))
-    progress, first = resume_state.FitProgress(best=shared.BestEpoch.of(config)), 1
-    if resume is not None:  # the optimizer's groups as they were, then every state
-        t = _replay_phases(run, config, units, resume["epoch"], steps_per_epoch)
-        resume_state.restore(resume, model, run, progress, generator, device, anchors)
-        first = resume["epoch"] + 1
-    cpu_anchors = resume_state.by_name(model, anchors) if savers else {}  # once: they never change
-    history, groups_log = progress.history, progress.groups_log
-    compile_seconds, amp = 0.0, train.amp
-    if train.compile:
-        model.compile()  # in place: the state_dict's keys and the EMA's copy stay as they were
-    try:
-        for epoch in range(first, train.epochs + 1):
-            t_before, t = t, trainable_stages(s, epoch, n_stages)
-            _next_phase(run, config, units, epoch, t_before, t, steps_per_epoch)
-            run.penalty = _freeze(units, t, reg, anchors)
-            run.set_lr()
-            groups = run.optimizer.param_groups
-            groups_log.append(_describe_groups(groups))
-            lr = next((g["lr"] for g in groups if g["name"].startswith("head")), groups[0]["lr"])
-            set_train_mode(model, units[1 + t :], s.bn == "frozen")
-            if train.compile and epoch == first:
-                compile_seconds = _warm_up(model, data.x_train, config, device)
-            if group is not None and net_t != t:  # DDP over the parameters that train now
-                net = None
-                gc.collect()  # the old wrapper's gradient hooks go with it
-                net, net_t = distributed.wrap(model, group, device), t
-            run_loss, run_correct, n_seen, penalty_sum = train_one_epoch(
-                model, run, data.x_train, data.y_train, config, generator, net, group
-            )
-            if group is not None:  # BatchNorm's running statistics: rank 0's
-                distributed.broadcast_module(scored, group, buffers_only=True)
-            tr_loss, tr_correct = evaluate(scored, x_clean, y_clean, amp=amp)
-            va_loss, va_correct = evaluate(scored, x_val, y_val, amp=amp)
-            sums = [run_loss, run_correct.float(), tr_loss, tr_correct.float(), va_loss]
-            sums += [va_correct.float(), *([penalty_sum] if with_penalty else [])]
-            stacked = torch.stack(sums)
-            if group is not None:  # sums over examples; the penalty is the same on every rank
-                stacked = torch.cat([distributed.sum_all(stacked[:6], group), stacked[6:]])
-            sums = stacked.tolist()  # the epoch's one sync with the device
-            m = {
-                "train_loss": sums[2] / n_clean,
-                "train_acc": sums[3] / n_clean,
-                "val_loss": sums[4] / n_val,
-                "val_acc": sums[5] / n_val,
-                "train_loss_running": sums[0] / max(n_seen, 1),
-                "train_acc_running": sums[1] / max(n_seen, 1),
-                "lr": lr,
-            }
-            m["overfit_gap"] = m["train_acc"] - m["val_acc"]
-            m["overfit_gap_loss"] = m["val_loss"] - m["train_loss"]
-            if with_penalty:  # the mean over the epoch's steps of the penalty added to the loss
-                m["train_penalty_running"] = sums[6] / steps_per_epoch
-            if s.kind == "lp_ft":
-                m["phase"] = float(epoch > s.lp_epochs)
-            if s.kind == "gradual_unfreeze":
-                m["trainable_stages"] = float(t)
-            if train.compile:
-                m["compile_seconds"] = compile_seconds
-            check_loss(m["train_loss_running"], epoch, train)
-            history.append(m)
-            progress.best.update(epoch, m, lambda: shared.copy_state(scored))
+    # t: the stages that train; net: the model in DDP over them (net_t); the anchors by name
+    now = {"t": t, "net": None, "net_t": None, "cpu_anchors": None}
+    now |= {"compiled": False, "compile_seconds": 0.0}
+    groups_log: list[list[dict[str, Any]]] = []
 
-            def report(epoch=epoch, m=m):
-                for cb in callbacks:
-                    cb.on_epoch_end(epoch, m)
-                due = [cb for cb in savers if getattr(cb, "wants_state", lambda _e: True)(epoch)]
-                if due:  # built only at the epochs some callback keeps it
-                    state = resume_state.capture(
-                        epoch, config, model, run, progress, generator, device, cpu_anchors
-                    )
-                    state["seconds"] = progress.seconds + time.perf_counter() - started
-                    for cb in due:
-                        cb.on_checkpoint(epoch, state)
+    def begin(epoch: int) -> None:
+        t_before, now["t"] = now["t"], trainable_stages(s, epoch, n_stages)
+        _next_phase(run, config, units, epoch, t_before, now["t"], steps_per_epoch)
+        run.penalty = _freeze(units, now["t"], reg, anchors)
 
-            if group is None:
-                report()
-            else:  # rank 0 reports; every rank goes on, or stops, together
-                distributed.agree(group, report)
-    finally:
-        net = None
+    def train_epoch(epoch: int):
+        t, groups = now["t"], run.schedule.optimizer.param_groups
+        groups_log.append(_describe_groups(groups))
+        lr = next((g["lr"] for g in groups if g["name"].startswith("head")), groups[0]["lr"])
+        set_train_mode(model, units[1 + t :], s.bn == "frozen")
+        if train.compile and not now["compiled"]:  # before the first epoch this call trains
+            model.compile()  # in place: the state_dict's keys and the EMA's copy stay as they were
+            now["compiled"] = True
+            now["compile_seconds"] = _warm_up(model, data.x_train, config, device)
+        if group is not None and now["net_t"] != t:  # DDP over the parameters that train now
+            now["net"] = None
+            gc.collect()  # the old wrapper's gradient hooks go with it
+            now["net"], now["net_t"] = distributed.wrap(model, group, device), t
+        sums = train_one_epoch(
+            model, run, data.x_train, data.y_train, config, generator, now["net"], group
+        )
+        if group is not None:  # BatchNorm's running statistics: rank 0's
+            distributed.broadcast_module(scored, group, buffers_only=True)
+        return lr, sums
+
+    def measure(epoch: int, trained) -> dict[str, float]:
+        lr, (run_loss, run_correct, n_seen, penalty_sum) = trained
+        tr_loss, tr_correct = evaluate(scored, x_clean, y_clean, amp=train.amp)
+        va_loss, va_correct = evaluate(scored, x_val, y_val, amp=train.amp)
+        sums = [run_loss, run_correct.float(), tr_loss, tr_correct.float(), va_loss]
+        sums += [va_correct.float(), *([penalty_sum] if with_penalty else [])]
+        stacked = torch.stack(sums)
+        if group is not None:  # sums over examples; the penalty is the same on every rank
+            stacked = torch.cat([distributed.sum_all(stacked[:6], group), stacked[6:]])
+        sums = stacked.tolist()  # the epoch's one sync with the device
+        m = {
+            "train_loss": sums[2] / n_clean,
+            "train_acc": sums[3] / n_clean,
+            "val_loss": sums[4] / n_val,
+            "val_acc": sums[5] / n_val,
+            "train_loss_running": sums[0] / max(n_seen, 1),
+            "train_acc_running": sums[1] / max(n_seen, 1),
+            "lr": lr,
+        }
+        m["overfit_gap"] = m["train_acc"] - m["val_acc"]
+        m["overfit_gap_loss"] = m["val_loss"] - m["train_loss"]
+        if with_penalty:  # the mean over the epoch's steps of the penalty added to the loss
+            m["train_penalty_running"] = sums[6] / steps_per_epoch
+        if s.kind == "lp_ft":
+            m["phase"] = float(epoch > s.lp_epochs)
+        if s.kind == "gradual_unfreeze":
+            m["trainable_stages"] = float(now["t"])
+        if train.compile:
+            m["compile_seconds"] = now["compile_seconds"]
+        return m
+
+    def own() -> dict:
+        if now["cpu_anchors"] is None:  # once: they never change
+            now["cpu_anchors"] = resume_state.by_name(model, anchors)
+        return resume_state.capture_fit(run.schedule, run.ema, now["cpu_anchors"], groups_log)
+
+    def restore(state: dict) -> None:  # the optimizer's groups as they were, then fit's keys
+        now["t"] = _replay_phases(run, config, units, state["epoch"], steps_per_epoch)
+        kept = resume_state.restore_fit(state, model, run.schedule, run.ema, anchors, device)
+        groups_log[:] = kept
+
+    def close() -> None:
+        now["net"] = None
         distributed.unsync_batchnorm(swaps)
         for p, flag in requires_grad:
             p.requires_grad_(flag)
@@ -442,19 +412,24 @@ def fit(
             _uncompile(model)
         if channels_last:  # handed back in the default format, as it came
             model.to(memory_format=torch.contiguous_format)
-    best_epoch, best_state = progress.best.epoch, progress.best.state
-    if best_state is None:  # every epoch's metric was NaN: keep the last weights
-        best_epoch, best_state = train.epochs, shared.copy_state(scored)
-    model.load_state_dict(best_state)
-    model.eval()
-    return FitResult(
-        best_epoch=best_epoch,
-        best=history[best_epoch - 1],
-        history=history,
-        best_state={k: v.cpu().contiguous() for k, v in best_state.items()},
-        seconds=progress.seconds + time.perf_counter() - started,
-        device=str(device),
-        threads=torch.get_num_threads(),
-        param_groups=groups_log,
-        compile_seconds=compile_seconds,
+
+    def finish(best_state) -> dict[str, torch.Tensor]:
+        model.load_state_dict(best_state)
+        model.eval()
+        return {k: v.cpu().contiguous() for k, v in best_state.items()}
+
+    return kernel.Core(
+        model=model,
+        schedule=run.schedule,
+        generator=generator,
+        epochs=train.epochs,
+        train=train_epoch,
+        measure=measure,
+        keep=lambda: shared.copy_state(scored),
+        finish=finish,
+        begin=begin,
+        own=own,
+        restore=restore,
+        close=close,
+        result=lambda: {"param_groups": groups_log, "compile_seconds": now["compile_seconds"]},
     )

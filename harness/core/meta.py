@@ -43,9 +43,7 @@ Decisions:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,8 +52,9 @@ from torch import nn
 from torch.func import functional_call
 
 from harness.config.spec import MetaSpec, TrialConfig
-from harness.core import models, shared
-from harness.core.shared import Callback, lr_factor
+from harness.core import kernel, models, resume_state, shared
+from harness.core.kernel import Result
+from harness.core.shared import Callback, Schedule
 from harness.data.episodes import (  # noqa: F401 (the class splits and episodes, re-exported)
     CIFAR100_CLASSES,
     CIFAR_FS_SPLIT,
@@ -82,15 +81,7 @@ METRICS = (
 )
 
 
-@dataclass(frozen=True)
-class MetaResult:
-    best_epoch: int
-    best: dict[str, float]  # the metrics of the best meta-epoch
-    history: list[dict[str, float]]
-    best_state: dict[str, torch.Tensor] = field(repr=False)  # the meta-learned init, on the CPU
-    seconds: float
-    device: str
-    threads: int
+MetaResult = Result  # every core's result (`harness.core.kernel`); best_state: the init
 
 
 def save_init(state: dict[str, torch.Tensor] | nn.Module, path: str | Path) -> Path:
@@ -341,10 +332,10 @@ def _subset_of_classes(x, y, classes, limit: int, seed: int) -> torch.Tensor:
 
 # --- meta_fit and meta_test ----------------------------------------------------------------
 def _make_optimizer(config: MetaSpec, model: nn.Module) -> torch.optim.Optimizer:
-    params = list(_trainable(model).values())
+    groups = [{"params": list(_trainable(model).values()), "base_lr": config.meta_lr}]
     if config.meta_optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.meta_lr)
-    return torch.optim.Adam(params, lr=config.meta_lr)
+        return torch.optim.SGD(groups, lr=config.meta_lr)
+    return torch.optim.Adam(groups, lr=config.meta_lr)
 
 
 def meta_fit(
@@ -354,6 +345,7 @@ def meta_fit(
     data_y: torch.Tensor,
     split: ClassSplit,
     callbacks: Iterable[Callback] = (),
+    resume: dict | None = None,
 ) -> MetaResult:
     """Meta-train `model` on episodes of `split.train` classes; score each meta-epoch on the
     fixed meta-val episodes of `split.val`; end with the best meta-epoch's weights loaded.
@@ -363,10 +355,23 @@ def meta_fit(
     adaptation, over the epoch's meta-train episodes), meta_val_acc, meta_val_loss and
     meta_val_ci95 (1.96 std / sqrt(n) over the val episodes), adaptation_gap = meta_train_acc
     - meta_val_acc, and lr (the meta lr at the epoch's start).
+
+    Resume as `finetune.fit`: callbacks with `on_checkpoint` get the resume state after each
+    meta-epoch (`harness.core.resume_state`), and `meta_fit(..., resume=state)` on a model
+    built the same way continues at the next meta-epoch as an uninterrupted run would.
     """
-    started = time.perf_counter()
-    callbacks, m = list(callbacks), config.meta
-    device = shared.start(config)
+    return kernel.run(
+        config,
+        lambda device: _setup(config, model, data_x, data_y, split, device),
+        callbacks,
+        resume,
+        resume_state.OWN["meta"],
+    )
+
+
+def _setup(config: TrialConfig, model, data_x, data_y, split: ClassSplit, device) -> kernel.Core:
+    """meta_fit's parts for the epoch kernel."""
+    m = config.meta
     _check_head(m, model)
     model.to(device)
     x, y = data_x.to(device), data_y.to(device)
@@ -375,40 +380,34 @@ def meta_fit(
     val = fixed_episodes(
         x, y, split.val, v_ways, v_shots, v_queries, config.seed + VAL_STREAM, m.val_episodes
     )
-    optimizer = _make_optimizer(m, model)
     mb = m.meta_batch_size
     steps_per_epoch = math.ceil(m.episodes_per_epoch / mb)
-    total_steps = m.meta_epochs * steps_per_epoch
-    history: list[dict[str, float]] = []
-    best = shared.BestEpoch.of(config)
-    step = 0
+    schedule = Schedule(_make_optimizer(m, model), m.schedule, m.meta_epochs * steps_per_epoch)
 
-    def set_lr() -> float:
-        lr = m.meta_lr * lr_factor(m.schedule, step, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-    for epoch in range(1, m.meta_epochs + 1):
-        lr = set_lr()
+    def train(epoch: int):
+        lr = schedule.optimizer.param_groups[0]["lr"]  # the meta lr at the epoch's start
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         n_query, left = 0, m.episodes_per_epoch
         while left > 0:
             batch = sampler.episodes(min(mb, left))
             left -= len(batch)
-            set_lr()
-            b_loss, b_correct, b_n = _meta_step(m, model, batch, optimizer)
-            step += 1
+            schedule.set_lr()
+            b_loss, b_correct, b_n = _meta_step(m, model, batch, schedule.optimizer)
+            schedule.step += 1
             loss_sum += b_loss
             correct += b_correct
             n_query += b_n
+        return lr, loss_sum, correct, n_query
+
+    def measure(epoch: int, trained) -> dict[str, float]:
+        lr, loss_sum, correct, n_query = trained
         accs, losses = evaluate_episodes(m, model, val, v_ways)
         val_acc, ci95 = _mean_ci95(accs)
         n_train_eps = m.episodes_per_epoch
         sums = [loss_sum / n_train_eps, correct.float() / n_query, val_acc, losses.mean(), ci95]
         tr_loss, tr_acc, va_acc, va_loss, va_ci = torch.stack(sums).tolist()  # the one sync
-        metrics = {
+        return {
             "meta_train_acc": tr_acc,
             "meta_train_loss": tr_loss,
             "meta_val_acc": va_acc,
@@ -417,26 +416,25 @@ def meta_fit(
             "adaptation_gap": tr_acc - va_acc,
             "lr": lr,
         }
-        shared.check_loss(tr_loss, epoch, config.train, "meta-train loss")
-        history.append(metrics)
-        best.update(epoch, metrics, lambda: shared.copy_state(model))
-        for cb in callbacks:
-            cb.on_epoch_end(epoch, metrics)
-    best_epoch, best_state = best.epoch, best.state
-    if best_state is None:  # every epoch's metric was NaN: keep the last weights
-        best_epoch, best_state = m.meta_epochs, shared.copy_state(model)
-    model.load_state_dict(best_state)
-    if m.recalibrate_bn:
-        recalibrate_bn(model, _subset_of_classes(x, y, split.train, 2048, config.seed))
-    model.eval()
-    return MetaResult(
-        best_epoch=best_epoch,
-        best=history[best_epoch - 1],
-        history=history,
-        best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        seconds=time.perf_counter() - started,
-        device=str(device),
-        threads=torch.get_num_threads(),
+
+    def finish(best_state) -> dict[str, torch.Tensor]:
+        model.load_state_dict(best_state)
+        if m.recalibrate_bn:
+            recalibrate_bn(model, _subset_of_classes(x, y, split.train, 2048, config.seed))
+        model.eval()
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    return kernel.Core(
+        model=model,
+        schedule=schedule,
+        generator=sampler.generator,
+        epochs=m.meta_epochs,
+        train=train,
+        measure=measure,
+        keep=lambda: shared.copy_state(model),
+        finish=finish,
+        loss="meta_train_loss",
+        loss_name="meta-train loss",
     )
 
 

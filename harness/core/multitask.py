@@ -31,19 +31,19 @@ its optimum s_i = log L_i, so a task with a larger loss gets a smaller weight ex
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from harness.config.spec import TrialConfig
-from harness.core import models, shared
+from harness.core import kernel, models, resume_state, shared
 from harness.core.augment import augment
-from harness.core.shared import Callback, autocast, lr_factor
+from harness.core.kernel import Result
+from harness.core.shared import Callback, Schedule, autocast
 from harness.data.datasets import TaskData
 
 Labels = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor | Mapping[str, torch.Tensor] | None
@@ -114,16 +114,7 @@ class MultiTaskHeads(nn.Module):
         self.log_vars = nn.Parameter(torch.zeros(len(tasks) + 1), requires_grad=learned)
 
 
-@dataclass(frozen=True)
-class MultiTaskResult:
-    best_epoch: int
-    best: dict[str, float]
-    history: list[dict[str, float]]
-    best_state: dict[str, torch.Tensor] = field(repr=False)  # the model's (keys net.*), CPU
-    heads: MultiTaskHeads = field(repr=False)  # the best epoch's, on the training device
-    seconds: float = 0.0
-    device: str = "cpu"
-    threads: int = 1
+MultiTaskResult = Result  # every core's result (`harness.core.kernel`), with its `heads`
 
 
 def _linear_of(head: nn.Module) -> nn.Linear:
@@ -199,6 +190,7 @@ def multitask_fit(
     tasks: Sequence[Task],
     data: TaskData,
     callbacks: Iterable[Callback] = (),
+    resume: dict | None = None,
 ) -> MultiTaskResult:
     """Train `model` (its head: the target task's, `tasks[0]`) and a head per other task on
     `data`'s train split; end with the best epoch's weights loaded.
@@ -209,104 +201,115 @@ def multitask_fit(
     `T_log_var`; the target's as `train_loss`, `train_acc`, `val_loss`, `val_acc`,
     `overfit_gap`, `overfit_gap_loss`; `train_loss_running` (the weighted loss over the
     epoch's steps) and `lr`.
+
+    Resume as `finetune.fit`: callbacks with `on_checkpoint` get the resume state after each
+    epoch (with the heads and log-variances, `harness.core.resume_state`), and
+    `multitask_fit(..., resume=state)` with the same tasks, on a model built the same way,
+    continues at the next epoch as an uninterrupted run would.
     """
-    started = time.perf_counter()
-    callbacks, train = list(callbacks), config.train
     names = [t.name for t in tasks]
     if not tasks or len(set(names)) != len(names):
         raise ValueError(f"multitask_fit: task names {names} must be unique, the target first")
-    target, ordered = tasks[0], list(tasks)  # log_vars[0]: the target
     head = _linear_of(models.head_module(model))
-    if head.out_features != target.num_classes:
+    if head.out_features != tasks[0].num_classes:
         raise ValueError(
             f"multitask_fit: the model's head has {head.out_features} outputs; the target task "
-            f"{target.name} has {target.num_classes} classes"
+            f"{tasks[0].name} has {tasks[0].num_classes} classes"
         )
+    return kernel.run(
+        config,
+        lambda device: _setup(config, model, list(tasks), data, head.in_features, device),
+        callbacks,
+        resume,
+        resume_state.OWN["multitask"],
+    )
+
+
+def _setup(config: TrialConfig, model, ordered: list[Task], data: TaskData, features, device):
+    """multitask_fit's parts for the epoch kernel."""
+    train, target = config.train, ordered[0]  # log_vars[0]: the target
     uncertainty = config.multitask.weighting == "uncertainty"
-    device = shared.start(config)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
-    channels_last = shared.uses_channels_last(config, model, device)
-    if channels_last:
+    closing = ExitStack()
+    if shared.uses_channels_last(config, model, device):
         model.to(memory_format=torch.channels_last)
+        # handed back in the default format, as it came
+        closing.callback(lambda: model.to(memory_format=torch.contiguous_format))
     data = data.to(device)
-    heads = MultiTaskHeads(head.in_features, ordered[1:], config.reg.dropout, uncertainty).to(
-        device
-    )
+    heads = MultiTaskHeads(features, ordered[1:], config.reg.dropout, uncertainty).to(device)
     train_y = {t.name: t.targets(data.y_train, "train") for t in ordered}
     val_y = {t.name: t.targets(data.y_val, "val") for t in ordered}
     clean = shared.clean_subset(len(data.x_train), config.data.eval_train_max, config.seed, device)
     x_clean, clean_y = data.x_train[clean], {k: v[clean] for k, v in train_y.items()}
     weights = torch.tensor([t.weight for t in ordered], device=device)
-    optimizer = _optimizer(config, model, heads, device)
     n, bs = len(data.x_train), train.batch_size
     total = train.epochs * shared.steps_per_epoch(n, bs)
-    history: list[dict[str, float]] = []
-    best = shared.BestEpoch.of(config)
-    step = 0
-    try:
-        with _features(model) as store:
-            for epoch in range(1, train.epochs + 1):
-                lr = train.lr * lr_factor(train.schedule, step, total)
-                model.train()
-                heads.train()
-                running = torch.zeros((), device=device)
-                seen = 0
-                order = torch.randperm(n, generator=generator).to(device)
-                for start in range(0, n, bs):
-                    idx = order[start : start + bs]
-                    if len(idx) < 2 <= n:  # BatchNorm cannot train on a batch of one
-                        continue
-                    xb = augment(data.x_train[idx], config.aug, generator)
-                    with autocast(device, train.amp):
-                        out = _forward(model, heads, store, xb, target.name)
-                        losses = torch.stack(
-                            [F.cross_entropy(out[k].float(), y[idx]) for k, y in train_y.items()]
-                        )
-                    if uncertainty:
-                        loss = uncertainty_loss(losses, heads.log_vars)
-                    else:
-                        loss = (weights * losses).sum()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for group in optimizer.param_groups:
-                        group["lr"] = group["base_lr"] * lr_factor(train.schedule, step, total)
-                    optimizer.step()
-                    step += 1
-                    running += loss.detach() * len(idx)
-                    seen += len(idx)
-                tr = _evaluate(model, heads, store, x_clean, clean_y, target.name, train.amp)
-                va = _evaluate(model, heads, store, data.x_val, val_y, target.name, train.amp)
-                log_vars = heads.log_vars.detach()
-                used = torch.exp(-log_vars) if uncertainty else weights
-                sums = torch.cat([tr, va, running.view(1), log_vars, used]).tolist()  # one sync
-                m = _metrics(ordered, sums, len(x_clean), len(data.x_val), uncertainty)
-                m["train_loss_running"] = sums[4 * len(ordered)] / max(seen, 1)
-                m["lr"] = lr
-                shared.check_loss(m["train_loss_running"], epoch, train)
-                history.append(m)
-                best.update(epoch, m, lambda: (shared.copy_state(model), shared.copy_state(heads)))
-                for cb in callbacks:
-                    cb.on_epoch_end(epoch, m)
-    finally:
-        if channels_last:  # handed back in the default format, as it came
-            model.to(memory_format=torch.contiguous_format)
-    best_epoch, kept = best.epoch, best.state
-    if kept is None:  # every epoch's metric was NaN: keep the last weights
-        best_epoch, kept = train.epochs, (shared.copy_state(model), shared.copy_state(heads))
-    model.load_state_dict(kept[0])
-    heads.load_state_dict(kept[1])
-    model.eval()
-    heads.eval()
-    return MultiTaskResult(
-        best_epoch=best_epoch,
-        best=history[best_epoch - 1],
-        history=history,
-        best_state={k: v.cpu().contiguous() for k, v in kept[0].items()},
-        heads=heads,
-        seconds=time.perf_counter() - started,
-        device=str(device),
-        threads=torch.get_num_threads(),
+    schedule = Schedule(_optimizer(config, model, heads, device), train.schedule, total)
+    store = closing.enter_context(_features(model))  # closed first: a LIFO stack
+
+    def train_epoch(epoch: int):
+        lr = schedule.optimizer.param_groups[0]["lr"]  # train.lr x the factor at its start
+        model.train()
+        heads.train()
+        running = torch.zeros((), device=device)
+        seen = 0
+        order = torch.randperm(n, generator=generator).to(device)
+        for start in range(0, n, bs):
+            idx = order[start : start + bs]
+            if len(idx) < 2 <= n:  # BatchNorm cannot train on a batch of one
+                continue
+            xb = augment(data.x_train[idx], config.aug, generator)
+            with autocast(device, train.amp):
+                out = _forward(model, heads, store, xb, target.name)
+                losses = torch.stack(
+                    [F.cross_entropy(out[k].float(), y[idx]) for k, y in train_y.items()]
+                )
+            if uncertainty:
+                loss = uncertainty_loss(losses, heads.log_vars)
+            else:
+                loss = (weights * losses).sum()
+            schedule.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            schedule.set_lr()
+            schedule.optimizer.step()
+            schedule.step += 1
+            running += loss.detach() * len(idx)
+            seen += len(idx)
+        return lr, running, seen
+
+    def measure(epoch: int, trained) -> dict[str, float]:
+        lr, running, seen = trained
+        tr = _evaluate(model, heads, store, x_clean, clean_y, target.name, train.amp)
+        va = _evaluate(model, heads, store, data.x_val, val_y, target.name, train.amp)
+        log_vars = heads.log_vars.detach()
+        used = torch.exp(-log_vars) if uncertainty else weights
+        sums = torch.cat([tr, va, running.view(1), log_vars, used]).tolist()  # one sync
+        m = _metrics(ordered, sums, len(x_clean), len(data.x_val), uncertainty)
+        m["train_loss_running"] = sums[4 * len(ordered)] / max(seen, 1)
+        m["lr"] = lr
+        return m
+
+    def finish(kept) -> dict[str, torch.Tensor]:
+        model.load_state_dict(kept["model"])
+        heads.load_state_dict(kept["heads"])
+        model.eval()
+        heads.eval()
+        return {k: v.cpu().contiguous() for k, v in kept["model"].items()}
+
+    return kernel.Core(
+        model=model,
+        schedule=schedule,
+        generator=generator,
+        epochs=train.epochs,
+        train=train_epoch,
+        measure=measure,
+        keep=lambda: {"model": shared.copy_state(model), "heads": shared.copy_state(heads)},
+        finish=finish,
+        own=lambda: {"heads": resume_state.cpu_tree(heads.state_dict())},
+        restore=lambda state: heads.load_state_dict(state["heads"]),
+        close=closing.close,
+        result=lambda: {"heads": heads},
     )
 
 

@@ -1,37 +1,48 @@
-"""The resume state of a running fit: moved to the CPU, written atomically, loaded without code.
+"""The resume state of a running core: moved to the CPU, written atomically, loaded without code.
 
-`harness.core.finetune.fit` offers its whole state at the end of every epoch to the callbacks that
-have an `on_checkpoint(epoch, state)` method, and `fit(..., resume=state)` continues from it, bit
-for bit on the CPU (the same thread count). The state is a plain tree that `torch.load` reads
-with `weights_only=True`: dicts, lists, tuples, numbers, strings, None and CPU tensors.
+Every core (`finetune.fit`, `meta.meta_fit`, `multitask.multitask_fit`, through the epoch
+kernel `harness.core.kernel`) offers its whole state at the end of every epoch to the
+callbacks that have an `on_checkpoint(epoch, state)` method, and the same core called with
+`resume=state` continues from it, bit for bit on the CPU (the same thread count). The state is
+a plain tree that `torch.load` reads with `weights_only=True`: dicts, lists, tuples, numbers,
+strings, None and CPU tensors.
 
-Its keys:
+The keys of every core (`COMMON`):
 
 - `version`: `VERSION`, the layout of this tree.
 - `config`: the trial config as sorted JSON, less `train.device` and `train.threads`; a resume
-  under another config is refused.
+  under another config (so also of another task kind) is refused.
 - `epoch`: the last finished epoch (from 1); a resume continues at `epoch + 1`.
 - `device`: the device it ran on (for information).
 - `model`: the model's state_dict (the raw weights, also when an EMA is evaluated).
-- `optimizer`, `optimizer_groups`: the optimizer's state_dict, and its groups' names in order
-  (LP-FT replaces the optimizer at its switch, gradual unfreezing adds groups).
+- `optimizer`: the optimizer's state_dict (its groups hold their `base_lr`).
 - `step`, `schedule_start`, `schedule_length`: optimizer steps so far; the step at which the
-  current phase's schedule started, and its length in steps.
-- `ema`: the EMA's state_dict (its weights and `n_averaged`), or None.
-- `anchors`: L2-SP's anchors (the backbone when fit first started) by parameter name; empty
-  when L2-SP is off.
-- `generator`: the state of fit's torch.Generator (batch order, augmentation).
+  current schedule started, and its length in steps (`shared.Schedule`).
+- `generator`: the state of the core's torch.Generator (fit's and multitask's: batch order
+  and augmentation; meta's: the meta-train episodes).
 - `rng`: `{"cpu": torch's global RNG state, "cuda": the CUDA device's or None}` (dropout,
-  MixUp, CutMix).
-- `history`, `param_groups`: FitResult's per-epoch metrics and optimizer groups so far.
-- `best_value`, `best_epoch`, `best_state`: the best epoch so far (`best_state`: the evaluated
-  weights, None while every value was NaN).
+  MixUp, CutMix, heads built at the start).
+- `history`: the result's per-epoch metrics so far.
+- `best_value`, `best_epoch`, `best_state`: the best epoch so far (`best_state`: what the core
+  keeps of it, None while every value was NaN).
 - `seconds`: training seconds so far, over every resume.
+
+A core's own keys (`OWN`, by task kind):
+
+- fine-tuning: `optimizer_groups` (the optimizer's groups' names in order: LP-FT replaces the
+  optimizer at its switch, gradual unfreezing adds groups), `ema` (the EMA's state_dict, its
+  weights and `n_averaged`, or None), `anchors` (L2-SP's anchors, the backbone when fit first
+  started, by parameter name; empty when L2-SP is off) and `param_groups` (the result's
+  optimizer groups per epoch so far). `KEYS` is fit's whole state.
+- meta-learning: none (its episodes come from `generator`; the meta-val episodes are fixed).
+- multi-task: `heads`, the state_dict of the auxiliary heads and the log-variances
+  (`multitask.MultiTaskHeads`); its `best_state` is `{"model": ..., "heads": ...}`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,35 +51,37 @@ import torch
 from torch import nn
 
 from harness.config.spec import TrialConfig
-from harness.core.shared import BestEpoch
+from harness.core.shared import BestEpoch, Schedule
 from harness.infra.files import atomic_write
 
-if TYPE_CHECKING:  # harness.core.finetune imports this module
-    from harness.core.finetune import TrainState
+if TYPE_CHECKING:
+    from torch.optim.swa_utils import AveragedModel
 
 VERSION = 1
-KEYS = (
+COMMON = (
     "version",
     "config",
     "epoch",
     "device",
     "model",
     "optimizer",
-    "optimizer_groups",
     "step",
     "schedule_start",
     "schedule_length",
-    "ema",
-    "anchors",
     "generator",
     "rng",
     "history",
-    "param_groups",
     "best_value",
     "best_epoch",
     "best_state",
     "seconds",
 )
+OWN = {
+    "finetune": ("optimizer_groups", "ema", "anchors", "param_groups"),
+    "meta": (),
+    "multitask": ("heads",),
+}
+KEYS = COMMON + OWN["finetune"]  # fit's state
 
 
 def cpu_tree(obj: Any, copy: bool = True) -> Any:
@@ -111,12 +124,13 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_state(state: dict, config: TrialConfig) -> None:
-    """Raise ValueError unless `state` is a resume state of this layout saved by `config`."""
+def check_state(state: dict, config: TrialConfig, own: Sequence[str] = OWN["finetune"]) -> None:
+    """Raise ValueError unless `state` is a resume state of this layout, with the common keys
+    and a core's `own` (fit's by default), saved by `config`."""
     if not isinstance(state, dict) or state.get("version") != VERSION:
         got = state.get("version") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"resume: not a resume state of version {VERSION} (got {got!r})")
-    missing = [k for k in KEYS if k not in state]
+    missing = [k for k in (*COMMON, *own) if k not in state]
     if missing:
         raise ValueError(f"resume: the state lacks {missing}")
     if state["config"] != config_key(config):
@@ -133,13 +147,12 @@ def check_state(state: dict, config: TrialConfig) -> None:
 
 
 @dataclass
-class FitProgress:
-    """What fit keeps across epochs besides the model, its TrainState and the generators."""
+class Progress:
+    """What the kernel keeps across epochs besides the core's parts."""
 
-    best: BestEpoch  # the best epoch so far; its state on fit's device
+    best: BestEpoch  # the best epoch so far; its state on the core's device
     history: list[dict[str, float]] = field(default_factory=list)
-    groups_log: list[list[dict[str, Any]]] = field(default_factory=list)
-    seconds: float = 0.0  # training seconds before this call to fit (a resumed fit's)
+    seconds: float = 0.0  # training seconds before this call (a resumed core's)
 
 
 def by_name(model: nn.Module, by_id: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -149,34 +162,40 @@ def by_name(model: nn.Module, by_id: dict[int, torch.Tensor]) -> dict[str, torch
     }
 
 
+def to_device(tree: Any, device: torch.device) -> Any:
+    """`tree` (dicts, lists, tuples of tensors) with every tensor copied to `device`."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device, copy=True)
+    if isinstance(tree, dict):
+        return {k: to_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(to_device(v, device) for v in tree)
+    return tree
+
+
 def capture(
     epoch: int,
     config: TrialConfig,
     model: nn.Module,
-    run: TrainState,
-    progress: FitProgress,
+    schedule: Schedule,
+    progress: Progress,
     generator: torch.Generator,
     device: torch.device,
-    anchors: dict[str, torch.Tensor],
 ) -> dict:
-    """fit's state after `epoch`, on the CPU, less `seconds` (the caller's clock)."""
+    """The common keys after `epoch`, on the CPU, less `seconds` (the caller's clock)."""
     return {
         "version": VERSION,
         "config": config_key(config),
         "epoch": epoch,
         "device": str(device),
         "model": cpu_tree(model.state_dict()),
-        "optimizer": cpu_tree(run.optimizer.state_dict()),
-        "optimizer_groups": [g["name"] for g in run.optimizer.param_groups],
-        "step": run.step,
-        "schedule_start": run.start,
-        "schedule_length": run.length,
-        "ema": None if run.ema is None else cpu_tree(run.ema.state_dict()),
-        "anchors": anchors,  # on the CPU already (`by_name`), and never written to
+        "optimizer": cpu_tree(schedule.optimizer.state_dict()),
+        "step": schedule.step,
+        "schedule_start": schedule.start,
+        "schedule_length": schedule.length,
         "generator": generator.get_state(),
         "rng": rng_state(device),
         "history": [dict(m) for m in progress.history],
-        "param_groups": [[dict(g) for g in groups] for groups in progress.groups_log],
         "best_value": progress.best.value,
         "best_epoch": progress.best.epoch,
         "best_state": cpu_tree(progress.best.state, copy=False),  # replaced, never written to
@@ -186,39 +205,65 @@ def capture(
 def restore(
     state: dict,
     model: nn.Module,
-    run: TrainState,
-    progress: FitProgress,
+    schedule: Schedule,
+    progress: Progress,
     generator: torch.Generator,
     device: torch.device,
-    anchors: dict[int, torch.Tensor],
 ) -> None:
-    """Load `state` into fit's freshly built objects, whose optimizer already has the state's
-    groups (`finetune._replay_phases`); the RNGs last. Nothing of `state` is written to later."""
-    names = [g["name"] for g in run.optimizer.param_groups]
+    """Load the common keys of `state` into a core's freshly built objects (after its own
+    keys: fit's optimizer must have the state's groups already); the RNGs last. Nothing of
+    `state` is written to later."""
+    model.load_state_dict(state["model"])
+    schedule.optimizer.load_state_dict(cpu_tree(state["optimizer"]))  # a copy: it may keep them
+    schedule.step, schedule.start, schedule.length = (
+        state[k] for k in ("step", "schedule_start", "schedule_length")
+    )
+    best = state["best_state"]
+    progress.history = [dict(m) for m in state["history"]]
+    progress.best.value, progress.best.epoch = state["best_value"], state["best_epoch"]
+    progress.best.state = None if best is None else to_device(best, device)
+    progress.seconds = state["seconds"]
+    generator.set_state(state["generator"])
+    set_rng_state(state["rng"], device)
+
+
+# --- fit's own keys ------------------------------------------------------------------------------
+def capture_fit(
+    schedule: Schedule,
+    ema: AveragedModel | None,
+    anchors: dict[str, torch.Tensor],
+    groups_log: list[list[dict[str, Any]]],
+) -> dict:
+    """fit's own keys; `anchors` by name, on the CPU already (`by_name`), never written to."""
+    return {
+        "optimizer_groups": [g["name"] for g in schedule.optimizer.param_groups],
+        "ema": None if ema is None else cpu_tree(ema.state_dict()),
+        "anchors": anchors,
+        "param_groups": [[dict(g) for g in groups] for groups in groups_log],
+    }
+
+
+def restore_fit(
+    state: dict,
+    model: nn.Module,
+    schedule: Schedule,
+    ema: AveragedModel | None,
+    anchors: dict[int, torch.Tensor],
+    device: torch.device,
+) -> list[list[dict[str, Any]]]:
+    """Load fit's own keys, its optimizer's groups rebuilt already (`finetune._replay_phases`);
+    the optimizer groups per epoch so far."""
+    names = [g["name"] for g in schedule.optimizer.param_groups]
     if names != state["optimizer_groups"]:
         raise ValueError(
             f"resume: optimizer groups {names}, the state's {state['optimizer_groups']}"
         )
-    model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(cpu_tree(state["optimizer"]))  # a copy: it may keep tensors
-    run.step, run.start, run.length = (
-        state[k] for k in ("step", "schedule_start", "schedule_length")
-    )
-    if run.ema is not None:
-        run.ema.load_state_dict(state["ema"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     for name, p in model.named_parameters():
         if id(p) in anchors:
             anchors[id(p)] = state["anchors"][name].to(device)
-    best = state["best_state"]
-    progress.history = [dict(m) for m in state["history"]]
-    progress.groups_log = [[dict(g) for g in groups] for groups in state["param_groups"]]
-    progress.best.value, progress.best.epoch = state["best_value"], state["best_epoch"]
-    progress.best.state = (
-        None if best is None else {k: v.to(device, copy=True) for k, v in best.items()}
-    )
-    progress.seconds = state["seconds"]
-    generator.set_state(state["generator"])
-    set_rng_state(state["rng"], device)
+    return [[dict(g) for g in groups] for groups in state["param_groups"]]
 
 
 def save_state(state: dict, path: str | Path) -> None:

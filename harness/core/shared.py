@@ -4,7 +4,8 @@ one home for each rule, so the cores cannot drift apart.
 - the start of a fit: CPU threads, the device, the seed (`start`);
 - the CUDA speed paths: channels_last for convolutional models, bf16 autocast, fused optimizers
   (the CPU keeps NCHW, fp32 and the single-tensor optimizer: its results stay bit for bit);
-- the schedule's multiplier (`lr_factor`) and the number of optimizer steps in an epoch;
+- the schedule's multiplier (`lr_factor`), the schedule (`Schedule`) and the number of
+  optimizer steps in an epoch;
 - the fixed clean-train subset that the eval-mode train metrics (and so the gap) are measured on;
 - the loss fault check (`TrainingFault`);
 - the best-epoch tracker, which honours the objective's metric and direction;
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -114,6 +116,25 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
     if schedule == "constant":
         return 1.0
     return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+@dataclass
+class Schedule:
+    """An optimizer and its learning-rate schedule: every group's lr is its `base_lr` x
+    `lr_factor(kind, step - start, length)`. The kernel sets it at each epoch's start, a core
+    before each optimizer step (and counts `step`); a new phase (LP-FT) replaces `optimizer`
+    and starts a schedule of its own (`start`, `length`)."""
+
+    optimizer: torch.optim.Optimizer
+    kind: str  # constant or cosine
+    length: int  # the current schedule's optimizer steps
+    start: int = 0  # the global step at which it starts
+    step: int = 0  # global optimizer steps so far
+
+    def set_lr(self) -> None:
+        factor = lr_factor(self.kind, self.step - self.start, self.length)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
 
 
 def clean_subset(n: int, limit: int, seed: int, device) -> torch.Tensor:

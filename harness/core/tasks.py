@@ -6,9 +6,11 @@
 - `multitask`: the target task's split, `multitask.multitask_fit` with the target task (the
   model's head) and the auxiliary tasks of `multitask.tasks`; the weights are the target model.
 
-Every core returns the same shape of result (`best`, `best_epoch`, `history`, `best_state`,
-`seconds`), reports through the same callbacks and knows neither Optuna nor MLflow; the study
-and `reproduce` call `load_data`, `build` and `train` and need not know which core ran.
+Every core runs on the epoch kernel (`harness.core.kernel`): it returns the same result
+(`kernel.Result`: `best`, `best_epoch`, `history`, `best_state`, `seconds`), reports through
+the same callbacks, offers its resume state and resumes from it, and knows neither Optuna nor
+MLflow; the study and `reproduce` call `load_data`, `build` and `train` and need not know
+which core ran.
 """
 
 from __future__ import annotations
@@ -131,16 +133,17 @@ def train(
 ):
     """Run the trial's core; its result has best, best_epoch, history, best_state, seconds.
 
-    Only fine-tuning resumes from a resume state; the other cores restart from epoch 1.
-    `train.devices_per_trial` > 1: fine-tuning on that many data-parallel ranks, this process
-    rank 0 (`harness.core.ranks`; the others load `data` again, from `cache_dir`)."""
+    Every core resumes from a resume state that it offered (`resume`: it continues at the
+    state's epoch + 1). `train.devices_per_trial` > 1: fine-tuning on that many data-parallel
+    ranks, this process rank 0 (`harness.core.ranks`; the others load `data` again, from
+    `cache_dir`)."""
     kind = config.task.kind
     if config.train.devices_per_trial > 1:
         return ranks.train(config, model, data, rank_trial, callbacks, resume, cache_dir)
     if kind == "meta":
-        return meta.meta_fit(config, model, data.x, data.y, data.split, callbacks)
+        return meta.meta_fit(config, model, data.x, data.y, data.split, callbacks, resume)
     if kind == "multitask":
-        return multitask.multitask_fit(config, model, aux_tasks(config), data, callbacks)
+        return multitask.multitask_fit(config, model, aux_tasks(config), data, callbacks, resume)
     return fit(config, model, data, callbacks, resume=resume)
 
 

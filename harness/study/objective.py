@@ -129,8 +129,6 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
             resume_from = resume_file
         else:  # another node's attempt, or it died before its first epoch ended
             tags[Tag.RESUME] = "restarted from epoch 1: no resume state on this node"
-    if config.task.kind != "finetune" and resume_from is not None:  # only fit resumes
-        resume_from, tags[Tag.RESUME] = None, "restarted from epoch 1: only fit resumes"
     trial.set_user_attr(Tag.HOST, socket.gethostname())
     trial.set_user_attr(Tag.PID, os.getpid())
     started = time.perf_counter()
