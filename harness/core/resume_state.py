@@ -130,10 +130,7 @@ def check_state(state: dict, config: TrialConfig, own: Sequence[str] = OWN["fine
     if not isinstance(state, dict) or state.get("version") != VERSION:
         got = state.get("version") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"resume: not a resume state of version {VERSION} (got {got!r})")
-    missing = [k for k in (*COMMON, *own) if k not in state]
-    if missing:
-        raise ValueError(f"resume: the state lacks {missing}")
-    if state["config"] != config_key(config):
+    if "config" in state and state["config"] != config_key(config):  # another config or kind
         saved, now = _flat(json.loads(state["config"])), _flat(json.loads(config_key(config)))
         # a key added to the config since the state was saved, at its default, is no change
         default = _flat(json.loads(config_key(type(config)(name=config.name))))
@@ -144,6 +141,9 @@ def check_state(state: dict, config: TrialConfig, own: Sequence[str] = OWN["fine
         )
         if diff:
             raise ValueError(f"resume: the state was saved with another config (differs in {diff})")
+    missing = [k for k in (*COMMON, *own) if k not in state]
+    if missing:
+        raise ValueError(f"resume: the state lacks {missing}")
 
 
 @dataclass
