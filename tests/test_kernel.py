@@ -257,6 +257,8 @@ STUDIES = {
             "meta.val_episodes=10",
             "meta.test_episodes=10",
             "meta.test_shots=[1]",
+            "meta.algorithm=protonet",
+            "search.enqueue=[]",  # else the retry waits behind the other enqueued trials
         ],
     ),
     "multitask": (
