@@ -19,12 +19,13 @@ norm parameters and biases are in '<unit>.no_decay' groups with weight_decay 0. 
 keeps every BatchNorm in eval mode. Penalties, MixUp/CutMix and the EMA are
 `regularizers`; with an EMA, the metrics, best state and restored weights are the EMA's.
 
-Resume: after every epoch's `on_epoch_end` calls, callbacks that also have an
-`on_checkpoint(epoch, state)` method (and, if they have one, whose `wants_state(epoch)` is
-true) get fit's whole resume state (`harness.core.resume_state` lists
-its keys; built only when some callback has the method), and `fit(..., resume=state)` on a
-model built the same way continues at the next epoch exactly as an uninterrupted fit would on
-the CPU.
+The epoch loop is the kernel's (`harness.core.kernel`); this module supplies fit's parts (its
+phases, an epoch's training, the measurement, its own resume keys). Resume: after every
+epoch's `on_epoch_end` calls, callbacks that also have an `on_checkpoint(epoch, state)` method
+(and, if they have one, whose `wants_state(epoch)` is true) get fit's whole resume state
+(`harness.core.resume_state` lists its keys; built only when some callback has the method),
+and `fit(..., resume=state)` on a model built the same way continues at the next epoch exactly
+as an uninterrupted fit would on the CPU.
 
 Speed (`benchmarks/README.md` has the measurements): on CUDA a convolutional model trains and
 evaluates in the channels_last memory format (`train.channels_last`; the model is handed back,

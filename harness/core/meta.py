@@ -1,13 +1,14 @@
 """Meta-learning core: episodic N-way K-shot sampling over a class split, and `meta_fit` with
 Reptile, first-order MAML, second-order MAML and Prototypical Networks; `meta_test` once.
 
-Knows neither Optuna nor MLflow. Like `finetune.fit`, `meta_fit` reports each meta-epoch
-through callbacks (`on_epoch_end(epoch, metrics)`; an exception from one, a pruner's decision,
-propagates), reads the device once per meta-epoch, keeps the best meta-epoch's weights (by
-the objective's metric and direction, `shared.BestEpoch`) and is deterministic under the trial's
-seed on the CPU for a thread count. It reads the trial's `meta:` section (`MetaSpec`), and of
-`train:` the device, threads and max_loss; meta-learning runs in fp32 (the spec refuses the
-other `train:` keys in a meta study).
+Knows neither Optuna nor MLflow. Like `finetune.fit`, `meta_fit` runs on the epoch kernel
+(`harness.core.kernel`): it reports each meta-epoch through callbacks (`on_epoch_end(epoch,
+metrics)`; an exception from one, a pruner's decision, propagates), reads the device once per
+meta-epoch, keeps the best meta-epoch's weights (by the objective's metric and direction,
+`shared.BestEpoch`), offers its resume state and resumes from it, and is deterministic under
+the trial's seed on the CPU for a thread count. It reads the trial's `meta:` section
+(`MetaSpec`), and of `train:` the device, threads and max_loss; meta-learning runs in fp32 (the
+spec refuses the other `train:` keys in a meta study).
 
 Classes are split three ways, disjoint (`ClassSplit`): meta-train classes (the episodes that
 train), meta-val classes (a fixed seeded set of episodes scores every meta-epoch: selection and

@@ -1,14 +1,16 @@
 """Multi-task core: one shared backbone, several classification heads, fixed or uncertainty
 loss weighting (Kendall et al. 2018), `multitask_fit`.
 
-Knows neither Optuna nor MLflow. Built on `harness.core.shared` like `finetune.fit`: it reports
-each epoch through callbacks (`on_epoch_end(epoch, metrics)`; an exception from one, a pruner's
-decision, propagates), reads the device once per epoch, keeps the best epoch's weights (by the
-objective's metric and direction, measured on the target task) and is deterministic under the
-trial's seed on the CPU for a thread count. It reads the trial's `train:` (epochs, batch, lr,
-optimizer, schedule, device, threads, max_loss, and on CUDA amp and channels_last as `fit`
-does), `reg.weight_decay` and `reg.dropout` (before each new head), `aug:`,
-`data.eval_train_max` and `multitask.weighting`; `train.compile` is refused by the spec.
+Knows neither Optuna nor MLflow. On the epoch kernel (`harness.core.kernel`) like
+`finetune.fit`: it reports each epoch through callbacks (`on_epoch_end(epoch, metrics)`; an
+exception from one, a pruner's decision, propagates), reads the device once per epoch, keeps
+the best epoch's weights (by the objective's metric and direction, measured on the target
+task), offers its resume state (with the heads and log-variances) and resumes from it, and is
+deterministic under the trial's seed on the CPU for a thread count. It reads the trial's
+`train:` (epochs, batch, lr, optimizer, schedule, device, threads, max_loss, and on CUDA amp
+and channels_last as `fit` does), `reg.weight_decay` and `reg.dropout` (before each new head),
+`aug:`, `data.eval_train_max` and `multitask.weighting`; `train.compile` is refused by the
+spec.
 
 The model is any `ImageModel` (`models.build_model`) whose head has the target task's classes
 (the first of `tasks`):
