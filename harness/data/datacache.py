@@ -1,7 +1,7 @@
 """Decode an image folder once per machine: a uint8 cache on disk that every process memory-maps.
 
 `folder(cache_dir, root, files, stamp, size)` returns the decoded images of an imagefolder
-(`harness.data.datasets` lists the files) from `cache_dir/KEY.npy` and `cache_dir/KEY.json`. The key is
+(`sources` lists the files) from `cache_dir/KEY.npy` and `cache_dir/KEY.json`. The key is
 a sha256 of everything that decides the pixels: the format version, the resolved root, the
 file list with each file's split, label, size and mtime (`stamp`), the side, and the colour
 policy (grey when every image is grey, else RGB: decided by the files, so the stamp covers it).

@@ -21,20 +21,13 @@ error unless `data.allow_duplicates`; `TaskData.report` says what was found.
 from __future__ import annotations
 
 import hashlib
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from harness.data.sources import SHOW, DataError, DecodedSet, DecodedSplit, open_set
-from harness.data import datacache
-from harness.data.datacache import colour_mode as _colour_mode
-from harness.data.datacache import content_hash as _content_hash
-from harness.data.datacache import pixel_stats as _pixel_stats
-from harness.data.datacache import read_image as _read_image
 from harness.config.spec import DataSpec
+from harness.data.sources import SHOW, DataError, DecodedSet, DecodedSplit, open_set
 from harness.data.stream import HostImages
 from harness.data.taskdata import DataReport, TaskData
 

@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from harness.data.datasets import TaskData, load_source
 from harness.config.spec import DataSpec
+from harness.data.datasets import TaskData, load_source
 
 
 # --- Class splits --------------------------------------------------------------------------

@@ -9,17 +9,16 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
+
+from harness.config.spec import DataSpec
 from harness.data import datacache
 from harness.data.datacache import colour_mode as _colour_mode
 from harness.data.datacache import content_hash as _content_hash
 from harness.data.datacache import pixel_stats as _pixel_stats
 from harness.data.datacache import read_image as _read_image
-from harness.config.spec import DataSpec
-from harness.data.stream import HostImages
-from harness.data.taskdata import DataReport, TaskData
-
 
 # Digits pixels are 0..16, stored as uint8 0..255; mean and std of all 1,797 images in [0, 1].
 DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3759,)
