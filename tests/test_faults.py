@@ -185,7 +185,7 @@ def test_kill_9_between_two_flushes_loses_nothing_and_logs_nothing_twice(tmp_pat
     extra = ("train.epochs=8", "search.flush_seconds=1.2")  # writes at epochs 1, about 4, 7, 8
     results = tmp_path / "results"
     proc = _start(results, n_trials=1, extra=extra, epoch=3, when="unflushed")
-    held = _wait_for_epoch(proc, results)  # at the end of an epoch whose metrics are buffered
+    held = _wait_for_epoch(proc, results)  # an epoch whose metrics are not written yet
     proc.kill()  # between two writes
     proc.wait(timeout=30)
     again = run_cli(*_args(results, 1, extra=extra), cwd=tmp_path)

@@ -10,8 +10,10 @@ Python process at start (`sitecustomize`), makes trials wait at a chosen state:
   which trials and epochs hold.
 - `HARNESS_TEST_HOLD_WHEN=saved` (default): a trial holds right after its resume state of an
   epoch >= K is written (its heartbeat and metrics are written with it), so a kill there
-  resumes from that epoch. `unflushed`: it holds at the end of an epoch >= K whose metrics are
-  still buffered while an earlier epoch's were written (a kill "between two flushes").
+  resumes from that epoch. `unflushed`: it holds at the end of the first epoch >= K after some
+  epoch's metrics (and resume state) were written, before its own metrics reach the logger:
+  that epoch, and any buffered since the last write, are not in MLflow (a kill "between two
+  flushes"), whatever the machine's speed.
 
 A holding trial writes `FOLDER/held-TRIAL-PID.json` ({trial, pid, epoch, written_upto}) and
 sleeps until `FOLDER/open` exists (the test creates it) or a signal ends it (SIGTERM's handler
@@ -55,20 +57,27 @@ def _patch(module) -> None:
     watch = module.TrialWatch
     when = os.environ.get("HARNESS_TEST_HOLD_WHEN", "saved")
     k = int(os.environ.get("HARNESS_TEST_HOLD_EPOCH", "2"))
-    on_epoch_end, on_checkpoint = watch.on_epoch_end, watch.on_checkpoint
+    init, on_checkpoint = watch.__init__, watch.on_checkpoint
 
-    def epoch_end(self, epoch, metrics):
-        on_epoch_end(self, epoch, metrics)
-        upto = self.logger.written_upto
-        if when == "unflushed" and epoch >= k and 1 <= upto < epoch:
-            _hold(self, epoch)
+    def __init__(self, trial, resume_file, logger):
+        init(self, trial, resume_file, logger)
+        if when != "unflushed":
+            return
+        logger_epoch_end = logger.on_epoch_end
+
+        def epoch_end(epoch, metrics):  # before the logger buffers (or writes) this epoch
+            if epoch >= k and logger.written_upto >= 1:
+                _hold(self, epoch)
+            logger_epoch_end(epoch, metrics)
+
+        logger.on_epoch_end = epoch_end  # this trial's logger only
 
     def checkpoint(self, epoch, state):
         on_checkpoint(self, epoch, state)
         if when == "saved" and epoch >= k:
             _hold(self, epoch)
 
-    watch.on_epoch_end, watch.on_checkpoint = epoch_end, checkpoint
+    watch.__init__, watch.on_checkpoint = __init__, checkpoint
 
 
 class _Finder(importlib.abc.MetaPathFinder):
