@@ -103,7 +103,7 @@ def child(mode: str, root: Path, size: int, cache: Path) -> dict:
         hdata.load_target(spec, 0, cache_dir=cache)
         return {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_mb()}
     # second: a warm cache
-    data = sources._open(spec, None, with_test=True, cache_dir=cache)
+    data = sources.open_set(spec, None, with_test=True, cache_dir=cache)
     opened = time.perf_counter() - started
     grown_open = rss_mb() - before
     task = hdata.load_target(spec, 0, cache_dir=cache)

@@ -79,7 +79,8 @@ def test_an_attempt_that_fails_after_writing_its_best_weights_leaves_none(result
     """The trial fails after its best-weights file was written (here: a summary metric the
     result does not have): the file goes with the failed attempt."""
     from harness.config.load import load_spec
-    from harness.study.search import StudyOptions, best_weights_path, run_study
+    from harness.study.search import StudyOptions, run_study
+    from harness.tracking.runs import best_weights_path
 
     real = metrics.KINDS["finetune"]
     summary = (*real.summary, "no_such_metric")
