@@ -35,22 +35,20 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 
-import torch
-
 REL = 1e-4  # 22x the largest spread measured (4.6e-6)
 REL_CHAOTIC = 3e-2  # 10x the spread of a chaotic golden's later epochs (2.9e-3)
 ABS = 1e-8  # absolute floor, for values recorded as 0
 # The threads of the numerics tests' trials: 1, as the goldens were recorded; `kernel_spread`
 # also runs them with 2 (another split of every reduction).
 THREADS = int(os.environ.get("HARNESS_NUMERICS_THREADS", "1"))
-KERNEL_SETTINGS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def kernel_path() -> str:
-    """The kernel path this process computes on: 'AVX512/ONEDNN_MAX_CPU_ISA=AVX2/t1'."""
-    parts = [torch.backends.cpu.get_cpu_capability()]
-    parts += [f"{k}={os.environ[k]}" for k in KERNEL_SETTINGS if os.environ.get(k)]
-    return "/".join([*parts, f"t{THREADS}"])
+    """The kernel path this process computes on, as runs record it (`harness.cpu_kernels`),
+    and the threads: 'AVX512, ONEDNN_MAX_CPU_ISA=AVX2/t1'."""
+    from harness.tracking.provenance import cpu_kernels
+
+    return f"{cpu_kernels()}/t{THREADS}"
 
 
 def note_spread(comparison: str, key: str, actual: float, expected: float) -> None:

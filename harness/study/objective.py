@@ -192,7 +192,7 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
     except optuna.TrialPruned:
         state = "PRUNED"
         end_tags[Tag.PRUNED_EPOCH] = pruner.pruned_at
-        end_tags[tracking.DESCRIPTION] = (
+        end_tags[Tag.DESCRIPTION] = (
             f"Pruned at epoch {pruner.pruned_at} by Optuna's {type(trial.study.pruner).__name__}: "
             f"its {spec.objective.metric} was not promising against the other trials at that "
             "epoch. A finished decision of the search, not a failure (optuna.state=PRUNED)."

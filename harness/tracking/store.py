@@ -30,7 +30,6 @@ from harness.config.tags import Tag
 from harness.infra import envfaults
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
-DESCRIPTION = Tag.DESCRIPTION  # the run's description in the UI
 TrackingError = mlflow.exceptions.MlflowException  # what the tracking store raises
 
 
