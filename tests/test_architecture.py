@@ -137,6 +137,45 @@ def test_tag_names_are_spelled_only_in_their_home():
     assert not spelled, "tag names outside harness/config/tags.py: " + ", ".join(spelled)
 
 
+def _code_strings(tree: ast.AST) -> list[str]:
+    """The string literals of a module's code, docstrings left out (they may show examples)."""
+    docs = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
+    ]
+
+
+def test_weight_files_are_named_only_in_their_home():
+    """Only harness/core/checkpoints.py builds a .pt/.pth path, globs for one, or saves or loads
+    one with torch: a checkpoint's name, place or format written twice would drift."""
+    weights = re.compile(r"\.pth?\b")
+    found = []
+    for m, path in MODULES.items():
+        if m == "harness.core.checkpoints":
+            continue
+        tree = ast.parse(path.read_text())
+        found += [f"{m}: {v!r}" for v in _code_strings(tree) if weights.search(v)]
+        found += [
+            f"{m}: torch.{node.func.attr}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("save", "load")
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "torch"
+        ]
+    assert not found, "weight files outside harness/core/checkpoints.py: " + ", ".join(found)
+
+
 def test_architecture_md_names_every_module():
     text = (REPO / "ARCHITECTURE.md").read_text()
     missing = [

@@ -13,7 +13,7 @@ from conftest import make_config
 from test_core import fresh_model
 
 from harness.config.spec import TrialConfig
-from harness.core import finetune, models, source
+from harness.core import checkpoints, finetune, models, source
 from harness.data import datasets as hdata
 
 
@@ -39,7 +39,7 @@ def test_source_model_is_trained_once_and_cached(tmp_path):
     # the saved weights are the reported best epoch's: re-evaluate them on the source val split
     src = hdata.load_source(config.data, config.seed)
     model = models.build_model(config.model, src.num_classes)
-    model.load_state_dict(models.load_state(first.path))
+    model.load_state_dict(checkpoints.load_weights(first.path))
     _, correct = finetune.evaluate(model, src.x_val, src.y_val)
     assert correct.item() / len(src.x_val) == pytest.approx(first.metrics["val_acc"], abs=1e-9)
     # and the target model loads it

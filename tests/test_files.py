@@ -79,22 +79,22 @@ def test_an_attempt_that_fails_after_writing_its_best_weights_leaves_none(result
     """The trial fails after its best-weights file was written (here: a summary metric the
     result does not have): the file goes with the failed attempt."""
     from harness.config.load import load_spec
+    from harness.core.checkpoints import best_weights_path
     from harness.study.search import StudyOptions, run_study
-    from harness.tracking.runs import best_weights_path
 
     real = metrics.KINDS["finetune"]
     summary = (*real.summary, "no_such_metric")
     monkeypatch.setitem(metrics.KINDS, "finetune", dataclasses.replace(real, summary=summary))
     written = []
-    import harness.study.objective as objective_mod
+    from harness.core import checkpoints
 
-    original = objective_mod.atomic_write
+    original = checkpoints.save_best
 
-    def recording(path, write):
-        written.append(path)
-        return original(path, write)
+    def recording(results, study_name, number, state):
+        written.append(number)
+        return original(results, study_name, number, state)
 
-    monkeypatch.setattr(objective_mod, "atomic_write", recording)
+    monkeypatch.setattr(checkpoints, "save_best", recording)
     spec = load_spec(QUICKSTART, TINY)
     with contextlib.suppress(Exception):  # the study may stop on its only trial failing
         run_study(spec, StudyOptions(results=results_dir, n_trials=1, quiet=True))

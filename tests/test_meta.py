@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from harness.config.spec import DataSpec, ModelSpec, TrialConfig
-from harness.core import meta, models, shared
+from harness.core import checkpoints, meta, models, shared
 
 SPLIT = meta.DIGITS_SPLIT
 
@@ -270,7 +270,7 @@ def test_meta_learned_init_loads_as_pretrained(pool, tmp_path):
     model = small_model()
     result = meta.meta_fit(config, model, x, y, SPLIT)
     assert all(k.startswith("net.") for k in result.best_state)
-    path = meta.save_init(result.best_state, tmp_path / "init.pt")
+    path = checkpoints.save_init(result.best_state, tmp_path / "init.pt")
     target = models.build_model(ModelSpec(pretrained="none", width=8), 5, pretrained=path)
     assert models.head_module(target)[-1].out_features == 5
     loaded = target.state_dict()

@@ -35,17 +35,17 @@ Decisions:
   (Nichol et al. 2018); with Adam it is Adam on that direction.
 - The meta-learned initialization is the model's `state_dict()`: for an `ImageModel` every key
   is `net.*` (its Preprocess has no persistent buffers), which is a harness weights file.
-  `save_init(result.best_state, "init.pt")` (or `torch.save(model.state_dict(), path)`) writes
-  it; `models.build_model(spec, k, pretrained="init.pt")` (or `model.pretrained: init.pt` in
-  an experiment file) loads every weight but the head's, for any number of target classes. For
-  ProtoNets the head is unused (its random init is saved and dropped on load).
+  `checkpoints.save_init(result.best_state, "init.pt")` (or `torch.save(model.state_dict(),
+  path)`) writes it; `models.build_model(spec, k, pretrained="init.pt")` (or
+  `model.pretrained: init.pt` in an experiment file) loads every weight but the head's, for
+  any number of target classes. For ProtoNets the head is unused (its random init is saved and
+  dropped on load).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -83,19 +83,6 @@ METRICS = (
 
 
 MetaResult = Result  # every core's result (`harness.core.kernel`); best_state: the init
-
-
-def save_init(state: dict[str, torch.Tensor] | nn.Module, path: str | Path) -> Path:
-    """Write a meta-learned initialization (a state_dict, or a model's) as a harness weights file
-    that `models.build_model(..., pretrained=path)` and `model.pretrained: PATH` accept."""
-    if isinstance(state, nn.Module):
-        state = state.state_dict()
-    state = {k: v.detach().cpu() for k, v in state.items()}
-    if not any(k.startswith("net.") for k in state):  # a bare network's state_dict
-        state = {f"net.{k}": v for k, v in state.items()}
-    path = Path(path)
-    torch.save(state, path)
-    return path
 
 
 # --- The algorithms' pieces (pure functions of a module and its parameters) ----------------

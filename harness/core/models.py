@@ -27,6 +27,7 @@ from torchvision.models.vision_transformer import interpolate_embeddings
 from torchvision.ops import StochasticDepth
 
 from harness.config.spec import STOCHASTIC_DEPTH_ARCHS, TORCHVISION_ARCHS, ModelSpec, TrialConfig
+from harness.core import checkpoints
 from harness.core.layouts import head_path, layout_of, submodule
 from harness.core.small_cnn import SmallCNN
 from harness.data.sources import DIGITS_MEAN, DIGITS_STD
@@ -124,11 +125,6 @@ def stages(model: ImageModel) -> list[nn.Module]:
 def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
     head = {id(p) for p in head_module(model).parameters()}
     return [p for p in model.parameters() if id(p) not in head]
-
-
-def load_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state_dict file, loaded without unpickling code (weights_only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # --- Layouts per family ------------------------------------------------------------------------
@@ -375,7 +371,9 @@ def build_model(
             name = f"model.weights: {type(weights).__name__}.{weights.name}"
             _load_backbone(model, imagenet_state(weights), name, target)
     if pretrained is not None and load_weights:
-        _load_backbone(model, load_state(pretrained), f"model.pretrained: {pretrained}", target)
+        _load_backbone(
+            model, checkpoints.load_weights(pretrained), f"model.pretrained: {pretrained}", target
+        )
     return model
 
 

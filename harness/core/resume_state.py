@@ -51,8 +51,8 @@ import torch
 from torch import nn
 
 from harness.config.spec import TrialConfig
+from harness.core import checkpoints
 from harness.core.shared import BestEpoch, Schedule
-from harness.infra.files import atomic_write
 
 if TYPE_CHECKING:
     from torch.optim.swa_utils import AveragedModel
@@ -269,13 +269,13 @@ def restore_fit(
 def save_state(state: dict, path: str | Path) -> None:
     """Write `state` to `path` atomically (`files.atomic_write`): a failure leaves the previous
     file and no temporary."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    checkpoints.save_tree(state, path)
 
 
 def load_state_file(path: str | Path) -> dict:
     """A state written by `save_state`, on the CPU. Loaded with `weights_only=True`: a file
     that would run code (or build any object but tensors and plain containers) is refused."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoints.load_tree(path)
     if not isinstance(state, dict) or state.get("version") != VERSION:
         raise ValueError(f"{path}: not a resume state of version {VERSION}")
     return state

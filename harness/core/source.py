@@ -19,9 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from harness.config.spec import TrialConfig
+from harness.core import checkpoints
 from harness.core.finetune import fit
 from harness.core.models import data_size_hint, model_for
 from harness.core.shared import seed_everything
@@ -117,7 +116,7 @@ def get_source_model(
     once (`harness.data.datacache`)."""
     key = source_key(config)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path, meta_path = cache_dir / f"{key}.pt", cache_dir / f"{key}.json"
+    path, meta_path = checkpoints.source_paths(cache_dir, key)
     with open(cache_dir / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the file
         if path.is_file() and meta_path.is_file():
@@ -139,7 +138,7 @@ def get_source_model(
         result = fit(pre, model, data)
         metrics = {k: result.best[k] for k in ("val_acc", "val_loss", "train_acc")}
         metrics["best_epoch"] = result.best_epoch
-        atomic_write(path, lambda f: torch.save(result.best_state, f))
+        checkpoints.save_weights(result.best_state, path)
         meta = {"settings": source_settings(config), "metrics": metrics}
         atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
         return SourceModel(key, path, meta["settings"], metrics, trained_now=True)

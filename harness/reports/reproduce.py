@@ -23,7 +23,7 @@ from typing import TextIO
 from harness.config.metrics import KINDS, OPTIONAL_EPOCH, multitask_epoch
 from harness.config.spec import SpecError, TrialConfig, safe_name
 from harness.config.tags import Tag
-from harness.core import distributed
+from harness.core import checkpoints, distributed
 from harness.core.source import source_key
 from harness.data import datacache
 from harness.reports.tolerance import (
@@ -160,7 +160,7 @@ def _starting_weights(
         ), recorded
     if kind == "source" and recorded and recorded.startswith("models:/"):
         key, cache = source_key(config), res.results / "sources"
-        if not ((cache / f"{key}.pt").is_file() and (cache / f"{key}.json").is_file()):
+        if not checkpoints.source_cached(cache, key):
             folder = res.results / "pretrained" / safe_name(recorded)
             with contextlib.suppress(ValueError):  # not in this registry: pretrained again
                 return registry.resolve_model_uri(recorded, folder), recorded

@@ -13,21 +13,20 @@ import optuna
 from harness.config.metrics import KINDS, best_name
 from harness.config.spec import safe_name
 from harness.config.tags import Tag
-from harness.core import tasks
-from harness.core.models import load_state
+from harness.core import checkpoints, tasks
 from harness.core.shared import seed_everything
 from harness.data import datacache
 from harness.reports import classical, plots, report
 from harness.reports.ablation import ablate_study
 from harness.tracking import registry, runs, ui
 from harness.tracking import store as tracking
-from harness.tracking.runs import Resources, StudyOptions, best_weights_path, load_config
+from harness.tracking.runs import Resources, StudyOptions, load_config
 
 
 def trained_model(client, results: Path, name: str, number: int, run_id: str):
     """(config, data, model with the trial's best weights) of a complete trial, from the
     results folder's best-weights file or the run's logged copy; None when neither is kept."""
-    path = best_weights_path(results, name, number)
+    path = checkpoints.best_weights_path(results, name, number)
     if not path.is_file():
         path = registry.download_checkpoint(client, run_id, results / "downloads" / run_id)
     if path is None:
@@ -35,7 +34,7 @@ def trained_model(client, results: Path, name: str, number: int, run_id: str):
     config = load_config(run_id)
     data = tasks.load_data(config, datacache.under(results))
     model = tasks.build(config, data, None, load_weights=False)  # the checkpoint comes next
-    model.load_state_dict(load_state(path))
+    model.load_state_dict(checkpoints.load_weights(path))
     model.eval()
     return config, data, model
 

@@ -12,7 +12,6 @@ import traceback
 from dataclasses import dataclass, field
 
 import optuna
-import torch
 
 from harness.config.load import spec_hash
 from harness.config.metrics import KINDS
@@ -25,11 +24,10 @@ from harness.config.spec import (
     trial_config,
 )
 from harness.config.tags import Tag
-from harness.core import resume_state, tasks
+from harness.core import checkpoints, resume_state, tasks
 from harness.core.shared import seed_everything
 from harness.data import datacache
 from harness.infra import envfaults
-from harness.infra.files import atomic_write
 from harness.reports import report
 from harness.study import inputs
 from harness.study.recovery import (
@@ -38,12 +36,11 @@ from harness.study.recovery import (
     fault_kind,
     mark_stopped,
     requeue,
-    resume_path,
 )
 from harness.study.space import PruneOnEpoch, suggest
 from harness.tracking import runs
 from harness.tracking import store as tracking
-from harness.tracking.runs import StudyOptions, best_weights_path
+from harness.tracking.runs import StudyOptions
 
 
 @dataclass
@@ -118,16 +115,14 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
     tags.update(runs.provenance(config))
     retry_of = trial.user_attrs.get(Tag.RETRY_OF)
     resume_from = None
-    resume_file = resume_path(ctx.opts.results, ctx.study_name, trial.number)
+    results = ctx.opts.results
+    resume_file = checkpoints.resume_path(results, ctx.study_name, trial.number)
     if retry_of is not None:
         previous = trial.study.trials[retry_of]
         tags[Tag.RETRY_OF] = previous.user_attrs.get("mlflow_run_id", "")
         tags[Tag.RETRY_OF_TRIAL] = str(retry_of)
-        old_file = resume_path(ctx.opts.results, ctx.study_name, retry_of)
-        if old_file.is_file():  # this attempt holds it now, so a stop at any point keeps it
-            old_file.replace(resume_file)
-            resume_from = resume_file
-        else:  # another node's attempt, or it died before its first epoch ended
+        resume_from = checkpoints.take_over_resume(results, ctx.study_name, retry_of, trial.number)
+        if resume_from is None:  # another node's attempt, or it died before its first epoch ended
             tags[Tag.RESUME] = "restarted from epoch 1: no resume state on this node"
     trial.set_user_attr(Tag.HOST, socket.gethostname())
     trial.set_user_attr(Tag.PID, os.getpid())
@@ -173,10 +168,7 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
         cache = datacache.under(ctx.opts.results)  # where ranks 1..K-1 load the data from
         result = tasks.train(config, model, data, callbacks, resume=resume, cache_dir=cache)
         if spec.search.keep_checkpoints != "none":
-            atomic_write(
-                best_weights_path(ctx.opts.results, ctx.study_name, trial.number),
-                lambda f: torch.save(result.best_state, f),
-            )
+            checkpoints.save_best(results, ctx.study_name, trial.number, result.best_state)
         for k in KINDS[config.task.kind].summary:
             trial.set_user_attr(k, result.best[k])
         trial.set_user_attr("best_epoch", result.best_epoch)
@@ -230,14 +222,12 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
         if status != "KILLED":  # a finished or faulty attempt is not resumed: its state goes
             for number in (trial.number, retry_of):
                 if number is not None:
-                    resume_path(ctx.opts.results, ctx.study_name, number).unlink(missing_ok=True)
+                    checkpoints.drop_resume(results, ctx.study_name, number)
             # best weights of an attempt that is not COMPLETE (this one failing after writing
             # them, the attempt this one retried) are never retained: they go too
             for number in (retry_of, None if state == "COMPLETE" else trial.number):
                 if number is not None:
-                    best_weights_path(ctx.opts.results, ctx.study_name, number).unlink(
-                        missing_ok=True
-                    )
+                    checkpoints.drop_best(results, ctx.study_name, number)
         done = time.perf_counter()
         cost = run.setup_seconds + logger.seconds + (done - ending)
         if not stopping:

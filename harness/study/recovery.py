@@ -14,9 +14,8 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from harness.config.spec import safe_name
 from harness.config.tags import Tag
-from harness.core import resume_state
+from harness.core import checkpoints, resume_state
 from harness.core.distributed import RankFailed
 from harness.core.shared import TrainingFault
 from harness.data.sources import DataError
@@ -53,13 +52,6 @@ class TrialWatch:
 
     def on_checkpoint(self, epoch: int, state: dict) -> None:
         resume_state.save_state(state, self.resume_file)
-
-
-def resume_path(results: Path, study_name: str, number: int) -> Path:
-    """The resume state of a running trial: kept while it runs or after it was interrupted."""
-    folder = results / "resume" / safe_name(study_name)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"trial-{number}.pt"
 
 
 def alive(trial, grace: float = 600.0) -> bool:
@@ -102,7 +94,7 @@ def mark_stopped(results: Path, study_name: str, number: int) -> None:
     """Trial `number` was running when this process stopped for the environment; its store may
     have been away, so that neither its end nor its retry (nor even its pid) got stored: the
     next start on this results folder takes it for dead and re-queues it."""
-    resume_path(results, study_name, number).with_suffix(".stopped").touch()
+    checkpoints.stopped_mark(results, study_name, number).touch()
 
 
 def reconcile(
@@ -117,7 +109,7 @@ def reconcile(
     `results` by `mark_stopped`) are marked FAIL and re-queued, and their MLflow runs (and any
     run of the study still RUNNING with no live trial) end KILLED with `harness.fault=killed`.
     Returns the re-queued trial numbers."""
-    stopped = _stopped_marks(results, study_name) if results is not None else {}
+    stopped = checkpoints.stopped_marks(results, study_name) if results is not None else {}
     dead = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -150,11 +142,6 @@ def reconcile(
             tags = {Tag.OPTUNA_STATE: "FAIL", Tag.FAULT: "killed"}
             tracking.end_run_tagged(client, run_id, "KILLED", tags)
     return [t.number for t in dead]
-
-
-def _stopped_marks(results: Path, study_name: str) -> dict[int, Path]:
-    folder = resume_path(results, study_name, 0).parent
-    return {int(p.stem.split("-")[1]): p for p in folder.glob("trial-*.stopped")}
 
 
 def fault_kind(err: BaseException) -> str:

@@ -12,9 +12,9 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.config.tags import Tag
+from harness.core import checkpoints
 from harness.tracking import registry
 from harness.tracking import store as tracking
-from harness.tracking.runs import best_weights_path
 
 
 def keep_set(study: optuna.Study, policy: str, k: int) -> set[int]:
@@ -43,8 +43,7 @@ def apply_retention(ctx, study: optuna.Study) -> None:
     Run after every trial, so that disk use stays bounded by the policy as the study goes on.
     """
     search = ctx.spec.search
-    folder = best_weights_path(ctx.opts.results, ctx.study_name, 0).parent
-    with open(folder / ".retention.lock", "w") as lock:
+    with open(checkpoints.retention_lock(ctx.opts.results, ctx.study_name), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the workers sharing this results folder, in turn
         keep = keep_set(study, search.keep_checkpoints, search.top_k)
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -61,15 +60,14 @@ def apply_retention(ctx, study: optuna.Study) -> None:
 
 
 def _retain(ctx, t, kept: bool) -> None:
-    path = best_weights_path(ctx.opts.results, ctx.study_name, t.number)
+    path = checkpoints.best_weights_path(ctx.opts.results, ctx.study_name, t.number)
     run_id = t.user_attrs.get("mlflow_run_id")
     if kept:  # asked of MLflow once per run and process: not every kept run at every trial
         if path.is_file() and run_id not in ctx.logged:
             if registry.checkpoint_state(ctx.client, run_id) != "logged":
                 registry.log_checkpoint(ctx.client, run_id, path)
             ctx.logged.add(run_id)
-    elif path.is_file():
-        path.unlink()
+    elif checkpoints.drop_best(ctx.opts.results, ctx.study_name, t.number):
         logged = run_id in ctx.logged  # logged by this process: no need to ask MLflow
         ctx.logged.discard(run_id)
         if logged or registry.checkpoint_state(ctx.client, run_id) == "logged":

@@ -13,12 +13,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from harness.config.tags import Tag
+from harness.core import checkpoints
+from harness.core.checkpoints import ARTIFACT_DIR, SOURCE_ARTIFACT_DIR
 from harness.tracking.store import connect, log_params, redact
 
 
 def log_checkpoint(client: MlflowClient, run_id: str, path: Path) -> None:
-    """Log a trial's best-weights file under `checkpoints/` and tag the run so."""
-    client.log_artifact(run_id, str(path), "checkpoints")
+    """Log a trial's best-weights file under `ARTIFACT_DIR` (checkpoints/) and tag the run so."""
+    client.log_artifact(run_id, str(path), ARTIFACT_DIR)
     client.set_tag(run_id, Tag.CHECKPOINT, "logged")
 
 
@@ -33,7 +35,7 @@ def delete_checkpoint(client: MlflowClient, run_id: str) -> str:
 
     repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
     try:
-        repo.delete_artifacts("checkpoints")
+        repo.delete_artifacts(ARTIFACT_DIR)
         state = "deleted"
     except (NotImplementedError, mlflow.exceptions.MlflowException, OSError):
         state = "kept (the artifact store cannot delete)"
@@ -84,11 +86,11 @@ def register_source_model(
     client.log_batch(
         run_id, metrics=[Metric(f"source_{k}", float(v), 0, 0) for k, v in metrics.items()]
     )
-    client.log_artifact(run_id, str(path), "source")
+    client.log_artifact(run_id, str(path), SOURCE_ARTIFACT_DIR)
     client.set_terminated(run_id, "FINISHED")
     with contextlib.suppress(mlflow.exceptions.MlflowException):  # another process was first
         client.create_registered_model(name, description="Pretrained source model (state_dict)")
-    source = f"{client.get_run(run_id).info.artifact_uri}/source"
+    source = f"{client.get_run(run_id).info.artifact_uri}/{SOURCE_ARTIFACT_DIR}"
     version = client.create_model_version(name, source, run_id=run_id, tags={Tag.KEY: key})
     return f"models:/{name}/{version.version}"
 
@@ -140,21 +142,14 @@ def resolve_model_uri(uri: str, dest: Path) -> Path:
     if local.is_file():
         return local
     if (local / "MLmodel").is_file():  # an MLflow PyTorch model (a study's registered best)
-        import torch
         from mlflow import pytorch as mlflow_pytorch
 
-        state = local / "state_dict.pt"
+        state = local / checkpoints.STATE_DICT
         if not state.is_file():
             module = mlflow_pytorch.load_model(str(local), map_location="cpu")
-            torch.save(module.state_dict(), state)
+            checkpoints.save_weights(module.state_dict(), state)
         return state
-    files = sorted(p for p in local.rglob("*") if p.suffix in (".pt", ".pth"))
-    if len(files) != 1:
-        raise ValueError(
-            f"model.pretrained: {uri} holds {len(files)} .pt/.pth files "
-            f"({[f.name for f in files]}); point the URI at one state_dict file"
-        )
-    return files[0]
+    return checkpoints.weights_file_in(local, f"model.pretrained: {uri}")
 
 
 def download_checkpoint(client: MlflowClient, run_id: str, dest: Path) -> Path | None:
@@ -162,9 +157,8 @@ def download_checkpoint(client: MlflowClient, run_id: str, dest: Path) -> Path |
     if checkpoint_state(client, run_id) != "logged":
         return None
     dest.mkdir(parents=True, exist_ok=True)
-    folder = Path(client.download_artifacts(run_id, "checkpoints", str(dest)))
-    files = sorted(folder.glob("*.pt"))
-    return files[0] if files else None
+    folder = Path(client.download_artifacts(run_id, ARTIFACT_DIR, str(dest)))
+    return checkpoints.first_weights_file(folder)
 
 
 def register_model(

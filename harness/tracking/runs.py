@@ -55,14 +55,6 @@ class StudyOptions:
         return self.tracking_uri or tracking.default_tracking_uri(self.results)
 
 
-def best_weights_path(results: Path, study_name: str, number: int) -> Path:
-    """Where a complete trial's best weights live while the retention policy keeps them (the
-    resume state, `recovery.resume_path`, is another file)."""
-    folder = results / "checkpoints" / safe_name(study_name)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"trial-{number}-best.pt"
-
-
 # The config sections a run's params show, by task kind (the whole config is in config.yaml).
 SECTIONS = {
     "finetune": ("data", "model", "train", "strategy", "reg", "aug", "objective", "task"),
