@@ -18,8 +18,10 @@ quickstart: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Two pytest workers, one test file each at a time (--dist loadfile: a file's module fixtures
+# are built once): about 12 min on 2 cores, against 17 in one process.
 test: lint
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 # Values compared within a tolerance (goldens, K ranks against 1, reproduce across machines)
 # must hold on any x86 CPU: torch's portable kernels, oneDNN capped at AVX2, and an AVX2-only

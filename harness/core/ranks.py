@@ -174,7 +174,9 @@ def train(
             result = fit(config, model, data, callbacks, resume=resume, group=dist.group.WORLD)
         except RuntimeError as err:  # a collective that failed: a lost rank?
             why = _failure(procs, errors)
-            if why is None and "timed out" in str(err).lower():  # alive, but hung
+            # alive, but hung: gloo says "Timed out waiting ..." or, when the wait ends inside
+            # DDP's buffer broadcast, "Application timeout caused pair closure"
+            if why is None and any(w in str(err).lower() for w in ("timed out", "timeout")):
                 why = f"a rank did not answer within {timeout_seconds():g} s (HARNESS_DIST_TIMEOUT)"
             if why is not None:
                 message = f"{why}; the trial stops ({type(err).__name__}: {err})"
