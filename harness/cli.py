@@ -3,7 +3,7 @@
     python run_study.py experiments/NAME.yaml [--n-trials N] [--timeout S] [--set key=value ...]
     python run_study.py check experiments/NAME.yaml [--set key=value ...]
     python run_study.py ui [--host 127.0.0.1] [--port 5000]
-    python run_study.py report STUDY [--seeds N] [--ablate]
+    python run_study.py report STUDY [--seeds N] [--ablate] [--soup]
     python run_study.py reproduce RUN_ID
 
 Every command takes --results DIR, --storage URL, --tracking-uri URI and --retry-window S.
@@ -141,6 +141,13 @@ def _report_parser() -> argparse.ArgumentParser:
         "left out of the best and added alone to the baseline, over --seeds seeds; effects "
         "with 95%% intervals, a table and ablation.png in the report",
     )
+    p.add_argument(
+        "--soup",
+        action="store_true",
+        help="make the study's model soups now (uniform and greedy weight averages of its "
+        "complete trials, chosen on val, tested once; search.soup's kind, else greedy, is "
+        "registered with alias soup); a second call reuses the first result",
+    )
     _common(p)
     return p
 
@@ -183,7 +190,8 @@ def cmd_report(args) -> int:
         tracking_uri=args.tracking_uri,
         study_name=args.study,
     )
-    print(report.render(report_study(opts, seeds=args.seeds, ablate=args.ablate)))
+    summary = report_study(opts, seeds=args.seeds, ablate=args.ablate, soup=args.soup)
+    print(report.render(summary))
     return 0
 
 

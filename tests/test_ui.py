@@ -127,12 +127,12 @@ def _chromium(results, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_the_printed_url_lands_on_the_trial_runs_ranked_by_the_objective(ui_server):
     """MLflow 3.17 opens an experiment in its GenAI view; the URL `ui` prints lands on the
-    runs table, the trial runs ranked by best_val_acc (what Optuna ranks by)."""
+    runs table, the trial runs in the order of their `rank` metric (the study's ranking)."""
     base, results, url = ui_server
     assert url.startswith(f"{base}/#/experiments/") and "workflowType=machine_learning" in url
     dom = _chromium(results, "--dump-dom", url).stdout
     assert "trial-0" in dom and "trial-1" in dom
-    assert 'aria-label="Sort: best_val_acc"' in dom
+    assert 'aria-label="Sort: rank"' in dom
     assert "<strong>2</strong> matching runs" in dom  # the two trials, not the GenAI overview
     shot = results / "screenshots" / "landing.png"
     shot.parent.mkdir(exist_ok=True)

@@ -186,9 +186,19 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     return spec
 
 
+# Fields added after studies were made with this code: left at their defaults they stay out of
+# the hash, so a study made before they existed still opens with the same file.
+LATER_FIELDS = (("search", "soup"), ("search", "soup_candidates"))
+
+
 def spec_hash(spec: ExperimentSpec) -> str:
-    """Hash of the resolved spec, less the trial budget (a larger budget extends a study)."""
+    """Hash of the resolved spec, less the trial budget (a larger budget extends a study)
+    and the `LATER_FIELDS` left at their defaults."""
     tree = spec.model_dump(mode="json", by_alias=True)
     tree["search"].pop("n_trials")
+    for section, key in LATER_FIELDS:
+        field = type(getattr(spec, section)).model_fields[key]
+        if getattr(getattr(spec, section), key) == field.default:
+            tree[section].pop(key, None)
     blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -86,3 +86,32 @@ def multitask_epoch(tasks: list[str], uncertainty: bool) -> tuple[str, ...]:
 def best_name(metric: str) -> str:
     """The run metric holding a finished run's value of `metric` at its chosen epoch."""
     return f"best_{metric}"
+
+
+# --- The one rule for ranking trials ------------------------------------------------------------
+
+TIE_RULE = (
+    "trials are ranked by the objective; equal values: the lower validation loss at the kept "
+    "epoch first (the higher validation accuracy when the objective is a loss), then the "
+    "earlier trial"
+)
+
+
+def _tie_metric(objective: str) -> str:
+    loss = "meta_val_loss" if objective.startswith("meta_") else "val_loss"
+    if objective == loss:
+        return "meta_val_acc" if objective.startswith("meta_") else "val_acc"
+    return loss
+
+
+def rank_key(value: float, attrs: dict, number: int, objective: str, maximize: bool) -> tuple:
+    """The sort key of a complete trial under `TIE_RULE` (ascending: rank 1 first). `attrs`:
+    the trial's user attributes (its kept epoch's summary); `objective`: the first objective's
+    name. The CLI table, the report, the registry's `best`, retention and the `rank` metric on
+    each trial run all sort with it."""
+    tie = _tie_metric(objective)
+    second = attrs.get(tie)
+    second = float("inf") if second is None else float(second)
+    if direction(tie) == "maximize":
+        second = -second
+    return (-value if maximize else value, second, number)

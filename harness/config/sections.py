@@ -451,6 +451,13 @@ class SearchSpec(_Section):
     # a 10 min trial still shows live curves. 0: every epoch. At most 300 s: the heartbeat goes
     # with the writes, and another host counts a trial silent for 600 s as dead.
     flush_seconds: Annotated[float, Field(ge=0.0, le=300.0)] = 2.0
+    # After the study, a weight average of its complete trials (a model soup, Wortsman et al.
+    # 2022): greedy (trials in order of the objective, each kept only if the soup's val
+    # objective does not get worse) or uniform (the mean of all), or none. Unset: greedy, but
+    # none for meta-learning and multi-objective studies (which cannot set it).
+    soup: Literal["greedy", "uniform", "none"] | None = None
+    # the best trials by the objective whose best weights are kept until the soup is made
+    soup_candidates: Annotated[int, Field(ge=2)] = 10
     # Trials to run first, each a mapping of searched keys to values (the other keys are
     # sampled), e.g. one trial per algorithm: Optuna's enqueue_trial, once per study.
     enqueue: Annotated[

@@ -242,6 +242,14 @@ class TrialConfig(_Section):
 class ExperimentSpec(TrialConfig):
     search: SearchSpec
 
+    @property
+    def soup(self) -> str:
+        """The study's soup: `search.soup`, or when unset greedy (none for meta-learning and
+        multi-objective studies)."""
+        if self.search.soup is not None:
+            return self.search.soup
+        return "none" if self.task.kind == "meta" or self.objective.metrics else "greedy"
+
     @model_validator(mode="after")
     def _multi_objective(self) -> ExperimentSpec:
         if self.task.kind == "meta" and self.search.baseline:
@@ -249,6 +257,17 @@ class ExperimentSpec(TrialConfig):
                 "search.baseline: the founding recipe is a fine-tuning baseline; a meta-learning "
                 "study sets search.baseline: false (compare it in a transfer study instead)"
             )
+        if self.search.soup not in (None, "none"):
+            if self.task.kind == "meta":
+                raise ValueError(
+                    "search.soup: a meta-learning study has no soup (its trials' weights are "
+                    "initializations, not fine-tuned models to average); set it to none"
+                )
+            if self.objective.metrics is not None:
+                raise ValueError(
+                    "search.soup: a soup is chosen by one val objective; a multi-objective "
+                    "study sets it to none"
+                )
         if self.objective.metrics is None:
             if self.search.sampler == "nsga2":
                 raise ValueError("search.sampler: nsga2 is for objective.metrics (several)")

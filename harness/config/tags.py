@@ -21,6 +21,11 @@ class Tag:
     BASELINE = "harness.baseline"  # the baseline trial (also a trial user attribute)
     SAMPLED = "harness.sampled"
     TEST = "harness.test"  # how the test split was used
+    # A model soup (role soup): its kind, its ingredients; on the study: the soup it makes
+    SOUP = "harness.soup"  # greedy or uniform
+    SOUP_INGREDIENTS = "harness.soup_ingredients"  # trial numbers, in the order they were tried
+    SOUP_INGREDIENT_RUNS = "harness.soup_ingredient_runs"  # their run ids
+    SOUP_PLAN = "harness.soup_plan"  # study attribute: {"kind": ..., "candidates": N}
     # Where it came from
     GIT_COMMIT = "harness.git_commit"
     GIT_DIRTY = "harness.git_dirty"

@@ -184,6 +184,16 @@ def evaluate(
     return loss_sum, correct
 
 
+@torch.inference_mode()
+def predict(model, x, batch_size: int = 1024) -> torch.Tensor:
+    """The logits of every example of `x`, in eval mode, as fp32 on the CPU (a paired
+    comparison on one split needs each example's prediction, not only the count)."""
+    model.eval()
+    return torch.cat(
+        [model(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]
+    )
+
+
 def _warm_up(model: nn.Module, x: torch.Tensor, config: TrialConfig, device) -> float:
     """Compile `model` (already `model.compile()`d) by one training forward and backward on the
     first batch and one evaluation forward, then put back every weight, buffer, gradient and

@@ -23,7 +23,7 @@ import torch
 
 from harness.config.spec import TrialConfig
 from harness.core import meta, models, multitask, ranks
-from harness.core.finetune import evaluate, fit
+from harness.core.finetune import evaluate, fit, predict
 from harness.core.shared import resolve_device, seed_everything
 from harness.data.datasets import DataReport, TaskData, load_target
 
@@ -171,8 +171,18 @@ def test_metrics(config: TrialConfig, model, data: TaskData | MetaPool) -> dict[
     split (`test_acc`, `test_loss`); meta-learning, `meta_test` at each shot count."""
     if config.task.kind == "meta":
         return meta_test(config, model, data)
+    return split_scores(config, model, data, "test")[0]
+
+
+def split_scores(
+    config: TrialConfig, model, data: TaskData, split: str
+) -> tuple[dict[str, float], torch.Tensor]:
+    """({split}_acc, {split}_loss) of a fine-tuning or multi-task model on `split` (val or
+    test), and its predicted class per example (for paired comparisons on the same examples)."""
     device = resolve_device(config.train.device)
     model.to(device)
-    loss, correct = evaluate(model, data.x_test.to(device), data.y_test.to(device))
-    n = len(data.y_test)
-    return {"test_acc": correct.item() / n, "test_loss": loss.item() / n}
+    x, y = getattr(data, f"x_{split}").to(device), getattr(data, f"y_{split}").to(device)
+    loss, correct = evaluate(model, x, y)
+    pred = predict(model, x).argmax(1)
+    n = len(y)
+    return {f"{split}_acc": correct.item() / n, f"{split}_loss": loss.item() / n}, pred

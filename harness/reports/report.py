@@ -5,7 +5,6 @@ Plain data in, text out: the study module turns Optuna trials into `TrialRow`s.
 
 from __future__ import annotations
 
-import contextlib
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -14,8 +13,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from harness.config.metrics import KINDS, best_name
+from harness.config.metrics import KINDS, best_name, rank_key
 from harness.config.tags import Tag
+from harness.reports import comparisons
 
 
 def kind_of(values: dict[str, Any]) -> str:
@@ -63,6 +63,8 @@ class Summary:
     ui_url: str = ""  # the study's runs table in the MLflow UI that `ui` starts
     classical: list = field(default_factory=list)  # harness.reports.classical.Reference, same split
     ablation: str = ""  # report --ablate: the ablation's table (harness.reports.ablation)
+    soups: Any = None  # harness.study.soups.Soups: the study's model soups
+    comparisons: list = field(default_factory=list)  # reports.comparisons.Claim: paired claims
 
     def study_metrics(self) -> dict[str, float]:
         """The study's summary, as its parent run's metrics: trial counts, the best value, the
@@ -87,8 +89,11 @@ class Summary:
         return out
 
     def complete(self) -> list[TrialRow]:
+        """The complete trials, best first, by `metrics.TIE_RULE`."""
         rows = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None]
-        return sorted(rows, key=lambda t: t.value, reverse=self.direction == "maximize")
+        objective = self.objectives[0] if self.objectives else "val_acc"
+        maximize = self.direction == "maximize"
+        return sorted(rows, key=lambda t: rank_key(t.value, t.attrs, t.number, objective, maximize))
 
     def baseline(self) -> TrialRow | None:
         return next((t for t in self.trials if t.baseline and t.state == "COMPLETE"), None)
@@ -102,6 +107,19 @@ class Summary:
             state = "RETRIED" if t.state == "FAIL" and t.number in retried else t.state
             counts[state] = counts.get(state, 0) + 1
         return counts
+
+
+def best_trial(study):
+    """A single-objective study's best complete trial by `metrics.TIE_RULE` (Optuna's own
+    `best_trial` breaks ties otherwise); None when none is complete."""
+    maximize = study.directions[0].name == "MAXIMIZE"
+    objective = (study.user_attrs.get(Tag.OBJECTIVES) or ["val_acc"])[0]
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    return min(
+        (t for t in complete if t.values),
+        key=lambda t: rank_key(t.values[0], t.user_attrs, t.number, objective, maximize),
+        default=None,
+    )
 
 
 class Progress:
@@ -157,13 +175,12 @@ class Progress:
             line += f" at epoch {a[Tag.PRUNED_EPOCH]}"
         if a.get(Tag.BASELINE):
             line += " (baseline)"
-        try:
-            line += f"  best {study.best_value:.4f} (trial {study.best_trial.number})"
+        if len(study.directions) > 1:
+            line += f"  Pareto front: {len(study.best_trials)} trials"
+        elif (best := best_trial(study)) is not None:
+            line += f"  best {best.value:.4f} (trial {best.number})"
             if self.bar is not None:
-                self.bar.set_postfix_str(f"best {study.best_value:.4f}")
-        except (ValueError, RuntimeError):  # none complete yet, or several objectives
-            if len(study.directions) > 1:
-                line += f"  Pareto front: {len(study.best_trials)} trials"
+                self.bar.set_postfix_str(f"best {best.value:.4f}")
         self.note(line)
 
     def set_done(self, done: int, study=None) -> None:
@@ -173,9 +190,11 @@ class Progress:
                 self.bar.update(done - self.done)
             elif not self.quiet:
                 best = ""
-                if study is not None and len(study.directions) == 1:
-                    with contextlib.suppress(ValueError):  # none complete yet
-                        best = f"  best {study.best_value:.4f} (trial {study.best_trial.number})"
+                top = (
+                    best_trial(study) if study is not None and len(study.directions) == 1 else None
+                )
+                if top is not None:
+                    best = f"  best {top.value:.4f} (trial {top.number})"
                 print(f"[{done}/{self.total}] finished{best}", flush=True)
             self.done = done
 
@@ -370,6 +389,7 @@ def render(summary: Summary, top: int = 5) -> str:
         else:
             out.append(f"Test split ({label}, trial {number}): not evaluated (no weights kept)")
     out += classical_lines(summary)
+    out += comparisons.lines(summary)
     if summary.pareto:
         names = ", ".join(summary.objectives)
         out.append(f"\nPareto front ({names}): trials {sorted(summary.pareto)}")

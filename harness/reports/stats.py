@@ -76,3 +76,76 @@ def verdict(effect: Effect, metric: str) -> str:
 
 def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+# --- Two models on the same test examples -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Model a against model b on the same n examples: the accuracy difference a - b, its
+    paired bootstrap 95 % interval, and the exact McNemar p-value on the discordant pairs."""
+
+    name_a: str
+    name_b: str
+    diff: float
+    low: float
+    high: float
+    p_value: float
+    n: int
+    a_only: int  # examples a gets right and b wrong
+    b_only: int
+
+
+def mcnemar_exact(a_correct, b_correct) -> float:
+    """Two-sided exact McNemar p-value: a binomial test (p = 1/2) on the discordant pairs."""
+    import numpy as np
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(a_correct, bool), np.asarray(b_correct, bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    if only_a + only_b == 0:
+        return 1.0
+    return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def paired_bootstrap(a_correct, b_correct, n_boot: int = 10000, seed: int = 0, level=0.95):
+    """(a - b accuracy, low, high): percentile interval over resamples of the examples (the
+    same indices for both models), from a seeded generator."""
+    import numpy as np
+
+    d = np.asarray(a_correct, float) - np.asarray(b_correct, float)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(d.mean()), float(low), float(high)
+
+
+def compare(a_correct, b_correct, name_a: str = "a", name_b: str = "b") -> Comparison:
+    import numpy as np
+
+    a, b = np.asarray(a_correct, bool), np.asarray(b_correct, bool)
+    diff, low, high = paired_bootstrap(a, b)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    return Comparison(name_a, name_b, diff, low, high, mcnemar_exact(a, b), len(a), only_a, only_b)
+
+
+def claim(c: Comparison) -> str:
+    """`beat (+x pt, 95 % CI [a, b])`, `did not beat (...)` or `no clear difference (...)`."""
+    body = f"{100 * c.diff:+.1f} pt, 95 % CI [{100 * c.low:+.1f}, {100 * c.high:+.1f}]"
+    p = f"McNemar p = {c.p_value:.3g}"
+    if c.low > 0:
+        return f"beat ({body}; {p})"
+    if c.high < 0:
+        return f"did not beat ({body}; {p})"
+    return f"no clear difference ({body}; the interval includes 0; {p})"
+
+
+def as_metrics(c: Comparison, prefix: str) -> dict[str, float]:
+    return {
+        f"{prefix}_diff": c.diff,
+        f"{prefix}_ci_low": c.low,
+        f"{prefix}_ci_high": c.high,
+        f"{prefix}_p": c.p_value,
+    }

@@ -11,32 +11,17 @@ from pathlib import Path
 import optuna
 
 from harness.config.metrics import KINDS, best_name
-from harness.config.spec import safe_name
+from harness.config.spec import SpecError, safe_name
 from harness.config.tags import Tag
-from harness.core import checkpoints, tasks
+from harness.core import tasks
 from harness.core.shared import seed_everything
-from harness.data import datacache
-from harness.reports import classical, plots, report
+from harness.reports import classical, comparisons, plots, report
 from harness.reports.ablation import ablate_study
+from harness.study import retention, soups
+from harness.study.kept import trained_model
 from harness.tracking import registry, runs, ui
 from harness.tracking import store as tracking
 from harness.tracking.runs import Resources, StudyOptions, load_config
-
-
-def trained_model(client, results: Path, name: str, number: int, run_id: str):
-    """(config, data, model with the trial's best weights) of a complete trial, from the
-    results folder's best-weights file or the run's logged copy; None when neither is kept."""
-    path = checkpoints.best_weights_path(results, name, number)
-    if not path.is_file():
-        path = registry.download_checkpoint(client, run_id, results / "downloads" / run_id)
-    if path is None:
-        return None
-    config = load_config(run_id)
-    data = tasks.load_data(config, datacache.under(results))
-    model = tasks.build(config, data, None, load_weights=False)  # the checkpoint comes next
-    model.load_state_dict(checkpoints.load_weights(path))
-    model.eval()
-    return config, data, model
 
 
 def register(client, results: Path, name: str, best: report.TrialRow, metrics: dict) -> None:
@@ -54,10 +39,11 @@ def register(client, results: Path, name: str, best: report.TrialRow, metrics: d
 
 
 def test_once(client, results: Path, name: str, trial) -> dict[str, float] | None:
-    """The chosen trial's model on the held-out test data: evaluated once, stored on its run,
-    and read back from there afterwards. Fine-tuning and multi-task trials: the test split
-    (`test_acc`, `test_loss`); meta-learning trials: episodes of the meta-test classes at each
-    shot count of `meta.test_shots` (`meta_test_acc_Kshot`, `meta_test_ci95_Kshot`)."""
+    """The chosen trial's model on the held-out test data: evaluated once, stored on its run
+    (with its prediction per test example, for the paired comparisons), and read back from
+    there afterwards. Fine-tuning and multi-task trials: the test split (`test_acc`,
+    `test_loss`); meta-learning trials: episodes of the meta-test classes at each shot count of
+    `meta.test_shots` (`meta_test_acc_Kshot`, `meta_test_ci95_Kshot`)."""
     run_id = trial.user_attrs.get("mlflow_run_id")
     run = client.get_run(run_id)
     config = load_config(run_id)
@@ -67,15 +53,21 @@ def test_once(client, results: Path, name: str, trial) -> dict[str, float] | Non
         if meta
         else ["test_acc", "test_loss"]
     )
-    if all(k in run.data.metrics for k in keys):
-        return {k: run.data.metrics[k] for k in keys}
+    stored = {k: run.data.metrics[k] for k in keys if k in run.data.metrics}
+    if len(stored) == len(keys) and (meta or tracking.load_predictions(run_id) is not None):
+        return stored
     trained = trained_model(client, results, name, trial.number, run_id)
     if trained is None:
-        return None
+        return stored if len(stored) == len(keys) else None
     config, data, model = trained
-    metrics = tasks.test_metrics(config, model, data)
-    tracking.log_metrics_once(client, run_id, metrics)
-    return metrics
+    if meta:
+        metrics = tasks.test_metrics(config, model, data)
+    else:  # tested before predictions were stored: the same weights give the same numbers
+        metrics, pred = tasks.split_scores(config, model, data, "test")
+        tracking.log_predictions(client, run_id, pred.tolist(), data.y_test.cpu().tolist())
+    if len(stored) < len(keys):
+        tracking.log_metrics_once(client, run_id, metrics)
+    return stored if len(stored) == len(keys) else metrics
 
 
 def seed_reruns(
@@ -123,12 +115,15 @@ def finish_report(
     client,
     seeds: int = 0,
     ablate: bool = False,
+    soup: bool = False,
 ) -> report.Summary:
-    """Test the best trial and the baseline (once), register the best model, write the report
-    (plots and report.md under RESULTS/reports/STUDY/, also logged to the study's parent run).
-    `ablate`: the ablation of the best trial over `seeds` seeds (3 by default) instead of the
-    seed re-runs (its best and baseline variants are those)."""
+    """Test the best trial and the baseline (once), register the best model, make the study's
+    soups (`search.soup`, or `soup`: on demand), compare the chosen models pairwise on the test
+    split, write the report (plots and report.md under RESULTS/reports/STUDY/, also logged to
+    the study's parent run). `ablate`: the ablation of the best trial over `seeds` seeds (3 by
+    default) instead of the seed re-runs (its best and baseline variants are those)."""
     summary = summarize(study, opts, name)
+    plan = soup_plan(study, soup)
     ablation = None
     if ablate:  # an input error before anything else; trains what earlier calls did not
         ablation = ablate_study(client, opts, summary, study.user_attrs, seeds or 3)
@@ -139,16 +134,24 @@ def finish_report(
         chosen += [t for t in complete if t not in chosen]
     chosen += [t for t in report.best_per_algorithm(complete) if t not in chosen]
     frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
-    test = {}
+    test, predictions = {}, {}
     for row in chosen:
         metrics = test_once(client, opts.results, name, frozen[row.number])
         if metrics:
             test[row.number] = metrics
+            stored = tracking.load_predictions(row.attrs["mlflow_run_id"])
+            if stored is not None:
+                predictions[row.number] = stored
     if complete and complete[0].number in test:
         best = complete[0]
         acc = report.headline(best.attrs)[0]
         metrics = {acc: best.attrs[acc], **test[best.number]}
         register(client, opts.results, name, best, metrics)
+    made = soups.Soups()
+    if plan is not None:
+        objective = summary.objectives[0] if summary.objectives else "val_acc"
+        made = soups.make(client, opts.results, study, name, objective, plan)
+        retention.after_soup(client, opts.results, study, name, plan)
     shown = [*complete[:3], *(t for t in chosen if t not in complete[:3])]
     curves = {}
     for t in shown:
@@ -168,12 +171,7 @@ def finish_report(
         )
     references = classical_references(study, opts, client)
     exp = client.get_experiment_by_name(study.user_attrs.get(Tag.EXPERIMENT, name))
-    objective = summary.objectives[0] if summary.objectives else "val_acc"
-    url = (
-        ui.experiment_url("http://127.0.0.1:5000", exp.experiment_id, objective, summary.direction)
-        if exp
-        else ""
-    )
+    url = ui.experiment_url("http://127.0.0.1:5000", exp.experiment_id) if exp else ""
     summary = dataclasses.replace(
         summary,
         test=test,
@@ -181,7 +179,9 @@ def finish_report(
         ui_url=url,
         classical=references,
         ablation=ablation.table() if ablation else "",
+        soups=made,
     )
+    summary = dataclasses.replace(summary, comparisons=comparisons.paired(summary, predictions))
     folder = opts.results / "reports" / safe_name(name)
     files = plots.write_report(study, summary, curves, labels, folder)
     if ablation is not None:
@@ -190,7 +190,11 @@ def finish_report(
     if parent:
         tracking.log_report(client, parent, files)
         refs = {r.metric: r.test_acc for r in references}
-        tracking.log_metrics_once(client, parent, summary.study_metrics() | refs)
+        made_in = {"soup_seconds": made.seconds} if made.soups else {}
+        extra = refs | comparisons.metrics(summary) | made_in
+        tracking.log_metrics_once(client, parent, summary.study_metrics() | extra)
+    for rank, t in enumerate(summary.complete(), 1):  # the MLflow table sorts by it
+        tracking.log_metrics_once(client, t.attrs["mlflow_run_id"], {"rank": rank})
     return dataclasses.replace(summary, files=files)
 
 
@@ -218,6 +222,24 @@ def classical_references(study: optuna.Study, opts: StudyOptions, client) -> lis
     kind = config.model.pretrained_kind
     start = {"source": "the source model", "imagenet": f"{config.model.arch} ImageNet weights"}
     return classical.references(data, config.seed, model, start.get(kind, "the starting weights"))
+
+
+def soup_plan(study: optuna.Study, asked: bool) -> dict | None:
+    """The study's soup plan ({"kind", "candidates"}), or None: none planned (`search.soup:
+    none`, or a study made before soups) and none asked for. `asked` (`report --soup`) on a
+    meta-learning or multi-objective study is an input error."""
+    plan = study.user_attrs.get(Tag.SOUP_PLAN)
+    if asked:
+        if study.user_attrs.get(Tag.TASK_KIND) == "meta":
+            raise SpecError(
+                "--soup: a meta-learning study has no soup (its trials' weights are "
+                "initializations, not fine-tuned models to average)"
+            )
+        if len(study.directions) > 1:
+            raise SpecError("--soup: a soup is chosen by one val objective, not several")
+        kind = plan["kind"] if plan and plan["kind"] != "none" else "greedy"
+        return {"kind": kind, "candidates": (plan or {}).get("candidates", 10)}
+    return plan if plan and plan["kind"] != "none" else None
 
 
 def summarize(study: optuna.Study, opts: StudyOptions, name: str) -> report.Summary:

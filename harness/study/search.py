@@ -127,6 +127,15 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(spec.objective.all_metrics))
     study.set_user_attr(Tag.TASK_KIND, spec.task.kind)
+    study.set_user_attr(
+        Tag.SOUP_PLAN,
+        {
+            "kind": spec.soup if spec.search.keep_checkpoints != "none" else "none",
+            "candidates": spec.search.soup_candidates,
+            "keep": spec.search.keep_checkpoints,
+            "top_k": spec.search.top_k,
+        },
+    )
     if spec.search.baseline:
         study.enqueue_trial({}, user_attrs={Tag.BASELINE: True})
     for values in spec.search.enqueue:
@@ -159,13 +168,16 @@ def _space_needed(spec: ExperimentSpec, trials: int, model_bytes: int, workers: 
     best weights (a local file and its MLflow copy each), each running trial's resume state
     (weights, optimizer state, anchors) and best-weights file, the stores' rows, the report."""
     search = spec.search
-    kept = {"all": trials, "none": 0}.get(search.keep_checkpoints, search.top_k + 1)
+    soup_k = search.soup_candidates if spec.soup != "none" else 0
+    kept = {"all": trials, "none": 0}.get(search.keep_checkpoints, max(search.top_k, soup_k) + 1)
     per_trial_rows = 64 * 1024  # MLflow's params, tags, metrics; Optuna's journal
     running = workers * 5 * model_bytes
     return 2 * kept * model_bytes + running + trials * per_trial_rows + 4 * 2**20
 
 
-def report_study(opts: StudyOptions, seeds: int = 0, ablate: bool = False) -> report.Summary:
+def report_study(
+    opts: StudyOptions, seeds: int = 0, ablate: bool = False, soup: bool = False
+) -> report.Summary:
     """The report of an existing study, found by name in the storage (`run_study.py report`)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = opts.storage_url()
@@ -183,7 +195,9 @@ def report_study(opts: StudyOptions, seeds: int = 0, ablate: bool = False) -> re
     study = optuna.load_study(study_name=opts.study_name, storage=storage)
     _note_moved(relocation.relocate(opts.results, opts.tracking()))
     client = tracking.connect(opts.tracking())
-    return finish_report(study, opts, opts.study_name, client, seeds=seeds, ablate=ablate)
+    return finish_report(
+        study, opts, opts.study_name, client, seeds=seeds, ablate=ablate, soup=soup
+    )
 
 
 def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:

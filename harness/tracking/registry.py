@@ -161,6 +161,17 @@ def download_checkpoint(client: MlflowClient, run_id: str, dest: Path) -> Path |
     return checkpoints.first_weights_file(folder)
 
 
+def alias_run(client: MlflowClient, name: str, run_id: str, aliases: tuple[str, ...]) -> bool:
+    """Point `aliases` at the registered version of `name` logged from run `run_id`; whether
+    there was one."""
+    for v in client.search_model_versions(f"name = '{name}'"):
+        if v.run_id == run_id and v.tags.get(Tag.FORMAT) == "mlflow-pytorch":
+            for alias in aliases:
+                client.set_registered_model_alias(name, alias, v.version)
+            return True
+    return False
+
+
 def register_model(
     client: MlflowClient,
     name: str,
@@ -168,10 +179,12 @@ def register_model(
     model,
     example,
     metrics: dict[str, float],
+    aliases: tuple[str, ...] = ("best",),
 ) -> str:
     """Log `model` (a torch module: raw uint8 images (N, C, H, W) in, logits out) in run
     `run_id` as an MLflow PyTorch model with a signature and `example` as its input example,
-    register it as a version of `name` (once per run) and point the alias `best` at it:
+    register it as a version of `name` (once per run) and point `aliases` at it (a study's
+    soup: `soup`, and `best` too when it beats the best trial):
     `mlflow.pytorch.load_model("models:/NAME@best")` returns the model, and
     `model.pretrained: models:/NAME@best` in another study starts from its weights."""
     import torch
@@ -179,10 +192,8 @@ def register_model(
     from mlflow import pytorch as mlflow_pytorch
     from mlflow.models import infer_signature
 
-    for v in client.search_model_versions(f"name = '{name}'"):
-        if v.run_id == run_id and v.tags.get(Tag.FORMAT) == "mlflow-pytorch":
-            client.set_registered_model_alias(name, "best", v.version)
-            return f"models:/{name}/{v.version}"
+    if alias_run(client, name, run_id, aliases):  # registered before: once per run
+        return f"models:/{name}@{aliases[0]}"
     with contextlib.suppress(mlflow.exceptions.MlflowException):  # exists already
         client.create_registered_model(name, description="Best model of the Optuna study")
     with torch.inference_mode():
@@ -201,5 +212,6 @@ def register_model(
     version = client.create_model_version(
         name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id
     )
-    client.set_registered_model_alias(name, "best", version.version)
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, version.version)
     return f"models:/{name}/{version.version}"

@@ -184,6 +184,18 @@ def retrain(
     return out
 
 
+def log_soup(client, exp_id: str, run_name: str, config: TrialConfig, tags: dict, metrics) -> str:
+    """A finished run for a model soup: `tags` (its ingredients, the parent), the soup's
+    `metrics`, and `config.yaml` of its first ingredient (the architecture and data it shares
+    with the others; its hyperparameters are the first ingredient's only)."""
+    text = tracking.yaml_text(config.model_dump(mode="json"))
+    flat = {"soup.kind": tags[Tag.SOUP], "soup.ingredients": tags[Tag.SOUP_INGREDIENTS]}
+    run_id = tracking.create_run(client, exp_id, run_name, tags, flat, {"config.yaml": text})
+    tracking.log_metrics_once(client, run_id, metrics)
+    tracking.end_run(client, run_id, "FINISHED")
+    return run_id
+
+
 def load_config(run_id: str) -> TrialConfig:
     """The resolved config a run recorded (`config.yaml`), validated as it is now."""
     try:

@@ -13,6 +13,7 @@ FAILED; an attempt interrupted (SIGTERM, a dead process) ends KILLED.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -327,6 +328,23 @@ def running_trial_runs(client: MlflowClient, study_name: str) -> list[str]:
 
 def load_text(run_id: str, artifact_file: str) -> str:
     return mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_file}")
+
+
+PREDICTIONS = "test_predictions.json"  # a tested model's class per test example, and the truth
+
+
+def log_predictions(client: MlflowClient, run_id: str, pred: list[int], y: list[int]) -> None:
+    """Store a model's predicted class for each test example, with the true classes."""
+    client.log_text(run_id, json.dumps({"pred": pred, "y": y}), PREDICTIONS)
+
+
+def load_predictions(run_id: str) -> tuple[list[int], list[int]] | None:
+    """(predicted, true) classes of the test split stored with a run; None if it has none."""
+    try:
+        tree = json.loads(load_text(run_id, PREDICTIONS))
+    except (mlflow.exceptions.MlflowException, OSError, ValueError):
+        return None
+    return tree["pred"], tree["y"]
 
 
 def log_metrics_once(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:

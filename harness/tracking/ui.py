@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-from harness.config.metrics import best_name
 from harness.config.tags import Tag
 from harness.tracking.store import connect, is_local_store
 
@@ -21,18 +20,16 @@ RUNS_VIEW = "workflowType=machine_learning"
 TRIAL_RUNS = "attributes.run_name LIKE 'trial-%'"
 
 
-def experiment_url(
-    base: str, exp_id: str, metric: str = "val_acc", direction: str = "maximize"
-) -> str:
-    """The UI page of an experiment's trial runs, ranked as Optuna ranks them: by the
-    objective's value at each trial's chosen epoch (`best_<metric>`)."""
+def experiment_url(base: str, exp_id: str) -> str:
+    """The UI page of an experiment's trial runs, in the order of their `rank` metric (the
+    study's ranking, ties broken by `metrics.TIE_RULE`; logged when the study reports)."""
     from urllib.parse import quote
 
     query = [
         RUNS_VIEW,
         f"searchFilter={quote(TRIAL_RUNS)}",
-        f"orderByKey={quote(f'metrics.`{best_name(metric)}`')}",
-        f"orderByAsc={str(direction == 'minimize').lower()}",
+        f"orderByKey={quote('metrics.`rank`')}",
+        "orderByAsc=true",
     ]
     return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{'&'.join(query)}"
 
@@ -45,10 +42,7 @@ def study_urls(tracking_uri: str, base: str) -> list[tuple[str, str]]:
     out = []
     for e in client.search_experiments():
         for parent in client.search_runs([e.experiment_id], f"tags.`{Tag.ROLE}` = 'study'"):
-            direction, _, metric = parent.data.params.get("objective", "").partition(" ")
-            metric = metric.split(",")[0] or "val_acc"
-            url = experiment_url(base, e.experiment_id, metric, direction or "maximize")
-            out.append((parent.info.run_name, url))
+            out.append((parent.info.run_name, experiment_url(base, e.experiment_id)))
     return out
 
 

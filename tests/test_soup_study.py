@@ -1,0 +1,212 @@
+"""Model soups of a real (tiny) study, end to end: made when the study ends, incompatible trials
+skipped with a line, candidates pruned after, logged and registered, reused by `report --soup`,
+on a copied results folder without touching the original; the one tie rule; bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import QUICKSTART, TINY, run_cli
+
+from harness import cli
+from harness.config.load import load_spec
+from harness.config.metrics import rank_key
+from harness.config.spec import SpecError
+from harness.config.tags import Tag
+from harness.reports import report
+from harness.study import retention
+from harness.study.finish import soup_plan
+
+# Two trials from scratch (other starting weights: never in a soup with the others), three from
+# the source model; all enqueued, so the trials are known in advance.
+SPACE = """\
+search:
+  n_trials: 6
+  pruner: none
+  top_k: 1
+  soup: greedy
+  space:
+    train.lr: {categorical: [0.01, 0.03, 0.05]}
+    model.pretrained: {categorical: [source, none]}
+  enqueue:
+    - {train.lr: 0.03, model.pretrained: none}
+    - {train.lr: 0.05, model.pretrained: none}
+    - {train.lr: 0.01, model.pretrained: source}
+    - {train.lr: 0.03, model.pretrained: source}
+    - {train.lr: 0.05, model.pretrained: source}
+"""
+
+
+def _experiment(folder: Path, name: str, space: str = SPACE) -> str:
+    text = QUICKSTART.read_text().split("\nsearch:")[0].replace("name: quickstart", f"name: {name}")
+    path = folder / f"{name}.yaml"
+    path.write_text(text + "\n" + space)
+    return str(path)
+
+
+def _runs(results: Path, name: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{results / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=[name], output_format="list")
+
+
+def _soups(results: Path, name: str) -> dict:
+    runs = _runs(results, name)
+    return {r.data.tags[Tag.SOUP]: r for r in runs if r.data.tags.get(Tag.ROLE) == "soup"}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, source_cache):
+    folder = tmp_path_factory.mktemp("soup")
+    results = folder / "results"
+    shutil.copytree(source_cache, results / "sources")
+    args = [_experiment(folder, "soup-test"), "--results", str(results), "--quiet"]
+    for s in TINY:
+        args += ["--set", s]
+    assert cli.main(args) == 0
+    return folder, results
+
+
+def _study(results: Path, name: str = "soup-test") -> optuna.Study:
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(results / "optuna.journal"))
+    )
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_the_study_ends_with_a_greedy_and_a_uniform_soup(study):
+    _, results = study
+    soups = _soups(results, "soup-test")
+    assert set(soups) == {"uniform", "greedy"}
+    uniform = soups["uniform"].data.tags[Tag.SOUP_INGREDIENTS].split(",")
+    greedy = soups["greedy"].data.tags[Tag.SOUP_INGREDIENTS].split(",")
+    ranked = [str(t.number) for t in retention.ranked_trials(_study(results))]
+    assert uniform[0] == greedy[0] == next(n for n in ranked if n not in ("1", "2"))
+    assert set(greedy) <= set(uniform) and len(uniform) == 4  # the baseline and 3 source trials
+    assert not {"1", "2"} & set(uniform)  # the trials from scratch: other starting weights
+    for run in soups.values():
+        assert run.data.tags[Tag.PARENT_RUN] and run.info.status == "FINISHED"
+        assert {"val_acc", "val_loss", "test_acc", "test_loss"} <= set(run.data.metrics)
+    text = (results / "reports" / "soup-test" / "report.md").read_text()
+    assert "soup: skipped 2 complete trials: 2 with other starting weights" in text
+    assert "Val and test side by side" in text and "greedy soup of" in text
+    assert "(the study's soup)" in text and "95 % CI" in text
+
+
+def test_the_soup_is_registered_and_best_moves_only_if_it_beats(study):
+    from mlflow import MlflowClient
+
+    _, results = study
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    greedy = _soups(results, "soup-test")["greedy"]
+    soup_version = client.get_model_version_by_alias("soup-test", "soup")
+    assert soup_version.run_id == greedy.info.run_id
+    best_run = client.get_model_version_by_alias("soup-test", "best").run_id
+    top = retention.ranked_trials(_study(results))[0]
+    beats = greedy.data.metrics["val_acc"] > top.values[0]
+    assert best_run == (greedy.info.run_id if beats else top.user_attrs["mlflow_run_id"])
+
+
+def test_candidates_beyond_the_policy_lose_their_weights_after_the_soup(study):
+    _, results = study
+    st = _study(results)
+    kept = {p.name for p in (results / "checkpoints" / "soup-test").glob("trial-*")}
+    assert kept == {f"trial-{n}-best.pt" for n in retention.keep_set(st, "top_k", 1)}
+    assert len(kept) == 2  # the best trial and the baseline
+
+
+def test_rank_orders_the_runs_as_the_report_and_the_tie_rule_do(study):
+    _, results = study
+    st = _study(results)
+    ranks = {
+        r.data.tags.get(Tag.OPTUNA_TRIAL_NUMBER): r.data.metrics["rank"]
+        for r in _runs(results, "soup-test")
+        if "rank" in r.data.metrics
+    }
+    order = [str(t.number) for t in retention.ranked_trials(st)]
+    assert sorted(ranks, key=ranks.get) == order
+    assert report.best_trial(st).number == int(order[0])
+
+
+def test_a_second_soup_reuses_the_first_and_a_copy_leaves_the_original_alone(study):
+    """`report --soup` typed by a user (a new process) on a copy of the results folder."""
+    folder, results = study
+    copy = folder / "copy"
+    shutil.copytree(results, copy)
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in results.rglob("*")}
+    runs_before = {r.info.run_id for r in _runs(copy, "soup-test")}
+    out = run_cli("report", "soup-test", "--results", str(copy), "--soup", cwd=folder)
+    assert out.returncode == 0, out.stderr
+    assert "greedy soup of" in out.stdout and "results folder moved from" in out.stderr + out.stdout
+    soups = _soups(copy, "soup-test")
+    assert set(soups) == {"uniform", "greedy"}  # no new soup runs: the first ones, reused
+    new = {r.info.run_id for r in _runs(copy, "soup-test")} - runs_before
+    assert not new
+    after = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in results.rglob("*")}
+    assert after == before  # nothing written into the original
+
+
+def test_soup_with_fewer_than_two_candidates_says_so_and_changes_nothing(tmp_path, source_cache):
+    results = tmp_path / "results"
+    shutil.copytree(source_cache, results / "sources")
+    space = SPACE.replace("top_k: 1\n", "keep_checkpoints: none\n").replace(
+        "n_trials: 6", "n_trials: 2"
+    )
+    args = [_experiment(tmp_path, "nosoup", space), "--results", str(results), "--quiet"]
+    for s in TINY:
+        args += ["--set", s]
+    assert cli.main(args) == 0
+    assert cli.main(["report", "nosoup", "--results", str(results), "--soup"]) == 0
+    assert not _soups(results, "nosoup")
+    text = (results / "reports" / "nosoup" / "report.md").read_text()
+    assert "soup: nothing to average: 0 compatible complete trials with kept weights" in text
+
+
+def test_meta_learning_refuses_a_soup():
+    meta = Path(QUICKSTART).parent / "digits_meta.yaml"
+    with pytest.raises(SpecError, match="search.soup: a meta-learning study has no soup"):
+        load_spec(meta, ["search.soup=greedy"])
+    assert load_spec(meta).soup == "none"  # unset: no soup, no error
+    assert load_spec(QUICKSTART).soup == "greedy"
+
+    class MetaStudy:
+        user_attrs = {Tag.TASK_KIND: "meta"}
+        directions = [optuna.study.StudyDirection.MAXIMIZE]
+
+    with pytest.raises(SpecError, match="--soup: a meta-learning study has no soup"):
+        soup_plan(MetaStudy(), asked=True)
+
+
+def test_one_tie_rule_everywhere():
+    """Equal values: the lower val_loss first, then the earlier trial; the CLI table's order
+    (Summary.complete), retention's, the progress line's best and rank_key agree."""
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr(Tag.OBJECTIVES, ["val_acc"])
+    rows = [(0.9, 0.5), (0.93, 0.40), (0.93, 0.30), (0.93, 0.30), (0.8, 0.1)]
+    for value, loss in rows:
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=value, user_attrs={"val_acc": value, "val_loss": loss, "mlflow_run_id": "x"}
+            )
+        )
+    expected = [2, 3, 1, 0, 4]
+    assert [t.number for t in retention.ranked_trials(study)] == expected
+    assert report.best_trial(study).number == 2
+    summary = report.Summary(
+        "s",
+        "maximize",
+        [
+            report.TrialRow(t.number, "COMPLETE", t.values[0], False, {}, dict(t.user_attrs))
+            for t in study.trials
+        ],
+        None,
+        objectives=("val_acc",),
+    )
+    assert [t.number for t in summary.complete()] == expected
+    keys = [rank_key(v, {"val_loss": lo}, n, "val_acc", True) for n, (v, lo) in enumerate(rows)]
+    assert sorted(range(5), key=keys.__getitem__) == expected
+    assert retention.keep_set(study, "top_k", 1) == {2}
