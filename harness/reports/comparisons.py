@@ -133,12 +133,9 @@ def lines(summary) -> list[str]:
 
     out += [f"  {label:<{width}}  {cell(v)}  {cell(t)}" for label, v, t in rows]
     if soups and soups.soups:
-        ingredients = ", ".join(
-            f"{s.kind}: trials {', '.join(map(str, s.ingredients))}" for s in soups.soups
-        )
-        out.append(
-            f"  Soup ingredients ({ingredients}); BatchNorm statistics re-measured on train."
-        )
+        for s in soups.soups:
+            out.append(f"  {s.kind} soup: trials {', '.join(map(str, s.ingredients))}")
+        out.append("  (BatchNorm statistics of each soup re-measured on the train split)")
     out += [f"  {n}" for n in (soups.notes if soups else ())]
     if summary.comparisons:
         out.append("Paired on the same test examples (95 % bootstrap interval, exact McNemar):")
