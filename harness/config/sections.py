@@ -7,6 +7,7 @@ torch, Optuna or MLflow.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -201,6 +202,25 @@ class RegSpec(_Section):
     mixup_alpha: NonNegative = 0.0  # 0: off
     cutmix_alpha: NonNegative = 0.0  # 0: off
     ema_decay: Probability = 0.0  # 0: off; else EMA weights are evaluated and kept
+    # SWA (torch.optim.swa_utils): 0: off; else the epochs from `swa_first_epoch` are averaged
+    swa_start: Probability = 0.0
+    swa_lr: NonNegative = 0.0  # SWALR's target lr; 0: the schedule's at the SWA start
+
+    @model_validator(mode="after")
+    def _one_average(self) -> RegSpec:
+        if self.swa_start > 0 and self.ema_decay > 0:
+            raise ValueError(
+                "reg.swa_start and reg.ema_decay: SWA and the EMA each replace the evaluated "
+                "and kept weights; set one of them to 0"
+            )
+        return self
+
+    def swa_first_epoch(self, epochs: int) -> int | None:
+        """SWA's first epoch, ceil(swa_start x epochs) + 1 (the product rounded to 9 decimals,
+        so 0.3 x 10 is 3); None when SWA is off."""
+        if self.swa_start == 0:
+            return None
+        return math.ceil(round(self.swa_start * epochs, 9)) + 1
 
 
 class AugSpec(_Section):

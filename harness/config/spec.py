@@ -133,7 +133,26 @@ class TrialConfig(_Section):
             raise ValueError(f"objective: {list(metrics)}: meta_* metrics need task.kind: meta")
         if self.task.kind == "multitask":
             self._check_multitask()
+        self._check_swa()
         return self
+
+    def _check_swa(self) -> None:
+        """`reg.swa_start`: SWA's first epoch within `train.epochs`, after LP-FT's linear probe
+        (its switch replaces the optimizer that SWALR schedules)."""
+        epochs, first = self.train.epochs, self.reg.swa_first_epoch(self.train.epochs)
+        if first is None:
+            return
+        if first > epochs:
+            raise ValueError(
+                f"reg.swa_start: {self.reg.swa_start} of train.epochs {epochs} averages from "
+                f"epoch {first}, after the last; give at most {(epochs - 1) / epochs:.4g}"
+            )
+        s = self.strategy
+        if s.kind == "lp_ft" and first <= s.lp_epochs:
+            raise ValueError(
+                f"reg.swa_start: {self.reg.swa_start} averages from epoch {first}, within "
+                f"LP-FT's linear probe (strategy.lp_epochs {s.lp_epochs}); start it after"
+            )
 
     def _check_devices(self) -> None:
         """`train.devices_per_trial` K > 1: fine-tuning only, a global batch that splits evenly
@@ -295,7 +314,7 @@ BASELINE = {
     "train.schedule": "constant",
     **{f"reg.{k}": 0.0 for k in ("weight_decay", "l1", "l2", "l2_sp", "l2_sp_head", "dropout")},
     **{f"reg.{k}": 0.0 for k in ("stochastic_depth", "label_smoothing", "mixup_alpha")},
-    **{f"reg.{k}": 0.0 for k in ("cutmix_alpha", "ema_decay")},
+    **{f"reg.{k}": 0.0 for k in ("cutmix_alpha", "ema_decay", "swa_start", "swa_lr")},
     "aug.policy": "none",
 }
 

@@ -16,8 +16,9 @@ requires_grad off, is in no optimizer group and is in eval mode (BatchNorm stati
 Param groups are named per unit ('head', 'stage1' .. 'stageN'), lr = base x layer_decay^depth
 (the last stage has depth 1), base x head_lr_mult for the head; unless `reg.decay_norm_bias`,
 norm parameters and biases are in '<unit>.no_decay' groups with weight_decay 0. `bn: frozen`
-keeps every BatchNorm in eval mode. Penalties, MixUp/CutMix and the EMA are
-`regularizers`; with an EMA, the metrics, best state and restored weights are the EMA's.
+keeps every BatchNorm in eval mode. Penalties, MixUp/CutMix, the EMA and SWA are
+`regularizers`; with an EMA, the metrics, best state and restored weights are the EMA's; with
+SWA (`regularizers.Swa`), from its first epoch on, the average's (its lr: SWALR's).
 
 The epoch loop is the kernel's (`harness.core.kernel`); this module supplies fit's parts (its
 phases, an epoch's training, the measurement, its own resume keys). Resume: after every
@@ -88,6 +89,7 @@ class TrainState:
     mixer: Mixer | None = None
     ema: AveragedModel | None = None
     label_smoothing: float = 0.0
+    swa: regularizers.Swa | None = None
 
 
 def train_one_epoch(
@@ -156,6 +158,8 @@ def train_one_epoch(
         sched.set_lr()
         sched.optimizer.step()
         sched.step += 1
+        if run.swa is not None:
+            run.swa.step()
         if run.ema is not None:
             regularizers.ema_update(run.ema, model)
         loss_sum += loss.detach() * len(idx) if group is None else summed.detach()
@@ -335,13 +339,23 @@ def _setup(config: TrialConfig, model: nn.Module, data: TaskData, group, device)
     phase_epochs = s.lp_epochs if s.kind == "lp_ft" else train.epochs
     t = trainable_stages(s, 1, n_stages)
     optimizer = make_optimizer(config, param_groups(units[: 1 + t], config, train.lr))
+    phase_lr = train.lr * (s.ft_lr_scale if s.kind == "lp_ft" else 1.0)  # SWA starts after
+    swa = None
+    if reg.swa_start > 0:
+        swa = regularizers.Swa(model, reg, train.epochs, steps_per_epoch, phase_lr)
     run = TrainState(
         Schedule(optimizer, train.schedule, phase_epochs * steps_per_epoch),
         mixer=regularizers.make_mixer(reg, data.num_classes),
         ema=regularizers.ema_model(model, reg.ema_decay) if reg.ema_decay > 0 else None,
         label_smoothing=reg.label_smoothing,
+        swa=swa,
     )
-    scored = run.ema.module if run.ema is not None else model  # what is evaluated and kept
+
+    def scored() -> nn.Module:  # what is evaluated and kept
+        if run.swa is not None:
+            return run.swa.evaluated(model)
+        return run.ema.module if run.ema is not None else model
+
     with_penalty = any(c > 0 for c in (reg.l1, reg.l2, reg.l2_sp, reg.l2_sp_head))
     # t: the stages that train; net: the model in DDP over them (net_t); the anchors by name
     now = {"t": t, "net": None, "net_t": None, "cpu_anchors": None}
@@ -352,6 +366,8 @@ def _setup(config: TrialConfig, model: nn.Module, data: TaskData, group, device)
         t_before, now["t"] = now["t"], trainable_stages(s, epoch, n_stages)
         _next_phase(run, config, units, epoch, t_before, now["t"], steps_per_epoch)
         run.penalty = _freeze(units, now["t"], reg, anchors)
+        if run.swa is not None:  # from its first epoch, SWALR sets the lr
+            run.swa.begin(epoch, run.schedule)
 
     def train_epoch(epoch: int):
         t, groups = now["t"], run.schedule.optimizer.param_groups
@@ -369,14 +385,18 @@ def _setup(config: TrialConfig, model: nn.Module, data: TaskData, group, device)
         sums = train_one_epoch(
             model, run, data.x_train, data.y_train, config, generator, now["net"], group
         )
+        if run.swa is not None and epoch >= run.swa.first:  # average, BatchNorm recomputed
+            part = None if group is None else (lambda n: distributed.shard(n, group))
+            batches = regularizers.train_batches(data.x_train, train.batch_size, 2 * k, part)
+            run.swa.average(model, batches, lambda: autocast(device, train.amp))
         if group is not None:  # BatchNorm's running statistics: rank 0's
-            distributed.broadcast_module(scored, group, buffers_only=True)
+            distributed.broadcast_module(scored(), group, buffers_only=True)
         return lr, sums
 
     def measure(epoch: int, trained) -> dict[str, float]:
         lr, (run_loss, run_correct, n_seen, penalty_sum) = trained
-        tr_loss, tr_correct = evaluate(scored, x_clean, y_clean, amp=train.amp)
-        va_loss, va_correct = evaluate(scored, x_val, y_val, amp=train.amp)
+        tr_loss, tr_correct = evaluate(scored(), x_clean, y_clean, amp=train.amp)
+        va_loss, va_correct = evaluate(scored(), x_val, y_val, amp=train.amp)
         sums = [run_loss, run_correct.float(), tr_loss, tr_correct.float(), va_loss]
         sums += [va_correct.float(), *([penalty_sum] if with_penalty else [])]
         stacked = torch.stack(sums)
@@ -407,12 +427,17 @@ def _setup(config: TrialConfig, model: nn.Module, data: TaskData, group, device)
     def own() -> dict:
         if now["cpu_anchors"] is None:  # once: they never change
             now["cpu_anchors"] = resume_state.by_name(model, anchors)
-        return resume_state.capture_fit(run.schedule, run.ema, now["cpu_anchors"], groups_log)
+        swa_state = None if run.swa is None else run.swa.state()
+        return resume_state.capture_fit(
+            run.schedule, run.ema, now["cpu_anchors"], groups_log, swa_state
+        )
 
     def restore(state: dict) -> None:  # the optimizer's groups as they were, then fit's keys
         now["t"] = _replay_phases(run, config, units, state["epoch"], steps_per_epoch)
         kept = resume_state.restore_fit(state, model, run.schedule, run.ema, anchors, device)
         groups_log[:] = kept
+        if run.swa is not None:  # the config check refuses a state saved with SWA off
+            run.swa.load(state["swa"], run.schedule)
 
     def close() -> None:
         now["net"] = None
@@ -436,7 +461,7 @@ def _setup(config: TrialConfig, model: nn.Module, data: TaskData, group, device)
         epochs=train.epochs,
         train=train_epoch,
         measure=measure,
-        keep=lambda: shared.copy_state(scored),
+        keep=lambda: shared.copy_state(scored()),
         finish=finish,
         begin=begin,
         own=own,

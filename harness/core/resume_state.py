@@ -32,8 +32,11 @@ A core's own keys (`OWN`, by task kind):
 - fine-tuning: `optimizer_groups` (the optimizer's groups' names in order: LP-FT replaces the
   optimizer at its switch, gradual unfreezing adds groups), `ema` (the EMA's state_dict, its
   weights and `n_averaged`, or None), `anchors` (L2-SP's anchors, the backbone when fit first
-  started, by parameter name; empty when L2-SP is off) and `param_groups` (the result's
-  optimizer groups per epoch so far). `KEYS` is fit's whole state.
+  started, by parameter name; empty when L2-SP is off), `param_groups` (the result's
+  optimizer groups per epoch so far) and `swa` (`regularizers.Swa.state`: the SWA average's
+  state_dict with its `n_averaged`, and SWALR's state_dict, None before SWA's first epoch; None
+  when SWA is off). `KEYS` is fit's whole state. A key of `ADDED` came after the layout's
+  first states: a state without it was saved before, and so with that feature off.
 - meta-learning: none (its episodes come from `generator`; the meta-val episodes are fixed).
 - multi-task: `heads`, the state_dict of the auxiliary heads and the log-variances
   (`multitask.MultiTaskHeads`); its `best_state` is `{"model": ..., "heads": ...}`.
@@ -77,11 +80,12 @@ COMMON = (
     "seconds",
 )
 OWN = {
-    "finetune": ("optimizer_groups", "ema", "anchors", "param_groups"),
+    "finetune": ("optimizer_groups", "ema", "anchors", "param_groups", "swa"),
     "meta": (),
     "multitask": ("heads",),
 }
 KEYS = COMMON + OWN["finetune"]  # fit's state
+ADDED = ("swa",)  # own keys added since VERSION 1's first states: absent means off
 
 
 def cpu_tree(obj: Any, copy: bool = True) -> Any:
@@ -141,7 +145,7 @@ def check_state(state: dict, config: TrialConfig, own: Sequence[str] = OWN["fine
         )
         if diff:
             raise ValueError(f"resume: the state was saved with another config (differs in {diff})")
-    missing = [k for k in (*COMMON, *own) if k not in state]
+    missing = [k for k in (*COMMON, *own) if k not in state and k not in ADDED]
     if missing:
         raise ValueError(f"resume: the state lacks {missing}")
 
@@ -233,13 +237,16 @@ def capture_fit(
     ema: AveragedModel | None,
     anchors: dict[str, torch.Tensor],
     groups_log: list[list[dict[str, Any]]],
+    swa: dict | None = None,
 ) -> dict:
-    """fit's own keys; `anchors` by name, on the CPU already (`by_name`), never written to."""
+    """fit's own keys; `anchors` by name, on the CPU already (`by_name`), never written to;
+    `swa`: `regularizers.Swa.state()` or None."""
     return {
         "optimizer_groups": [g["name"] for g in schedule.optimizer.param_groups],
         "ema": None if ema is None else cpu_tree(ema.state_dict()),
         "anchors": anchors,
         "param_groups": [[dict(g) for g in groups] for groups in groups_log],
+        "swa": cpu_tree(swa),
     }
 
 

@@ -123,16 +123,24 @@ class Schedule:
     """An optimizer and its learning-rate schedule: every group's lr is its `base_lr` x
     `lr_factor(kind, step - start, length)`. The kernel sets it at each epoch's start, a core
     before each optimizer step (and counts `step`); a new phase (LP-FT) replaces `optimizer`
-    and starts a schedule of its own (`start`, `length`)."""
+    and starts a schedule of its own (`start`, `length`). While `held` (fit's SWA, whose SWALR
+    sets the lrs), `set_lr` leaves them as they are."""
 
     optimizer: torch.optim.Optimizer
     kind: str  # constant or cosine
     length: int  # the current schedule's optimizer steps
     start: int = 0  # the global step at which it starts
     step: int = 0  # global optimizer steps so far
+    held: bool = False
+
+    def factor(self, step: int) -> float:
+        """The multiplier of each group's `base_lr` at global `step`."""
+        return lr_factor(self.kind, step - self.start, self.length)
 
     def set_lr(self) -> None:
-        factor = lr_factor(self.kind, self.step - self.start, self.length)
+        if self.held:
+            return
+        factor = self.factor(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
 
