@@ -180,3 +180,15 @@ def test_an_experiment_file_that_is_not_utf8_exits_2_naming_it(tmp_path, capsys)
         err = capsys.readouterr().err
         assert f"{path}: not UTF-8 text (byte 0xe9 at offset 21)" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_fields_added_later_leave_old_studies_hashes_alone():
+    """A study made before `search.soup` or `reg.swa_*` existed still opens with its file: a
+    field added later stays out of the spec hash while at its default (hashes recorded before)."""
+    from harness.config.load import spec_hash
+
+    recorded = {"quickstart": "637e94274f6e8b5a", "digits_multitask": "fd8b20ffba9bd30c"}
+    for name, digest in recorded.items():
+        assert spec_hash(load_spec(REPO / "experiments" / f"{name}.yaml")) == digest, name
+    quick = REPO / "experiments" / "quickstart.yaml"
+    assert spec_hash(load_spec(quick, ["search.soup=uniform"])) != recorded["quickstart"]

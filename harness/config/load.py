@@ -188,7 +188,12 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
 
 # Fields added after studies were made with this code: left at their defaults they stay out of
 # the hash, so a study made before they existed still opens with the same file.
-LATER_FIELDS = (("search", "soup"), ("search", "soup_candidates"))
+LATER_FIELDS = (
+    ("search", "soup"),
+    ("search", "soup_candidates"),
+    ("reg", "swa_start"),
+    ("reg", "swa_lr"),
+)
 
 
 def spec_hash(spec: ExperimentSpec) -> str:
