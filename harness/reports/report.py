@@ -309,12 +309,19 @@ def classical_lines(summary: Summary) -> list[str]:
     refs = summary.classical
     if not refs:
         return []
-    out = ["\nClassical reference (the same split; C chosen on val, tested once):"]
+    out = [
+        "\nClassical reference (the same split; settings chosen on val, refit on train, tested "
+        "once):"
+    ]
     width = max(len(r.label) for r in refs)
+    setting = max(len(r.setting) for r in refs)
     for r in refs:
         out.append(
-            f"  {r.label:<{width}}  C={r.c:<5g}  val_acc {r.val_acc:.4f}  test_acc {r.test_acc:.4f}"
+            f"  {r.label:<{width}}  {r.setting:<{setting}}  val_acc {r.val_acc:.4f}  "
+            f"test_acc {r.test_acc:.4f}"
         )
+    searched = dict.fromkeys(f"{r.model}: {r.searched}" for r in refs)
+    out.append(f"  Searched (ties: the first best in grid order): {'; '.join(searched)}.")
     complete = summary.complete()
     test = summary.test.get(complete[0].number, {}) if complete else {}
     if "test_acc" not in test:
