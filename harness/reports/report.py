@@ -305,7 +305,9 @@ def meta_scores(test: dict[str, float]) -> str:
 
 
 def classical_lines(summary: Summary) -> list[str]:
-    """The classical reference beside the best trial's test accuracy, and a verdict in words."""
+    """The classical reference: each model's chosen settings, val and test accuracy, and what
+    was searched (the claim against the best trial is a paired comparison:
+    `reports.comparisons`)."""
     refs = summary.classical
     if not refs:
         return []
@@ -322,22 +324,6 @@ def classical_lines(summary: Summary) -> list[str]:
         )
     searched = dict.fromkeys(f"{r.model}: {r.searched}" for r in refs)
     out.append(f"  Searched (ties: the first best in grid order): {'; '.join(searched)}.")
-    complete = summary.complete()
-    test = summary.test.get(complete[0].number, {}) if complete else {}
-    if "test_acc" not in test:
-        return out
-    top = max(refs, key=lambda r: r.test_acc)
-    mine = test["test_acc"]
-    if mine > top.test_acc:
-        out.append(
-            f"The best trial ({complete[0].number}, test_acc {mine:.4f}) beat every classical "
-            f"reference: by {mine - top.test_acc:+.4f} over the strongest, {top.label}."
-        )
-    else:
-        out.append(
-            f"The best trial ({complete[0].number}, test_acc {mine:.4f}) did NOT beat the "
-            f"classical reference: {top.label} scored {top.test_acc:.4f} on the same test split."
-        )
     return out
 
 
