@@ -88,6 +88,8 @@ def test_the_study_ends_with_a_greedy_and_a_uniform_soup(study):
     assert uniform[0] == greedy[0] == next(n for n in ranked if n not in ("1", "2"))
     assert set(greedy) <= set(uniform) and len(uniform) == 4  # the baseline and 3 source trials
     assert not {"1", "2"} & set(uniform)  # the trials from scratch: other starting weights
+    first = _study(results).trials[int(greedy[0])]
+    assert soups["greedy"].data.metrics["val_acc"] >= first.values[0]  # never below its start
     for run in soups.values():
         assert run.data.tags[Tag.PARENT_RUN] and run.info.status == "FINISHED"
         assert {"val_acc", "val_loss", "test_acc", "test_loss"} <= set(run.data.metrics)

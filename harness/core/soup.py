@@ -8,7 +8,8 @@ same starting weights, averaged into one model of the same size.
   only if the soup's val objective does not get worse.
 - `recompute_bn`: BatchNorm statistics measured again on the train split, with torch's
   `swa_utils.update_bn`: averaged running statistics are not the statistics of averaged
-  weights.
+  weights. A soup of one ingredient is that trial's model as it is (its own statistics), so
+  the greedy soup never scores below the best trial on val.
 
 Knows neither Optuna nor MLflow; the study layer (`harness.study.soups`) says what to average
 and how to score it.
@@ -81,19 +82,21 @@ class Step:
 
 
 def greedy(
-    states: Sequence[State], score: Callable[[State], float]
+    states: Sequence[State], score: Callable[[State, int], float]
 ) -> tuple[list[int], float, list[Step]]:
-    """Greedy soup over `states`, given best first (by their own val objective). `score(state)`
-    is the val objective of a model with those weights, oriented so that higher is better.
+    """Greedy soup over `states`, given best first (by their own val objective). `score(state,
+    n)` is the val objective of a model with those weights, the average of `n` ingredients,
+    oriented so that higher is better (the caller re-measures BatchNorm when n > 1: a single
+    model keeps the statistics it trained with).
 
     The first ingredient starts the soup; each next one is kept only if the soup with it scores
     no worse (the paper's ">=": an equal score keeps it). Returns (kept indices, the final
     score, the steps)."""
     kept = [0]
-    best = score(states[0])
+    best = score(states[0], 1)
     steps = [Step(0, best, True)]
     for i in range(1, len(states)):
-        trial = score(average([states[j] for j in (*kept, i)]))
+        trial = score(average([states[j] for j in (*kept, i)]), len(kept) + 1)
         keep = trial >= best
         steps.append(Step(i, trial, keep))
         if keep:

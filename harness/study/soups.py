@@ -157,13 +157,14 @@ def make(client, results: Path, study, name: str, objective: str, plan: dict) ->
         )
     sign = 1.0 if metric == "val_acc" else -1.0
 
-    def measure(state, split: str):
+    def measure(state, split: str, n: int):
         model.load_state_dict(state)
-        soup.recompute_bn(model, data.x_train)
+        if n > 1:  # one ingredient: the trial's own model, statistics and all
+            soup.recompute_bn(model, data.x_train)
         return tasks.split_scores(config, model, data, split)
 
-    def score(state) -> float:
-        return sign * measure(state, "val")[0][metric]
+    def score(state, n: int) -> float:
+        return sign * measure(state, "val", n)[0][metric]
 
     recipes = {"uniform": list(range(len(states)))}
     if "greedy" not in made:
@@ -173,9 +174,10 @@ def make(client, results: Path, study, name: str, objective: str, plan: dict) ->
         if kind in made:
             out.append(made[kind])
             continue
+        n = len(recipes[kind])
         state = soup.average([states[i] for i in recipes[kind]])
-        val = measure(state, "val")[0]
-        test, pred = measure(state, "test")
+        val = measure(state, "val", n)[0]
+        test, pred = measure(state, "test", n)
         ingredients = tuple(numbers[i] for i in recipes[kind])
         tags = {
             **runs.provenance(config),
@@ -191,9 +193,7 @@ def make(client, results: Path, study, name: str, objective: str, plan: dict) ->
         y = data.y_test.cpu().tolist()
         tracking.log_predictions(client, run_id, pred.tolist(), y)
         out.append(Soup(kind, ingredients, val | test, run_id, pred.tolist(), y))
-        if kind == plan["kind"]:
-            model.load_state_dict(state)
-            soup.recompute_bn(model, data.x_train)
+        if kind == plan["kind"]:  # the model as just tested
             _register(client, name, run_id, model.to("cpu"), data, val | test, study, objective)
     return Soups(tuple(out), plan["kind"], tuple(notes), time.perf_counter() - started)
 
