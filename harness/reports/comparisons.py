@@ -61,7 +61,8 @@ def _models(summary, predictions: dict) -> dict[str, tuple[str, np.ndarray]]:
             np.asarray(ref.test_correct, dtype=bool),
         )
     made = summary.soups.get(summary.soups.chosen) if summary.soups else None
-    if made is not None and made.pred:
+    alone = made is not None and complete and made.ingredients == (complete[0].number,)
+    if made is not None and made.pred and not alone:  # a soup of the best trial alone is it
         out["the soup"] = (f"the {made.kind} soup", _correct(made.pred, made.y))
     return out
 
@@ -135,6 +136,11 @@ def lines(summary) -> list[str]:
     if soups and soups.soups:
         for s in soups.soups:
             out.append(f"  {s.kind} soup: trials {', '.join(map(str, s.ingredients))}")
+            if complete and s.ingredients == (complete[0].number,):
+                out.append(
+                    f"  (every other candidate lowered the {s.kind} soup's val score: it is the "
+                    "best trial's model, and is not compared with it)"
+                )
         out.append("  (BatchNorm statistics of each soup re-measured on the train split)")
     out += [f"  {n}" for n in (soups.notes if soups else ())]
     if summary.comparisons:

@@ -190,7 +190,8 @@ def finish_report(
     if parent:
         tracking.log_report(client, parent, files)
         refs = {r.metric: r.test_acc for r in references}
-        made_in = {"soup_seconds": made.seconds} if made.soups else {}
+        fresh = any(not s.reused for s in made.soups)  # reused soups cost nothing new
+        made_in = {"soup_seconds": made.seconds} if fresh else {}
         extra = refs | comparisons.metrics(summary) | made_in
         tracking.log_metrics_once(client, parent, summary.study_metrics() | extra)
     for rank, t in enumerate(summary.complete(), 1):  # the MLflow table sorts by it
