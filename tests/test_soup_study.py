@@ -212,3 +212,84 @@ def test_one_tie_rule_everywhere():
     keys = [rank_key(v, {"val_loss": lo}, n, "val_acc", True) for n, (v, lo) in enumerate(rows)]
     assert sorted(range(5), key=keys.__getitem__) == expected
     assert retention.keep_set(study, "top_k", 1) == {2}
+
+
+LOAD_WITHOUT_HARNESS = """
+import json, sys
+editable = [f for f in sys.meta_path if "__editable__" in str(getattr(f, "__module__", ""))]
+sys.meta_path = [f for f in sys.meta_path if f not in editable]
+sys.path_hooks = [h for h in sys.path_hooks if "__editable__" not in str(h)]
+sys.path_importer_cache.clear()
+sys.path = [p for p in sys.path if p not in ("", {repo!r})]
+try:
+    import harness
+    raise SystemExit("the harness is importable: the test proves nothing")
+except ImportError:
+    pass
+import mlflow, torch
+mlflow.set_tracking_uri({uri!r})
+model = mlflow.pytorch.load_model("models:/soup-test@best")
+model.eval()
+x = torch.load({data!r})
+with torch.inference_mode():
+    pred = model(x["x"]).argmax(1)
+model.train()  # a module that can be fine-tuned further
+import harness  # noqa: F811 (the copy logged with the model, not the repository's)
+pyfunc = mlflow.pyfunc.load_model("models:/soup-test@best")
+out = pyfunc.predict(x["x"][:4].numpy())
+print(json.dumps({{"acc": (pred == x["y"]).sum().item() / len(pred), "classes": model.classes,
+                  "harness": harness.__file__, "pyfunc_rows": len(out)}}))
+"""
+
+
+def test_the_registered_model_is_a_module_that_loads_without_the_harness(study, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from mlflow import MlflowClient
+
+    from harness.data import datasets as hdata
+    from harness.tracking.runs import load_config
+
+    _, results = study
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias("soup-test", "best")
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    config = load_config(version.run_id)
+    task = hdata.load_target(config.data, config.split_seed)
+    torch.save({"x": task.x_test, "y": task.y_test}, tmp_path / "test.pt")
+    script = LOAD_WITHOUT_HARNESS.format(
+        repo=str(Path(__file__).resolve().parents[1]), uri=uri, data=str(tmp_path / "test.pt")
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    recorded = client.get_run(version.run_id).data.metrics["test_acc"]
+    assert got["acc"] == pytest.approx(recorded, abs=1e-9)
+    assert got["classes"] == ["5", "6", "7", "8", "9"]  # the quickstart's target classes
+    assert "/artifacts/" in got["harness"] or "/code/" in got["harness"]
+    assert not got["harness"].startswith(str(Path(__file__).resolve().parents[1] / "harness"))
+    assert got["pyfunc_rows"] == 4
+    assert "soup-test" in version.description and "mlflow.pytorch.load_model" in version.description
+
+
+def test_logging_the_model_leaves_the_trial_runs_duration_alone(study):
+    from mlflow import MlflowClient
+
+    _, results = study
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    top = retention.ranked_trials(_study(results))[0]
+    run = client.get_run(top.user_attrs["mlflow_run_id"])
+    version = next(
+        v for v in client.search_model_versions("name = 'soup-test'") if v.run_id == run.info.run_id
+    )
+    assert run.info.end_time < version.creation_timestamp  # the model came after the trial
+    took = (top.datetime_complete - top.datetime_start).total_seconds()
+    assert (run.info.end_time - run.info.start_time) / 1000 < took + 5

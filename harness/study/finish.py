@@ -35,7 +35,12 @@ def register(client, results: Path, name: str, best: report.TrialRow, metrics: d
     config, data, model = trained
     x = data.x if config.task.kind == "meta" else data.x_val
     model.to("cpu")
-    registry.register_model(client, safe_name(name), run_id, model, x[:2].cpu().numpy(), metrics)
+    example = x[:2].cpu().numpy()
+    classes = getattr(data, "classes", None)
+    what = f"trial {best.number} of study {name} (the best by the objective)"
+    registry.register_model(
+        client, safe_name(name), run_id, model, example, metrics, classes=classes, what=what
+    )
 
 
 def test_once(client, results: Path, name: str, trial) -> dict[str, float] | None:

@@ -194,7 +194,8 @@ def make(client, results: Path, study, name: str, objective: str, plan: dict) ->
         tracking.log_predictions(client, run_id, pred.tolist(), y)
         out.append(Soup(kind, ingredients, val | test, run_id, pred.tolist(), y))
         if kind == plan["kind"]:  # the model as just tested
-            _register(client, name, run_id, model.to("cpu"), data, val | test, study, objective)
+            cpu = model.to("cpu")
+            _register(client, name, kind, run_id, cpu, data, val | test, study, objective)
     return Soups(tuple(out), plan["kind"], tuple(notes), time.perf_counter() - started)
 
 
@@ -207,8 +208,11 @@ def _aliases(study, objective: str, metrics: dict) -> tuple[str, ...]:
     return ("soup", "best") if beats else ("soup",)
 
 
-def _register(client, name, run_id, model, data, metrics, study, objective) -> None:
+def _register(client, name, kind, run_id, model, data, metrics, study, objective) -> None:
     """The study's soup as a version of its model (`_aliases`)."""
     example = data.x_val[:2].cpu().numpy()
     aliases = _aliases(study, objective, metrics)
-    registry.register_model(client, safe_name(name), run_id, model, example, metrics, aliases)
+    what = f"the {kind} soup of study {name}"
+    registry.register_model(
+        client, safe_name(name), run_id, model, example, metrics, aliases, data.classes, what
+    )

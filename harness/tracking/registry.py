@@ -180,13 +180,22 @@ def register_model(
     example,
     metrics: dict[str, float],
     aliases: tuple[str, ...] = ("best",),
+    classes: tuple | None = None,
+    what: str = "",
 ) -> str:
     """Log `model` (a torch module: raw uint8 images (N, C, H, W) in, logits out) in run
     `run_id` as an MLflow PyTorch model with a signature and `example` as its input example,
     register it as a version of `name` (once per run) and point `aliases` at it (a study's
     soup: `soup`, and `best` too when it beats the best trial):
     `mlflow.pytorch.load_model("models:/NAME@best")` returns the model, and
-    `model.pretrained: models:/NAME@best` in another study starts from its weights."""
+    `model.pretrained: models:/NAME@best` in another study starts from its weights.
+
+    The module is pickled whole (not a `torch.export` graph), so `.eval()`, `.train()` and
+    further fine-tuning work; the harness's own code goes with it (`code_paths`), so it loads
+    where the harness is not installed. `classes` (the output index's class, in order) is the
+    module's `classes` attribute and the model's metadata. `what` (e.g. "trial 12 of study
+    quickstart") starts the version's description. Logging into the finished run keeps its
+    end time: the UI's Duration stays the trial's own."""
     import torch
     import torchvision
     from mlflow import pytorch as mlflow_pytorch
@@ -196,21 +205,42 @@ def register_model(
         return f"models:/{name}@{aliases[0]}"
     with contextlib.suppress(mlflow.exceptions.MlflowException):  # exists already
         client.create_registered_model(name, description="Best model of the Optuna study")
+    model.eval()
+    if classes is not None:
+        model.classes = [str(c) for c in classes]
     with torch.inference_mode():
         logits = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, logits)
     requirements = [f"{m.__name__}=={m.__version__.split('+')[0]}" for m in (torch, torchvision)]
-    with mlflow.start_run(run_id=run_id):  # the trial's run: it ends FINISHED again
+    ended = client.get_run(run_id).info
+    metadata = {"classes": getattr(model, "classes", None), "source_run": run_id}
+    with mlflow.start_run(run_id=run_id):  # reopened to log into it; its end time is put back
         info = mlflow_pytorch.log_model(
             model,
             name="model",
             signature=signature,
             input_example=example,
             pip_requirements=requirements,
+            serialization_format="pickle",
+            code_paths=[str(Path(__file__).resolve().parents[1])],
+            metadata=metadata,
         )
+    client.set_terminated(run_id, ended.status, end_time=ended.end_time)
     tags = {k: f"{v:.6g}" for k, v in metrics.items()} | {Tag.FORMAT: "mlflow-pytorch"}
+    figures = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "acc" in k)
+    description = (
+        f"{what or 'run ' + run_id}: {figures}. Raw uint8 images (N, C, H, W) in, logits out; "
+        f"output i is class {metadata['classes']}[i]. Load it with "
+        f"mlflow.pytorch.load_model('models:/{name}/VERSION') (a torch.nn.Module: .eval(), "
+        "fine-tune it further) or mlflow.pyfunc.load_model; the harness need not be installed."
+    )
     version = client.create_model_version(
-        name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id
+        name,
+        info.model_uri,
+        run_id=run_id,
+        tags=tags,
+        model_id=info.model_id,
+        description=description,
     )
     for alias in aliases:
         client.set_registered_model_alias(name, alias, version.version)
