@@ -137,3 +137,9 @@ def test_report_names_both_evaluators_and_writes_the_plots(tmp_path):
     names = {p.name for p in files[1:]}
     assert {"history.png", "importances.png", "parallel.png", "curves.png"} <= names
     assert "Optimization history (val_acc)" in md
+
+
+def test_parallel_of_several_maximized_objectives_keeps_dark_for_the_best():
+    study, summary = _study(("val_acc", "val_loss"))
+    fig = plots.parallel_figure(study, summary, plots.importances(study))
+    assert [c.get_cmap().name for c in fig.axes[0].collections] == ["Blues"]

@@ -148,6 +148,9 @@ def parallel_figure(study, summary: Summary, ranked: dict[str, float] | None = N
         return None
     fig.set_size_inches(max(8.0, 2.0 * (len(shown) + 1) + 2.0), 5.5)
     ax = fig.axes[0]
+    if len(summary.objectives) > 1 and study.directions[0].name == "MAXIMIZE":
+        for lines in ax.collections:  # Optuna takes a target as minimized: dark = best again
+            lines.set_cmap("Blues")
     which = "every parameter"
     if len(shown) < len(common):
         by = "by fANOVA importance" if ranked else "the first by name"
