@@ -101,7 +101,7 @@ def test_study_runs_resumes_and_extends(tmp_path, results_dir):
     for png in pngs:
         assert _ink(png) > 0.03, f"{png.name} is (nearly) blank"
     md = (folder / "report.md").read_text()
-    assert "## Which searched parameters mattered (fANOVA importance)" in md
+    assert "## Which searched parameters mattered (fANOVA and PED-ANOVA)" in md
     assert any(f"- `{p}`:" in md for p in trials[1].params)  # names a searched parameter
     assert "Classical reference (the same split; settings chosen on val, refit on train" in out
     assert "logistic regression on pixels" in out and "RBF SVC on frozen features" in out

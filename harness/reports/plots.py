@@ -1,6 +1,7 @@
 """The written report: PNG plots and report.md under RESULTS/reports/STUDY/ (Optuna's own
-matplotlib plots where they fit, and the harness's: learning curves, gap against accuracy,
-accuracy against labelled images). Reads the text of `harness.reports.report`.
+matplotlib plots where they fit, their axes named after the objective; and the harness's
+figures of `harness.reports.figures`: learning curves with the kept epoch, importances of two
+evaluators, gap against accuracy, accuracy against labelled images). Every plot is saved here.
 """
 
 from __future__ import annotations
@@ -8,9 +9,27 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from harness.config.metrics import KINDS
 from harness.config.tags import Tag
-from harness.reports.report import SeedGroup, Summary, _fmt, headline, kind_of, render, seed_groups
+from harness.reports import figures
+from harness.reports.report import Summary, render, seed_groups
+
+PARALLEL_AXES = 6  # parallel coordinates: the most important parameters shown, at most
+# The evaluators of the importances: fANOVA (Optuna's default) and PED-ANOVA (the one Optuna
+# Dashboard shows: optuna_dashboard/_importance.py calls `PedAnovaImportanceEvaluator()`).
+EVALUATORS = ("fANOVA", "PED-ANOVA")
+MEASURES = {  # what each evaluator's importance is, in a panel's subtitle
+    "fANOVA": "variance explained, whole space",
+    "PED-ANOVA": "best 10% of trials against all",
+}
+DISAGREE = (
+    "fANOVA fits a random forest to the objective over the whole searched space and ranks a "
+    "parameter by the share of the forest's variance it explains; PED-ANOVA (Optuna "
+    "Dashboard's evaluator) compares where the best 10% of trials put a parameter with where "
+    "all trials put it (the Pearson divergence of the two densities). So a parameter that "
+    "moves the objective a lot on average but does not set the best trials apart ranks higher "
+    "in fANOVA, and one the best trials agree on ranks higher in PED-ANOVA; with few trials "
+    "either can be noise."
+)
 
 
 def _save(fig, path: Path) -> Path:
@@ -21,110 +40,31 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _optuna_plot(fn, study, path: Path, **kwargs) -> Path | None:
+def _quiet(fn, *args, **kwargs):
+    """An Optuna call with its warnings silenced ("experimental", "few trials per regime");
+    None when there are too few trials for it."""
     try:
-        with warnings.catch_warnings():  # "experimental", "few trials per regime"
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ax = fn(study, **kwargs)
-    except (ValueError, RuntimeError, ZeroDivisionError):  # too few trials for this plot
+            return fn(*args, **kwargs)
+    except (ValueError, RuntimeError, ZeroDivisionError):
         return None
-    fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
-    return _save(fig, path)
 
 
-def plot_curves(curves: dict[int, dict[str, list[float]]], labels: dict[int, str], path: Path):
-    """Train and val accuracy per epoch, one panel per trial, the overfitting gap shaded."""
-    import matplotlib.pyplot as plt
-
-    n = len(curves)
-    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False, sharey=True)
-    for ax, (number, c) in zip(axes[0], curves.items(), strict=True):
-        kind = kind_of(c)
-        (train, val), gap, meta = KINDS[kind].curves, KINDS[kind].headline[1], kind == "meta"
-        epochs = list(range(1, len(c[val]) + 1))
-        ax.plot(epochs, c[train], label=train + ("" if meta else " (eval mode)"))
-        ax.plot(epochs, c[val], label=val)
-        ax.fill_between(epochs, c[val], c[train], alpha=0.2, label=gap)
-        ax.set_title(labels[number])
-        ax.set_xlabel("meta-epoch" if meta else "epoch")
-    axes[0][0].set_ylabel("accuracy")
-    axes[0][0].legend(fontsize=7)
-    return _save(fig, path)
+def _figure(ax):
+    return None if ax is None else (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
 
 
-def plot_gap_vs_acc(summary: Summary, path: Path) -> Path:
-    """Every complete trial's accuracy and gap at its chosen epoch; the best trial (the
-    objective's) and the baseline marked and labelled."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    rows = summary.complete()
-    acc, gap = headline(rows[0].attrs)
-    xy = {t.number: (t.attrs[acc], t.attrs[gap]) for t in rows}
-    ax.scatter(
-        [x for x, _ in xy.values()],
-        [y for _, y in xy.values()],
-        color="tab:blue",
-        alpha=0.6,
-        label="complete trials",
-    )
-    best, base = rows[0], summary.baseline()
-    ax.scatter(
-        *xy[best.number],
-        marker="*",
-        s=220,
-        color="tab:orange",
-        zorder=3,
-        label=f"best (trial {best.number})",
-    )
-    if base is not None:
-        ax.scatter(
-            *xy[base.number],
-            marker="s",
-            s=80,
-            color="tab:red",
-            zorder=3,
-            label=f"baseline (trial {base.number})",
-        )
-    ax.legend(fontsize=7, loc="best")
-    ax.set_xlabel(f"{acc} (best epoch)")
-    ax.set_ylabel(f"{gap} = {acc.replace('val', 'train')} - {acc}")
-    ax.axhline(0.0, color="grey", lw=0.5)
-    return _save(fig, path)
+def _metric(summary: Summary) -> str:
+    return summary.objectives[0] if summary.objectives else "objective"
 
 
-def plot_labels_curve(groups: list[SeedGroup], path: Path) -> Path | None:
-    """Accuracy against labelled images per class (`data.shots_per_class`), one line per
-    other setting, mean ± std over seeds."""
-    import matplotlib.pyplot as plt
-
-    key = "data.shots_per_class"
-    lines: dict[str, list[SeedGroup]] = {}
-    for g in groups:
-        if key in g.params:
-            rest = " ".join(f"{k}={_fmt(v)}" for k, v in g.params.items() if k != key)
-            lines.setdefault(rest or "all", []).append(g)
-    if not lines:
-        return None
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for label, gs in sorted(lines.items()):
-        gs = sorted(gs, key=lambda g: g.params[key])
-        ax.errorbar(
-            [g.params[key] for g in gs],
-            [g.mean for g in gs],
-            yerr=[g.std for g in gs],
-            marker="o",
-            capsize=3,
-            label=label,
-        )
-    ax.set_xscale("log")
-    shots = sorted({g.params[key] for g in groups if key in g.params})
-    ax.set_xticks(shots, [str(k) for k in shots])
-    ax.minorticks_off()
-    ax.set_xlabel("labelled images per class (log scale)")
-    ax.set_ylabel(f"{groups[0].metric} (mean ± std over seeds)")
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+def _target(summary: Summary) -> dict:
+    """The keyword arguments that make an Optuna plot show the first objective, by its name."""
+    name = _metric(summary)
+    if len(summary.objectives) > 1:  # several objectives: single-objective plots show the first
+        return {"target": lambda t: t.values[0], "target_name": name}
+    return {"target_name": name}
 
 
 def searched(study):
@@ -141,51 +81,98 @@ def searched(study):
     return copy, sorted(common)
 
 
-def importances(study, objective_index: int = 0) -> dict[str, float]:
-    """fANOVA importances over the searched trials ({} when too few)."""
-    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+def importances(study, objective_index: int = 0, evaluator: str = "fANOVA") -> dict[str, float]:
+    """The importances of `evaluator` (one of EVALUATORS) over the searched trials, most
+    important first ({} when too few). PED-ANOVA is run as Optuna Dashboard runs it: on the
+    objective made lower-is-better, its best 10% against all trials."""
+    from optuna.importance import (
+        FanovaImportanceEvaluator,
+        PedAnovaImportanceEvaluator,
+        get_param_importances,
+    )
 
     copy, common = searched(study)
     if not common:
         return {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return get_param_importances(
-                copy,
-                evaluator=FanovaImportanceEvaluator(seed=0),
-                params=common,
-                target=lambda t: t.values[objective_index],
-            )
-    except (ValueError, RuntimeError, ZeroDivisionError):
-        return {}
+    sign = 1.0
+    if evaluator == "fANOVA":
+        chosen = FanovaImportanceEvaluator(seed=0)
+    elif evaluator == "PED-ANOVA":
+        chosen = PedAnovaImportanceEvaluator()
+        sign = -1.0 if copy.directions[objective_index].name == "MAXIMIZE" else 1.0
+    else:
+        raise ValueError(f"unknown evaluator {evaluator!r}; one of {EVALUATORS}")
+    ranked = _quiet(
+        get_param_importances,
+        copy,
+        evaluator=chosen,
+        params=common,
+        target=lambda t: sign * t.values[objective_index],
+    )
+    return dict(ranked or {})
 
 
-def plot_parallel(study, summary: Summary, path: Path) -> Path | None:
-    """Parallel coordinates of the searched trials over the parameters they all have, on a
-    figure wide enough for its tick labels."""
+def history_figure(study, summary: Summary):
+    """Optuna's optimization history, its y axis named after the objective (None: too few)."""
+    import optuna.visualization.matplotlib as ovm
+
+    fig = _figure(_quiet(ovm.plot_optimization_history, study, **_target(summary)))
+    if fig is not None:
+        from matplotlib.ticker import MaxNLocator
+
+        ax, name = fig.axes[0], _metric(summary)
+        ax.set_title(f"Optimization history of {name}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers
+        legend = ax.get_legend()
+        if legend is not None:
+            words = {name: f"{name} of a complete trial", "Best Value": f"best {name} so far"}
+            for text in legend.get_texts():
+                text.set_text(words.get(text.get_text(), text.get_text()))
+    return fig
+
+
+def parallel_figure(study, summary: Summary, ranked: dict[str, float] | None = None):
+    """Parallel coordinates of the searched trials over the PARALLEL_AXES parameters that
+    matter most (`ranked`: the fANOVA importances, most important first; else the first in name
+    order) and the objective, on a figure wide enough for its labels, the tick labels on a
+    white ground so that the lines do not cross them. None when nothing is searched."""
     import optuna.visualization.matplotlib as ovm
 
     copy, common = searched(study)
-    if len(common) < 1:
+    if not common:
         return None
-    kwargs = {"params": common}
-    if len(summary.objectives) > 1:
-        kwargs |= {"target": lambda t: t.values[0], "target_name": summary.objectives[0]}
-    elif summary.objectives:
-        kwargs["target_name"] = summary.objectives[0]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ax = ovm.plot_parallel_coordinate(copy, **kwargs)
-    except (ValueError, RuntimeError, ZeroDivisionError):
+    order = [k for k in (ranked or {}) if k in common] or common
+    shown = order[:PARALLEL_AXES]
+    fig = _figure(_quiet(ovm.plot_parallel_coordinate, copy, params=shown, **_target(summary)))
+    if fig is None:
         return None
-    fig = ax.get_figure()
-    fig.set_size_inches(max(8.0, 2.2 * (len(common) + 1)), 5.0)
+    fig.set_size_inches(max(8.0, 2.0 * (len(shown) + 1) + 2.0), 5.5)
+    ax = fig.axes[0]
+    if len(summary.objectives) > 1 and study.directions[0].name == "MAXIMIZE":
+        for lines in ax.collections:  # Optuna takes a target as minimized: dark = best again
+            lines.set_cmap("Blues")
+    which = "every parameter"
+    if len(shown) < len(common):
+        by = "by fANOVA importance" if ranked else "the first by name"
+        which = f"{len(shown)} of the {len(common)} parameters ({by})"
+    ax.set_title(f"Parallel coordinates: {_metric(summary)} and {which}", y=1.04)
+    ax.set_xticks(ax.get_xticks(), [_short(t.get_text()) for t in ax.get_xticklabels()])
     for label in ax.get_xticklabels():
         label.set_rotation(20)
         label.set_horizontalalignment("right")
-    return _save(fig, path)
+    ground = {"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1.0}
+    for twin in fig.axes:
+        if twin is not ax and twin.get_label() != "<colorbar>":
+            twin.grid(False)  # one grid (the objective's), not one per parameter
+        for label in twin.get_yticklabels():
+            label.set_bbox(ground)
+            label.set_fontsize(9)
+    return fig
+
+
+def _short(label: str, width: int = 22) -> str:
+    """An axis label short enough to stand beside its neighbours."""
+    return label if len(label) <= width else label[: width - 1] + "…"
 
 
 def write_report(study, summary: Summary, curves, labels, folder: Path) -> list[Path]:
@@ -194,61 +181,47 @@ def write_report(study, summary: Summary, curves, labels, folder: Path) -> list[
 
     matplotlib.use("Agg")
     import optuna.visualization.matplotlib as ovm
-    from optuna.importance import FanovaImportanceEvaluator
 
     folder.mkdir(parents=True, exist_ok=True)
-    first = {}  # several objectives: the single-objective plots show the first
-    if len(summary.objectives) > 1:
-        first = {"target": lambda t: t.values[0], "target_name": summary.objectives[0]}
-    copy, common = searched(study)
-    plots = {
-        "Optimization history": _optuna_plot(
-            ovm.plot_optimization_history, study, folder / "history.png", **first
-        ),
-        "Parameter importances (fANOVA, the searched trials)": (
-            _optuna_plot(
-                ovm.plot_param_importances,
-                copy,
-                folder / "importances.png",
-                evaluator=FanovaImportanceEvaluator(seed=0),
-                params=common,
-                **first,
-            )
-            if common
-            else None
-        ),
-        "Parallel coordinates (the searched trials)": plot_parallel(
-            study, summary, folder / "parallel.png"
-        ),
-        "Learning curves of the top trials and the baseline": (
-            plot_curves(curves, labels, folder / "curves.png") if curves else None
-        ),
-        "Pareto front": (
-            _optuna_plot(
-                ovm.plot_pareto_front,
-                study,
-                folder / "pareto.png",
-                target_names=list(summary.objectives),
-            )
+    metric = _metric(summary)
+    ranked = {name: importances(study, evaluator=name) for name in EVALUATORS}
+    kept = {t.number: t.attrs.get("best_epoch") for t in summary.trials}
+    made = {
+        "history": history_figure(study, summary),
+        "importances": figures.importances_figure(ranked, metric, MEASURES),
+        "parallel": parallel_figure(study, summary, ranked["fANOVA"]),
+        "curves": figures.curves_figure(curves, labels, kept) if curves else None,
+        "pareto": (
+            _figure(_quiet(ovm.plot_pareto_front, study, target_names=list(summary.objectives)))
             if summary.pareto
             else None
         ),
-        "Accuracy against labelled images per class": plot_labels_curve(
-            seed_groups(summary), folder / "labels_curve.png"
-        ),
-        "Overfitting gap against the objective's accuracy, every complete trial": (
-            plot_gap_vs_acc(summary, folder / "gap_vs_acc.png") if summary.complete() else None
-        ),
+        "labels_curve": figures.labels_curve_figure(seed_groups(summary)),
+        "gap_vs_acc": figures.gap_vs_acc_figure(summary) if summary.complete() else None,
+    }
+    titles = {
+        "history": f"Optimization history ({metric})",
+        "importances": f"Parameter importances ({' and '.join(EVALUATORS)}, the searched trials)",
+        "parallel": "Parallel coordinates (the searched trials, the most important parameters)",
+        "curves": "Learning curves of the top trials and the baseline (the kept epoch marked)",
+        "pareto": "Pareto front",
+        "labels_curve": "Accuracy against labelled images per class",
+        "gap_vs_acc": "Overfitting gap against the objective's accuracy, every complete trial",
+    }
+    plots = {
+        titles[k]: _save(fig, folder / f"{k}.png") for k, fig in made.items() if fig is not None
     }
     text = render(summary).split("\nOpen the MLflow UI")[0]
     md = [f"# Study `{summary.study_name}`", "", "```", text.rstrip(), "```", ""]
-    ranked = importances(study)
-    if ranked:
-        md += ["## Which searched parameters mattered (fANOVA importance)", ""]
-        md += [f"- `{k}`: {v:.3f}" for k, v in ranked.items()] + [""]
+    if any(ranked.values()):
+        md += [f"## Which searched parameters mattered ({' and '.join(EVALUATORS)})", ""]
+        for name, values in ranked.items():
+            md += [f"{name} importance for {metric}:", ""]
+            md += [f"- `{k}`: {v:.3f}" for k, v in values.items()] or ["- (too few trials)"]
+            md += [""]
+        md += [DISAGREE, ""]
     for title, path in plots.items():
-        if path is not None:
-            md += [f"## {title}", "", f"![{title}]({path.name})", ""]
+        md += [f"## {title}", "", f"![{title}]({path.name})", ""]
     report = folder / "report.md"
     report.write_text("\n".join(md))
-    return [report, *(p for p in plots.values() if p is not None)]
+    return [report, *plots.values()]
