@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 
 from harness.config.load import load_spec
-from harness.config.spec import SpecError, describe_space
+from harness.config.spec import META_TRAIN_KEYS, SECTIONS, SpecError, describe_space
 
 COMMANDS = ("check", "ui", "report", "reproduce")
 
@@ -200,9 +200,17 @@ def cmd_check(args) -> int:
 
     spec = load_spec(args.experiment, args.overrides)
     print(f"{args.experiment}: valid")
-    tree = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    tree = spec.model_dump(mode="json", by_alias=True)  # every key, null ones too
     space = tree["search"].pop("space")
-    print(yaml.safe_dump(tree, sort_keys=False, default_flow_style=None).rstrip())
+    kind = spec.task.kind
+    used = {"name", "seed", *SECTIONS[kind], "search"}
+    unused = [k for k in tree if k not in used and k != "train"]
+    if kind == "meta":  # meta-learning reads a few keys of train: only
+        tree["train"] = {k: tree["train"][k] for k in META_TRAIN_KEYS}
+    shown = {k: v for k, v in tree.items() if k not in unused}
+    print(yaml.safe_dump(shown, sort_keys=False, default_flow_style=None).rstrip())
+    if unused:
+        print(f"(not used by task.kind {kind}, not shown: {', '.join(unused)})")
     print(f"search space ({len(space)} keys):")
     print("\n".join(describe_space(spec)))
     return 0
