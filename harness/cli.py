@@ -14,7 +14,6 @@ retry window, a full disk: run the same command again), 130 interrupted, 1 anyth
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 import sys
@@ -286,8 +285,32 @@ def cmd_ui(args) -> int:
     print(f"MLflow UI on {tracking.redact(uri)}: {base}  (Ctrl-C stops it)", flush=True)
     for name, url in ui.study_urls(uri, base):
         print(f"  {name}: {url}", flush=True)
-    os.execve(cmd[0], cmd, ui.ui_env())
-    return 1  # not reached
+    return _serve(cmd, ui.ui_env(), args.results / "logs" / "mlflow-ui.log")
+
+
+def _serve(cmd: list[str], env: dict[str, str], log: Path) -> int:
+    """The UI server runs until Ctrl-C or SIGTERM; its own output (INFO lines, warnings) goes
+    to `log`, not the terminal. A server that fails on its own: the log's last lines."""
+    import subprocess
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"  server log: {log}", flush=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reaches the server too (one process group): it stops
+        proc.wait()
+        return 0
+    if rc not in (0, -signal.SIGTERM, -signal.SIGINT):
+        tail = log.read_text(errors="replace").splitlines()[-10:]
+        print(
+            "\n".join([f"error: the MLflow UI server stopped (exit {rc}); {log}:", *tail]),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
