@@ -331,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if command != "check":  # check imports no store library
-            from harness.infra import envfaults
+            from harness.infra import envfaults, logs
 
             envfaults.configure(window=args.retry_window, quiet=getattr(args, "quiet", False))
+            logs.to_file(args.results / "logs" / "libraries.log")  # not the terminal
         return handler(args)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
