@@ -64,10 +64,8 @@ def test_study_runs_resumes_and_extends(tmp_path, results_dir):
         "mlflow.db",
         "optuna.journal",
         "reports",
-        "resume",
         "sources",
-    ]
-    assert list((results_dir / "resume" / "quickstart").iterdir()) == []  # all trials ended
+    ]  # all trials ended: no resume/ folder is left, empty or not
     assert (results_dir / "reports" / "quickstart" / "report.md").is_file()
     assert "Test split (best trial" in out
 
