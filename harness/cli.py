@@ -14,7 +14,6 @@ retry window, a full disk: run the same command again), 130 interrupted, 1 anyth
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 import sys
@@ -22,7 +21,7 @@ import traceback
 from pathlib import Path
 
 from harness.config.load import load_spec
-from harness.config.spec import SpecError, describe_space
+from harness.config.spec import META_TRAIN_KEYS, SECTIONS, SpecError, describe_space
 
 COMMANDS = ("check", "ui", "report", "reproduce")
 
@@ -200,9 +199,17 @@ def cmd_check(args) -> int:
 
     spec = load_spec(args.experiment, args.overrides)
     print(f"{args.experiment}: valid")
-    tree = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    tree = spec.model_dump(mode="json", by_alias=True)  # every key, null ones too
     space = tree["search"].pop("space")
-    print(yaml.safe_dump(tree, sort_keys=False, default_flow_style=None).rstrip())
+    kind = spec.task.kind
+    used = {"name", "seed", *SECTIONS[kind], "search"}
+    unused = [k for k in tree if k not in used and k != "train"]
+    if kind == "meta":  # meta-learning reads a few keys of train: only
+        tree["train"] = {k: tree["train"][k] for k in META_TRAIN_KEYS}
+    shown = {k: v for k, v in tree.items() if k not in unused}
+    print(yaml.safe_dump(shown, sort_keys=False, default_flow_style=None).rstrip())
+    if unused:
+        print(f"(not used by task.kind {kind}, not shown: {', '.join(unused)})")
     print(f"search space ({len(space)} keys):")
     print("\n".join(describe_space(spec)))
     return 0
@@ -278,8 +285,32 @@ def cmd_ui(args) -> int:
     print(f"MLflow UI on {tracking.redact(uri)}: {base}  (Ctrl-C stops it)", flush=True)
     for name, url in ui.study_urls(uri, base):
         print(f"  {name}: {url}", flush=True)
-    os.execve(cmd[0], cmd, ui.ui_env())
-    return 1  # not reached
+    return _serve(cmd, ui.ui_env(), args.results / "logs" / "mlflow-ui.log")
+
+
+def _serve(cmd: list[str], env: dict[str, str], log: Path) -> int:
+    """The UI server runs until Ctrl-C or SIGTERM; its own output (INFO lines, warnings) goes
+    to `log`, not the terminal. A server that fails on its own: the log's last lines."""
+    import subprocess
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"  server log: {log}", flush=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reaches the server too (one process group): it stops
+        proc.wait()
+        return 0
+    if rc not in (0, -signal.SIGTERM, -signal.SIGINT):
+        tail = log.read_text(errors="replace").splitlines()[-10:]
+        print(
+            "\n".join([f"error: the MLflow UI server stopped (exit {rc}); {log}:", *tail]),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if command != "check":  # check imports no store library
-            from harness.infra import envfaults
+            from harness.infra import envfaults, logs
 
             envfaults.configure(window=args.retry_window, quiet=getattr(args, "quiet", False))
+            logs.to_file(args.results / "logs" / "libraries.log")  # not the terminal
         return handler(args)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from test_spec import QUICKSTART, REPO, RUN_STUDY, quickstart_tree, write_tree
 
 from harness.config.load import load_spec
@@ -39,6 +40,40 @@ def test_check_quickstart_prints_space_and_creates_nothing(tmp_path):
     for key in space:
         assert f"  {key}: " in result.stdout
     assert list(work.iterdir()) == []
+
+
+def _printed_config(stdout: str) -> dict:
+    """The resolved config `check` prints: the YAML between `valid` and the search space."""
+    lines = stdout.splitlines()[1:]
+    end = next(i for i, line in enumerate(lines) if line.startswith(("(", "search space")))
+    return yaml.safe_load("\n".join(lines[:end]))
+
+
+@pytest.mark.parametrize(
+    ("name", "shown", "hidden"),
+    [
+        ("quickstart", ("train", "strategy"), ("meta", "multitask")),
+        ("digits_meta", ("meta",), ("multitask", "strategy", "reg", "aug")),
+        ("digits_multitask", ("multitask", "train"), ("meta", "strategy")),
+    ],
+)
+def test_check_prints_every_key_with_its_default_and_only_the_sections_of_its_kind(
+    name, shown, hidden
+):
+    path = REPO / "experiments" / f"{name}.yaml"
+    result = _check(str(path), cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    tree = _printed_config(result.stdout)
+    for section in shown:
+        assert section in tree
+        assert f"{section}:" in result.stdout
+    for section in hidden:
+        assert section not in tree
+        assert not any(line.startswith(f"{section}:") for line in result.stdout.splitlines())
+    for key in ("test_per_class", "image_size", "split_seed"):  # null defaults are printed
+        assert key in tree["data"] and tree["data"][key] is None
+    assert "threads" in tree["train"] and tree["train"]["threads"] is None
+    assert "metrics" in tree["objective"] and tree["objective"]["metrics"] is None
 
 
 def test_check_bad_file_exits_2_with_short_message(tmp_path):

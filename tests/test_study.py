@@ -333,7 +333,12 @@ def test_multi_objective_study_reports_the_pareto_front(results_dir):
     assert (results_dir / "reports" / "quickstart" / "pareto.png").stat().st_size > 1000
     from harness.reports.report import render
 
-    assert "Pareto front (val_acc, overfit_gap)" in render(summary)
+    assert not (results_dir / "resume").exists()  # every trial ended: no empty folder is left
+    text = render(summary)
+    assert "Pareto front (val_acc, overfit_gap)" in text
+    # it fits a 120-column terminal: but the UI's command and URL, each alone on its line
+    wide = [line for line in text.splitlines() if len(line) > 120]
+    assert all(line.startswith("  http") or " run_study.py ui " in line for line in wide), wide
 
 
 def test_multi_objective_refuses_a_pruner():

@@ -54,7 +54,8 @@ def ui_server(tmp_path_factory):
         start_new_session=True,  # its own process group: the server and its workers
     )
     base = f"http://127.0.0.1:{port}"
-    printed = [proc.stdout.readline(), proc.stdout.readline()]  # before the server starts
+    printed = [proc.stdout.readline() for _ in range(3)]  # before the server starts
+    assert printed[2].strip() == f"server log: {results / 'logs' / 'mlflow-ui.log'}"
     study_url = printed[1].split("quickstart: ", 1)[1].strip()
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -73,6 +74,9 @@ def ui_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    rest = proc.stdout.read()  # the server's INFO lines and warnings went to its log
+    assert "INFO" not in rest and "Warning" not in rest, rest[-2000:]
+    assert "Uvicorn running on" in (results / "logs" / "mlflow-ui.log").read_text()
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:  # no worker of the server is left behind
         try:

@@ -53,6 +53,16 @@ from harness.config.sections import (  # noqa: F401 (the sections are part of th
     _Section,
 )
 
+# The config sections each task kind reads, by task kind: a run's params show these (the whole
+# config is in config.yaml) and `check` prints these; meta-learning reads only a few keys of
+# train:. One home, read by `harness.tracking.runs` and `harness.cli`.
+SECTIONS = {
+    "finetune": ("data", "model", "train", "strategy", "reg", "aug", "objective", "task"),
+    "multitask": ("data", "model", "train", "reg", "aug", "objective", "task", "multitask"),
+    "meta": ("data", "model", "objective", "task", "meta"),
+}
+META_TRAIN_KEYS = ("device", "threads", "max_loss")  # what meta-learning reads of train:
+
 
 class SpecError(ValueError):
     """A bad experiment file or override; the message names the file, the key and the problem."""

@@ -34,9 +34,14 @@ WEIGHT_SUFFIXES = (".pt", ".pth")  # what a user's own weights file may be calle
 
 
 def _folder(results: Path, kind: str, study_name: str) -> Path:
-    folder = Path(results) / kind / safe_name(study_name)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    """A study's folder of `kind`; a lookup makes no folder (the writes below make it)."""
+    return Path(results) / kind / safe_name(study_name)
+
+
+def _made(path: Path) -> Path:
+    """`path`, its folder made: for the lookups that name a file about to be written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def best_weights_path(results: Path, study_name: str, number: int) -> Path:
@@ -50,19 +55,20 @@ def resume_path(results: Path, study_name: str, number: int) -> Path:
 
 
 def stopped_mark(results: Path, study_name: str, number: int) -> Path:
-    """The mark a process stopping for the environment leaves for a trial it was running."""
-    return resume_path(results, study_name, number).with_suffix(".stopped")
+    """The mark a process stopping for the environment leaves for a trial it was running (its
+    folder made: the caller touches it)."""
+    return _made(resume_path(results, study_name, number).with_suffix(".stopped"))
 
 
 def stopped_marks(results: Path, study_name: str) -> dict[int, Path]:
     """The stopped marks of a study in this results folder, by trial number."""
-    folder = _folder(results, "resume", study_name)
+    folder = _folder(results, "resume", study_name)  # none: no marks (glob finds nothing)
     return {int(p.stem.split("-")[1]): p for p in folder.glob("trial-*.stopped")}
 
 
 def retention_lock(results: Path, study_name: str) -> Path:
     """The lock file the workers sharing a results folder take in turn to apply retention."""
-    return _folder(results, "checkpoints", study_name) / ".retention.lock"
+    return _made(_folder(results, "checkpoints", study_name) / ".retention.lock")
 
 
 def source_paths(cache_dir: Path, key: str) -> tuple[Path, Path]:
@@ -97,7 +103,19 @@ def first_weights_file(folder: Path) -> Path | None:
 
 def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> Path:
     """Write a state_dict atomically: a failure leaves the previous file and no temporary."""
-    return atomic_write(path, lambda f: torch.save(state, f))
+    return _write(path, lambda f: torch.save(state, f))
+
+
+def _write(path: str | Path, write) -> Path:
+    """`atomic_write` into a folder made first; made again should another worker's tidy-up
+    (`drop_resume`) remove it, empty, in between."""
+    for attempt in range(3):
+        try:
+            return atomic_write(_made(Path(path)), write)
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    raise AssertionError("not reached")
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -107,7 +125,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def save_tree(tree: dict, path: str | Path) -> Path:
     """Write a resume state (a plain tree of tensors and containers) atomically."""
-    return atomic_write(path, lambda f: torch.save(tree, f))
+    return _write(path, lambda f: torch.save(tree, f))
 
 
 def load_tree(path: str | Path) -> object:
@@ -146,7 +164,14 @@ def take_over_resume(results: Path, study_name: str, old: int, new: int) -> Path
 
 
 def drop_resume(results: Path, study_name: str, number: int) -> None:
-    resume_path(results, study_name, number).unlink(missing_ok=True)
+    """A trial's resume state gone; the study's resume folder too once empty (and `resume/`)."""
+    path = resume_path(results, study_name, number)
+    path.unlink(missing_ok=True)
+    for folder in (path.parent, path.parent.parent):
+        try:
+            folder.rmdir()  # only an empty one: another trial's state or mark keeps it
+        except OSError:
+            break
 
 
 def drop_best(results: Path, study_name: str, number: int) -> bool:

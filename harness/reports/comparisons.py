@@ -145,5 +145,7 @@ def lines(summary) -> list[str]:
     out += [f"  {n}" for n in (soups.notes if soups else ())]
     if summary.comparisons:
         out.append("Paired on the same test examples (95 % bootstrap interval, exact McNemar):")
-        out += [f"  {c.sentence()}" for c in summary.comparisons]
+        for c in summary.comparisons:  # the pair, then the claim: each fits 120 columns
+            head, claim = c.sentence().split(": ", 1)
+            out += [f"  {head}:", f"    {claim}"]
     return out

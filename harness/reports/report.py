@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,26 +211,34 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+WIDTH = 120  # a terminal's columns: every line `render` prints fits
+
+
 def best_table(summary: Summary, top: int = 5) -> str:
+    """One row per trial (the full MLflow run id: `reproduce` takes it), its params on the
+    lines below, wrapped to fit `WIDTH`."""
     rows = summary.complete()[:top]
     acc, gap = headline(rows[0].attrs) if rows else KINDS["finetune"].headline
     head = (
         f"{'trial':>5}  {acc:>7}  {gap:>{max(11, len(gap))}}  {'epoch':>5}  {'ran':>3}  "
-        f"{'time':>6}  {'mlflow run':<32}  params"
+        f"{'time':>6}  mlflow run (params below)"
     )
     lines = [head]
     for t in rows:
         a = t.attrs
+        lines.append(
+            f"{t.number:>5}  {a.get(acc, float('nan')):>{len(acc)}.4f}  "
+            f"{a.get(gap, float('nan')):>+{max(11, len(gap))}.4f}  {a.get('best_epoch', '-'):>5}  "
+            f"{a.get('epochs_run', '-'):>3}  {a.get('seconds', float('nan')):>5.1f}s  "
+            f"{a.get('mlflow_run_id', '-')}"
+        )
         params = (
             "baseline recipe"
             if t.baseline
             else " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
         )
-        lines.append(
-            f"{t.number:>5}  {a.get(acc, float('nan')):>{len(acc)}.4f}  "
-            f"{a.get(gap, float('nan')):>+{max(11, len(gap))}.4f}  {a.get('best_epoch', '-'):>5}  "
-            f"{a.get('epochs_run', '-'):>3}  {a.get('seconds', float('nan')):>5.1f}s  "
-            f"{a.get('mlflow_run_id', '-'):<32}  {params}"
+        lines += textwrap.wrap(
+            params, WIDTH, initial_indent=" " * 7, subsequent_indent=" " * 7, break_long_words=False
         )
     return "\n".join(lines)
 
@@ -316,14 +325,17 @@ def classical_lines(summary: Summary) -> list[str]:
         "once):"
     ]
     width = max(len(r.label) for r in refs)
-    setting = max(len(r.setting) for r in refs)
+    out.append(f"  {'model':<{width}}  val_acc  test_acc  settings")
     for r in refs:
-        out.append(
-            f"  {r.label:<{width}}  {r.setting:<{setting}}  val_acc {r.val_acc:.4f}  "
-            f"test_acc {r.test_acc:.4f}"
-        )
+        out.append(f"  {r.label:<{width}}  {r.val_acc:7.4f}  {r.test_acc:8.4f}  {r.setting}")
     searched = dict.fromkeys(f"{r.model}: {r.searched}" for r in refs)
-    out.append(f"  Searched (ties: the first best in grid order): {'; '.join(searched)}.")
+    out += textwrap.wrap(
+        f"Searched (ties: the first best in grid order): {'; '.join(searched)}.",
+        WIDTH,
+        initial_indent="  ",
+        subsequent_indent="    ",
+        break_long_words=False,
+    )
     return out
 
 
@@ -419,7 +431,8 @@ def render(summary: Summary, top: int = 5) -> str:
         out.append(f"\n{summary.ablation}")
     if summary.files:
         out.append(f"\nReport: {summary.files[0]}")
-    out.append(f"\nOpen the MLflow UI on these results: {ui_hint(summary.opts)}")
+    # the command and the URL alone on their lines: nothing else shares a line too long to fit
+    out += ["\nOpen the MLflow UI on these results:", f"  {ui_hint(summary.opts)}"]
     if summary.ui_url:
-        out.append(f"then the study's runs: {summary.ui_url}")
+        out += ["then the study's runs:", f"  {summary.ui_url}"]
     return "\n".join(out)

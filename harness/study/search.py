@@ -51,6 +51,15 @@ from harness.tracking.runs import StudyOptions
 
 
 # --- The study. ---
+def _optuna_logging(level: int) -> None:
+    """Optuna's lines from `level` up go through the root logger, not its own terminal
+    handler: into the results folder's library log where the command set one up
+    (`harness.infra.logs`)."""
+    optuna.logging.set_verbosity(level)
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+
+
 def finished_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
@@ -179,7 +188,7 @@ def report_study(
     opts: StudyOptions, seeds: int = 0, ablate: bool = False, soup: bool = False
 ) -> report.Summary:
     """The report of an existing study, found by name in the storage (`run_study.py report`)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _optuna_logging(optuna.logging.WARNING)
     url = opts.storage_url()
     if "://" not in url and not Path(url).is_file():
         raise SpecError(f"no Optuna journal at {url}: give --results or --storage of the study")
@@ -202,7 +211,7 @@ def report_study(
 
 def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     """Create or resume the study and run it to its budget of finished trials (or the timeout)."""
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what failed
+    _optuna_logging(optuna.logging.ERROR)  # our own lines say what failed
     first = first_config(spec)
     inputs.check_inputs(
         spec, opts, first

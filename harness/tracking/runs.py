@@ -21,7 +21,14 @@ import torch
 
 from harness.config.load import parse_yaml
 from harness.config.metrics import KINDS, best_name
-from harness.config.spec import SpecError, TrialConfig, flatten, safe_name
+from harness.config.spec import (
+    META_TRAIN_KEYS,
+    SECTIONS,
+    SpecError,
+    TrialConfig,
+    flatten,
+    safe_name,
+)
 from harness.config.tags import Tag
 from harness.core import distributed, models, tasks
 from harness.core.shared import resolve_device, seed_everything
@@ -53,15 +60,6 @@ class StudyOptions:
 
     def tracking(self) -> str:
         return self.tracking_uri or tracking.default_tracking_uri(self.results)
-
-
-# The config sections a run's params show, by task kind (the whole config is in config.yaml).
-SECTIONS = {
-    "finetune": ("data", "model", "train", "strategy", "reg", "aug", "objective", "task"),
-    "multitask": ("data", "model", "train", "reg", "aug", "objective", "task", "multitask"),
-    "meta": ("data", "model", "objective", "task", "meta"),
-}
-META_TRAIN_KEYS = ("device", "threads", "max_loss")  # what meta-learning reads of train:
 
 
 def params(config: TrialConfig) -> dict[str, Any]:
