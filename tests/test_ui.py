@@ -137,6 +137,17 @@ def test_the_printed_url_lands_on_the_trial_runs_ranked_by_the_objective(ui_serv
     dom = _chromium(results, "--dump-dom", url).stdout
     assert "trial-0" in dom and "trial-1" in dom
     assert 'aria-label="Sort: rank"' in dom
+    assert "viewStateShareKey=harness-quickstart" in url  # the study's own saved view
+    assert "best_val_acc" in dom and "best_overfit_gap" in dom  # the numbers, first screen
+    import json
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("quickstart")
+    view = json.loads(exp.tags["mlflow.sharedViewState.harness-quickstart"])
+    assert view["searchFilter"].startswith("tags.`optuna.study` = 'quickstart'")  # not run names
+    assert view["selectedColumns"][0] == "metrics.`best_val_acc`"
     assert "<strong>2</strong> matching runs" in dom  # the two trials, not the GenAI overview
     shot = results / "screenshots" / "landing.png"
     shot.parent.mkdir(exist_ok=True)

@@ -83,6 +83,9 @@ def multitask_epoch(tasks: list[str], uncertainty: bool) -> tuple[str, ...]:
     return (*KINDS["multitask"].epoch, *(f"{t}_{k}" for t in tasks for k in per_task))
 
 
+PRUNED_AT = "pruned_epoch"  # a pruned trial run's metric: the epoch at which it was pruned
+
+
 def best_name(metric: str) -> str:
     """The run metric holding a finished run's value of `metric` at its chosen epoch."""
     return f"best_{metric}"

@@ -176,7 +176,12 @@ def finish_report(
         )
     references = classical_references(study, opts, client)
     exp = client.get_experiment_by_name(study.user_attrs.get(Tag.EXPERIMENT, name))
-    url = ui.experiment_url("http://127.0.0.1:5000", exp.experiment_id) if exp else ""
+    url = ""
+    if exp:
+        objective = summary.objectives[0] if summary.objectives else "val_acc"
+        searched = sorted({k for t in summary.trials for k in t.params})
+        key = ui.save_study_view(client, exp.experiment_id, name, objective, searched)
+        url = ui.study_url("http://127.0.0.1:5000", exp.experiment_id, key)
     summary = dataclasses.replace(
         summary,
         test=test,

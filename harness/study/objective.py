@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import optuna
 
 from harness.config.load import spec_hash
-from harness.config.metrics import KINDS
+from harness.config.metrics import KINDS, PRUNED_AT
 from harness.config.spec import (
     BASELINE,
     ExperimentSpec,
@@ -191,6 +191,7 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
         )
         trial.set_user_attr(Tag.PRUNED_EPOCH, pruner.pruned_at)
         trial.set_user_attr("epochs_run", pruner.pruned_at)
+        end_metrics = {PRUNED_AT: float(pruner.pruned_at)}  # a column of the study's view
         raise
     except (Interrupted, envfaults.EnvironmentStop) as err:
         status = "KILLED"

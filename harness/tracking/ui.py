@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from harness.config.metrics import PRUNED_AT, best_name
 from harness.config.tags import Tag
 from harness.tracking.store import connect, is_local_store
 
@@ -18,6 +19,50 @@ RUNS_VIEW = "workflowType=machine_learning"
 
 
 TRIAL_RUNS = "attributes.run_name LIKE 'trial-%'"
+
+
+# MLflow's runs table keeps a shareable view (filter, sort, columns) as an experiment tag
+# `mlflow.sharedViewState.KEY`, opened by `?viewStateShareKey=KEY` (its "Share" button does the
+# same; MLflow has no Python API for it, so the harness writes the tag the UI reads).
+SHARED_VIEW = "mlflow.sharedViewState."
+
+
+def view_key(study_name: str) -> str:
+    return "harness-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in study_name)
+
+
+def save_study_view(
+    client, exp_id: str, study_name: str, objective: str, searched: list[str]
+) -> str:
+    """The study's own runs table as a shared view of its experiment: its trial runs only
+    (by the study's tag: two studies of one file share the experiment), in `rank` order, with
+    the numbers first: the objective at the kept epoch, best_overfit_gap, test_acc, the trial's
+    state and pruned epoch, rank, then the searched parameters. Returns the view's key."""
+    import json
+
+    columns = [
+        f"metrics.`{best_name(objective)}`",
+        "metrics.`best_overfit_gap`",
+        "metrics.`test_acc`",
+        f"metrics.`{PRUNED_AT}`",  # a number only on pruned trials: they stand out
+        "metrics.`rank`",
+        f"tags.`{Tag.OPTUNA_STATE}`",
+        *(f"params.`{p}`" for p in searched),
+    ]
+    state = {
+        "searchFilter": f"tags.`{Tag.OPTUNA_STUDY}` = '{study_name}' and {TRIAL_RUNS}",
+        "orderByKey": "metrics.`rank`",
+        "orderByAsc": True,
+        "selectedColumns": columns,
+    }
+    key = view_key(study_name)
+    client.set_experiment_tag(exp_id, SHARED_VIEW + key, json.dumps(state))
+    return key
+
+
+def study_url(base: str, exp_id: str, key: str) -> str:
+    """The study's saved view of its experiment's runs table, in the training view."""
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{RUNS_VIEW}&viewStateShareKey={key}"
 
 
 def experiment_url(base: str, exp_id: str) -> str:
@@ -42,7 +87,12 @@ def study_urls(tracking_uri: str, base: str) -> list[tuple[str, str]]:
     out = []
     for e in client.search_experiments():
         for parent in client.search_runs([e.experiment_id], f"tags.`{Tag.ROLE}` = 'study'"):
-            out.append((parent.info.run_name, experiment_url(base, e.experiment_id)))
+            name = parent.info.run_name
+            key = view_key(name)
+            if SHARED_VIEW + key in e.tags:
+                out.append((name, study_url(base, e.experiment_id, key)))
+            else:  # a study that has not reported yet
+                out.append((name, experiment_url(base, e.experiment_id)))
     return out
 
 
