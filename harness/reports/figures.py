@@ -93,22 +93,17 @@ def gap_vs_acc_figure(summary: Summary):
         label="complete trials",
     )
     best, base = rows[0], summary.baseline()
-    ax.scatter(
-        *xy[best.number],
-        marker="*",
-        s=220,
-        color="tab:orange",
-        zorder=3,
-        label=f"best (trial {best.number})",
-    )
+    marks = [(best.number, "*", 220, "tab:orange", "best")]
     if base is not None:
+        marks.append((base.number, "s", 80, "tab:red", "baseline"))
+    for number, marker, size, color, what in marks:
         ax.scatter(
-            *xy[base.number],
-            marker="s",
-            s=80,
-            color="tab:red",
+            *xy[number],
+            marker=marker,
+            s=size,
+            color=color,
             zorder=3,
-            label=f"baseline (trial {base.number})",
+            label=f"{what} (trial {number})",
         )
     ax.legend(fontsize=7, loc="best")
     ax.set_xlabel(f"{acc} (best epoch)")
