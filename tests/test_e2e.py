@@ -60,6 +60,7 @@ def test_study_runs_resumes_and_extends(tmp_path, results_dir):
     assert list(work.iterdir()) == [], "the study wrote outside its results folder"
     assert sorted(p.name for p in results_dir.iterdir() if not p.name.startswith(".")) == [
         "checkpoints",
+        "logs",
         "mlartifacts",
         "mlflow.db",
         "optuna.journal",
@@ -106,7 +107,7 @@ def test_study_runs_resumes_and_extends(tmp_path, results_dir):
     # every claim is a paired comparison on the test examples, worded by its interval
     lines = out.splitlines()  # the pair on one line, its claim on the next
     claims = [
-        f"{line} {lines[i + 1]}"
+        f"{line} {lines[i + 1].strip()}"
         for i, line in enumerate(lines)
         if "against the classical reference (" in line
     ]

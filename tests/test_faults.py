@@ -79,6 +79,7 @@ def _records(results, study="quickstart"):
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["quickstart"], output_format="list")
     runs = [r for r in runs if r.data.tags.get("optuna.study") == study]
+    runs = [r for r in runs if "harness.role" not in r.data.tags]  # trials: no parent, no soup
     return trials, {r.info.run_id: r for r in runs}, MlflowClient(uri)
 
 

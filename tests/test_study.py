@@ -260,9 +260,12 @@ def test_report_tests_once_registers_best_and_writes_plots(results_dir):
         assert len(history) == 1 and 0.0 <= history[0].value <= 1.0
     untested = set(runs) - set(summary.test)
     assert all("test_acc" not in runs[n].data.metrics for n in untested)
-    versions = client.search_model_versions("name = 'quickstart'")
-    assert [v.run_id for v in versions] == [best.attrs["mlflow_run_id"]]
-    assert versions[0].tags["test_acc"] == f"{summary.test[best.number]['test_acc']:.6g}"
+    # The best trial's version, and the study's soup (search.soup greedy) as a second version.
+    versions = {v.run_id: v for v in client.search_model_versions("name = 'quickstart'")}
+    version = versions.pop(best.attrs["mlflow_run_id"])
+    assert version.tags["test_acc"] == f"{summary.test[best.number]['test_acc']:.6g}"
+    (soup_run,) = versions
+    assert client.get_run(soup_run).data.tags["harness.role"] == "soup"
     folder = results_dir / "reports" / "quickstart"
     names = {p.name for p in summary.files}
     assert {"report.md", "history.png", "curves.png", "gap_vs_acc.png"} <= names
@@ -277,7 +280,7 @@ def test_report_tests_once_registers_best_and_writes_plots(results_dir):
     assert again.test == summary.test
     for number in summary.test:
         assert len(client.get_metric_history(runs[number].info.run_id, "test_acc")) == 1
-    assert len(client.search_model_versions("name = 'quickstart'")) == 1
+    assert len(client.search_model_versions("name = 'quickstart'")) == 2
 
 
 def test_pretrained_from_an_mlflow_uri_or_a_file(results_dir):

@@ -72,3 +72,6 @@ class Tag:
     PARENT_RUN = "mlflow.parentRunId"
     DESCRIPTION = "mlflow.note.content"  # the run's description in the UI
     EXPERIMENT_KIND = "mlflow.experimentKind"
+    # + a key: a saved view of the runs table (filter, sort, columns), an experiment tag the UI
+    # opens with `?viewStateShareKey=KEY` (its "Share" button writes the same)
+    SHARED_VIEW = "mlflow.sharedViewState."

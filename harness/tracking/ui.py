@@ -21,10 +21,9 @@ RUNS_VIEW = "workflowType=machine_learning"
 TRIAL_RUNS = "attributes.run_name LIKE 'trial-%'"
 
 
-# MLflow's runs table keeps a shareable view (filter, sort, columns) as an experiment tag
-# `mlflow.sharedViewState.KEY`, opened by `?viewStateShareKey=KEY` (its "Share" button does the
-# same; MLflow has no Python API for it, so the harness writes the tag the UI reads).
-SHARED_VIEW = "mlflow.sharedViewState."
+# MLflow's runs table keeps a shareable view as an experiment tag (`Tag.SHARED_VIEW`); MLflow
+# has no Python API for it, so the harness writes the tag the UI reads.
+SHARED_VIEW = Tag.SHARED_VIEW
 
 
 def view_key(study_name: str) -> str:
