@@ -183,3 +183,40 @@ def test_ui_pages_render_in_a_browser(ui_server):
         _chromium(results, f"--screenshot={path}", url)
         assert path.is_file() and path.stat().st_size > 20_000, f"no screenshot of {name}"
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_pages_opened_from_links_stay_in_the_training_view(ui_server):
+    """MLflow's own links (the parent run, a trial, the registry) carry no view; `ui` serves
+    its landing page with the training view, a closed Assistant panel and no registry pop-up
+    as a new browser's defaults. The parent run's description links the study's view, its
+    best trial and its registered model, each in the training view."""
+    base, results, _ = ui_server
+    exps = _get(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 10})
+    exp_id = next(e for e in exps["experiments"] if e["name"] == "quickstart")["experiment_id"]
+    runs = _get(
+        f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id], "max_results": 100}
+    )["runs"]
+    tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs}
+    parent = next(i for i, t in tags.items() if t.get("harness.role") == "study")
+    trial = next(i for i, t in tags.items() if "optuna.trial_number" in t)
+    description = tags[parent]["mlflow.note.content"]
+    assert f"#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey=" in (
+        description
+    )
+    assert "#/models/quickstart?workflowType=machine_learning" in description
+    pages = {
+        "parent": f"{base}/#/experiments/{exp_id}/runs/{parent}",
+        "trial": f"{base}/#/experiments/{exp_id}/runs/{trial}",
+        "registry": f"{base}/#/models",
+    }
+    for name, url in pages.items():
+        profile = results / f"chromium-fresh-{name}"  # a browser that never chose a view
+        dom = _chromium(profile, "--dump-dom", url).stdout
+        assert "Model registry" in dom, f"{name}: no training-view sidebar"
+        assert "Judges" not in dom and "Evaluation runs" not in dom, f"{name}: the GenAI view"
+        assert "Ask a question" not in dom, f"{name}: the Assistant panel is open"
+        assert "Flexible, governed deployments" not in dom, f"{name}: the registry pop-up"
+        if name == "parent":  # the description, rendered: its links keep the view
+            assert "runs?workflowType=machine_learning&amp;viewStateShareKey=" in dom
+            assert 'href="#/models/quickstart?workflowType=machine_learning"' in dom

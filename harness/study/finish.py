@@ -182,6 +182,17 @@ def finish_report(
         searched = sorted({k for t in summary.trials for k in t.params})
         key = ui.save_study_view(client, exp.experiment_id, name, objective, searched)
         url = ui.study_url("http://127.0.0.1:5000", exp.experiment_id, key)
+        parent = study.user_attrs.get("mlflow_parent_run_id")
+        if parent:
+            best = complete[0] if complete else None
+            described = ui.study_description(
+                name,
+                exp.experiment_id,
+                key,
+                (best.number, best.attrs["mlflow_run_id"]) if best else None,
+                registry.registered_name(client, safe_name(name)),
+            )
+            tracking.describe_run(client, parent, described)
     summary = dataclasses.replace(
         summary,
         test=test,

@@ -16,6 +16,7 @@ from harness.config.tags import Tag
 from harness.core import checkpoints
 from harness.core.checkpoints import ARTIFACT_DIR, SOURCE_ARTIFACT_DIR
 from harness.tracking.store import connect, log_params, redact
+from harness.tracking.ui import run_link
 
 
 def log_checkpoint(client: MlflowClient, run_id: str, path: Path) -> None:
@@ -161,6 +162,14 @@ def download_checkpoint(client: MlflowClient, run_id: str, dest: Path) -> Path |
     return checkpoints.first_weights_file(folder)
 
 
+def registered_name(client: MlflowClient, name: str) -> str | None:
+    """`name` where a registered model of that name has a version, else None."""
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        if client.search_model_versions(f"name = '{name}'", max_results=1):
+            return name
+    return None
+
+
 def alias_run(client: MlflowClient, name: str, run_id: str, aliases: tuple[str, ...]) -> bool:
     """Point `aliases` at the registered version of `name` logged from run `run_id`; whether
     there was one."""
@@ -229,9 +238,10 @@ def register_model(
     tags = {k: f"{v:.6g}" for k, v in metrics.items()} | {Tag.FORMAT: "mlflow-pytorch"}
     figures = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "acc" in k)
     description = (
-        f"{what or 'run ' + run_id}: {figures}. Raw uint8 images (N, C, H, W) in, logits out; "
+        f"[{what or 'run ' + run_id}]({run_link(ended.experiment_id, run_id)}): {figures}. "
+        "Raw uint8 images (N, C, H, W) in, logits out; "
         f"output i is class {metadata['classes']}[i]. Load it with "
-        f"mlflow.pytorch.load_model('models:/{name}/VERSION') (a torch.nn.Module: .eval(), "
+        f"mlflow.pytorch.load_model('models:/{name}/{{version}}') (a torch.nn.Module: .eval(), "
         "fine-tune it further) or mlflow.pyfunc.load_model; the harness need not be installed."
     )
     version = client.create_model_version(
@@ -240,7 +250,9 @@ def register_model(
         run_id=run_id,
         tags=tags,
         model_id=info.model_id,
-        description=description,
+    )
+    client.update_model_version(  # the description names the version it belongs to
+        name, version.version, description=description.replace("{version}", str(version.version))
     )
     for alias in aliases:
         client.set_registered_model_alias(name, alias, version.version)

@@ -347,6 +347,11 @@ def load_predictions(run_id: str) -> tuple[list[int], list[int]] | None:
     return tree["pred"], tree["y"]
 
 
+def describe_run(client: MlflowClient, run_id: str, text: str) -> None:
+    """The run's description in the UI (Markdown)."""
+    client.set_tag(run_id, Tag.DESCRIPTION, text)
+
+
 def log_metrics_once(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])

@@ -16,6 +16,7 @@ from harness.tracking.store import connect, is_local_store
 # the experiment's `/runs` page lands on the runs table; its search and sort come from the query
 # too (the bare experiment page drops them).
 RUNS_VIEW = "workflowType=machine_learning"
+UI_APP = "harness-ui"  # MLflow's app with the training view as default (tracking/ui_app.py)
 
 
 TRIAL_RUNS = "attributes.run_name LIKE 'trial-%'"
@@ -64,6 +65,34 @@ def study_url(base: str, exp_id: str, key: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{RUNS_VIEW}&viewStateShareKey={key}"
 
 
+def run_link(exp_id: str, run_id: str) -> str:
+    """A run's page in the training view, relative to the UI's own address (for descriptions,
+    which the UI renders as Markdown: the link works on any host and port)."""
+    return f"#/experiments/{exp_id}/runs/{run_id}?{RUNS_VIEW}"
+
+
+def model_link(name: str) -> str:
+    """A registered model's page in the training view, relative like `run_link`."""
+    from urllib.parse import quote
+
+    return f"#/models/{quote(name)}?{RUNS_VIEW}"
+
+
+def study_description(
+    name: str, exp_id: str, key: str, best: tuple[int, str] | None, model: str | None
+) -> str:
+    """The study's parent run description: links to its trials (its saved view), its best
+    trial (number, run id) and its registered model, each in the training view."""
+    view = f"#/experiments/{exp_id}/runs?{RUNS_VIEW}&viewStateShareKey={key}"
+    lines = [f"Optuna study **{name}**: [its trial runs, best first]({view})."]
+    if best is not None:
+        lines.append(f"Best trial: [trial-{best[0]}]({run_link(exp_id, best[1])}).")
+    if model is not None:
+        lines.append(f"Registered model: [{model}]({model_link(model)}).")
+    lines.append("The report: Artifacts, report/report.md.")
+    return "\n\n".join(lines)
+
+
 def experiment_url(base: str, exp_id: str) -> str:
     """The UI page of an experiment's trial runs, in the order of their `rank` metric (the
     study's ranking, ties broken by `metrics.TIE_RULE`; logged when the study reports)."""
@@ -104,7 +133,7 @@ def ui_env() -> dict[str, str]:
 def ui_command(tracking_uri: str, results: Path, host: str, port: int) -> list[str]:
     """`mlflow server` on the study's store: loopback by default, one worker, middleware on."""
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri]
-    cmd += ["--host", host, "--port", str(port), "--workers", "1"]
+    cmd += ["--host", host, "--port", str(port), "--workers", "1", "--app-name", UI_APP]
     if is_local_store(tracking_uri):
         cmd += ["--default-artifact-root", (results / "mlartifacts").resolve().as_uri()]
     return cmd
