@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import time
 from pathlib import Path
+from queue import Empty
 
 import pytest
 import torch
@@ -58,11 +60,19 @@ def test_source_model_concurrent_processes_train_once(tmp_path):
     procs = [ctx.Process(target=_source_worker, args=(str(tmp_path), queue)) for _ in range(2)]
     for p in procs:
         p.start()
+    results = []
+    deadline = time.monotonic() + 900  # a guard against a hang, not a time the test expects
     try:
-        results = [queue.get(timeout=60) for _ in procs]
+        while len(results) < len(procs) and time.monotonic() < deadline:
+            try:  # wait for a state: both results in, or both processes gone
+                results.append(queue.get(timeout=1))
+            except Empty:
+                if not any(p.is_alive() for p in procs) and queue.empty():
+                    break
     finally:
         for p in procs:
-            p.join(timeout=30)
+            p.join(timeout=60)
+    assert len(results) == len(procs), [p.exitcode for p in procs]
     assert all(p.exitcode == 0 for p in procs)
     assert sorted(r[0] for r in results) == [False, True]
     assert results[0][1] == results[1][1]

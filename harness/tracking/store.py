@@ -12,6 +12,7 @@ FAILED; an attempt interrupted (SIGTERM, a dead process) ends KILLED.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -200,8 +201,16 @@ class _DeferredMonitor:
         with self.lock:
             self.done = True
             monitor, self.monitor = self.monitor, None
-        if monitor is not None:
-            monitor.finish()
+        if monitor is None:
+            return
+        monitor.finish()
+        # A run that ends inside the monitor's first cycle (on a busy machine its thread may not
+        # get that far) has no sample yet: the one taken now, so it still has its figures.
+        if getattr(monitor, "_logging_step", 1) == 0:
+            with contextlib.suppress(Exception):
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
 
 
 def system_monitor(run_id: str, interval: float, tracking_uri: str) -> _DeferredMonitor:
