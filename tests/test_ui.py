@@ -30,6 +30,14 @@ def _get(url: str, body: dict | None = None, timeout: float = 5) -> dict:
     return json.loads(text) if text.strip().startswith("{") else {"text": text}
 
 
+def _quickstart_runs(base: str) -> tuple[str, list[dict]]:
+    """The quickstart experiment's id and its runs, over the UI server's REST API."""
+    exps = _get(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 10})
+    exp_id = next(e for e in exps["experiments"] if e["name"] == "quickstart")["experiment_id"]
+    body = {"experiment_ids": [exp_id], "max_results": 100}
+    return exp_id, _get(f"{base}/api/2.0/mlflow/runs/search", body)["runs"]
+
+
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory):
     """A 2-trial study and `run_study.py ui` serving it on a free port; stopped afterwards."""
@@ -168,11 +176,7 @@ def test_ui_on_a_taken_port_exits_2_with_a_sentence(ui_server, tmp_path):
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_ui_pages_render_in_a_browser(ui_server):
     base, results, _ = ui_server
-    exps = _get(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 10})
-    exp_id = next(e for e in exps["experiments"] if e["name"] == "quickstart")["experiment_id"]
-    runs = _get(
-        f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id], "max_results": 100}
-    )["runs"]
+    exp_id, runs = _quickstart_runs(base)
     ids = [r["info"]["run_id"] for r in runs if r["info"]["run_name"].startswith("trial-")]
     compare = f'{base}/#/compare-runs?runs={json.dumps(ids[:2])}&experiments=["{exp_id}"]'
     pages = {"experiment": f"{base}/#/experiments/{exp_id}", "compare": compare}
@@ -192,11 +196,7 @@ def test_pages_opened_from_links_stay_in_the_training_view(ui_server):
     as a new browser's defaults. The parent run's description links the study's view, its
     best trial and its registered model, each in the training view."""
     base, results, _ = ui_server
-    exps = _get(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 10})
-    exp_id = next(e for e in exps["experiments"] if e["name"] == "quickstart")["experiment_id"]
-    runs = _get(
-        f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id], "max_results": 100}
-    )["runs"]
+    exp_id, runs = _quickstart_runs(base)
     tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs}
     parent = next(i for i, t in tags.items() if t.get("harness.role") == "study")
     trial = next(i for i, t in tags.items() if "optuna.trial_number" in t)
