@@ -14,6 +14,7 @@ retry window, a full disk: run the same command again), 130 interrupted, 1 anyth
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import socket
 import sys
@@ -77,6 +78,13 @@ def _run_parser() -> argparse.ArgumentParser:
         "(default: search.n_trials); a larger value extends a finished study",
     )
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    p.add_argument(
+        "--warm-start",
+        metavar="STUDY[,STUDY...]",
+        help="start the sampler from the complete trials of earlier studies: STUDY (this "
+        "storage), STUDY@RESULTS_DIR or STUDY@STORAGE_URL; the same as search.warm_start. "
+        "Applied when the study is created; its budget and report count only its own trials",
+    )
     p.add_argument("--study-name", help="Optuna study name (default: the file's name)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
     p.add_argument(
@@ -228,6 +236,12 @@ def cmd_run(args) -> int:
         if args.devices_per_trial < 1:
             raise SpecError(f"--devices-per-trial {args.devices_per_trial}: must be at least 1")
         args.overrides = [*args.overrides, f"train.devices_per_trial={args.devices_per_trial}"]
+    if args.warm_start is not None:
+        named = [s.strip() for s in args.warm_start.split(",")]
+        if not all(named):
+            raise SpecError(f"--warm-start {args.warm_start}: give STUDY[,STUDY...]")
+        quoted = ", ".join(json.dumps(s) for s in named)
+        args.overrides = [*args.overrides, f"search.warm_start=[{quoted}]"]
     spec = load_spec(args.experiment, args.overrides)  # fails before anything is created
     from harness.reports import report
     from harness.study.search import StudyOptions, run_study
