@@ -4,6 +4,7 @@
     python run_study.py check experiments/NAME.yaml [--set key=value ...]
     python run_study.py ui [--host 127.0.0.1] [--port 5000]
     python run_study.py report STUDY [--seeds N] [--ablate] [--soup]
+    python run_study.py report STUDY --compare OTHER [OTHER ...]
     python run_study.py reproduce RUN_ID
 
 Every command takes --results DIR, --storage URL, --tracking-uri URI and --retry-window S.
@@ -155,6 +156,14 @@ def _report_parser() -> argparse.ArgumentParser:
         "complete trials, chosen on val, tested once; search.soup's kind, else greedy, is "
         "registered with alias soup); a second call reuses the first result",
     )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="OTHER",
+        help="compare STUDY with other studies (each OTHER, and STUDY, is NAME, NAME@RESULTS_DIR "
+        "or NAME@STORAGE_URL): one report in RESULTS/reports/compare-<names>/ and a run of the "
+        "MLflow experiment compare; the studies' own records are only read",
+    )
     _common(p)
     return p
 
@@ -188,6 +197,19 @@ def cmd_reproduce(args) -> int:
 def cmd_report(args) -> int:
     if args.seeds < 0:
         raise SpecError(f"--seeds {args.seeds}: must be 0 or more")
+    if args.compare is not None:
+        if args.seeds or args.ablate or args.soup:
+            raise SpecError("--compare reads the studies' reports: give it without --seeds, "
+                            "--ablate or --soup (run those on each study first)")  # fmt: skip
+        from harness.study.compare import compare_studies
+        from harness.study.search import StudyOptions
+
+        opts = StudyOptions(
+            results=args.results, storage=args.storage, tracking_uri=args.tracking_uri
+        )
+        text, _files = compare_studies(opts, [args.study, *args.compare])
+        print(text)
+        return 0
     from harness.reports import report
     from harness.study.search import StudyOptions, report_study
 

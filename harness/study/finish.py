@@ -199,7 +199,8 @@ def finish_report(
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:
         tracking.log_report(client, parent, files)
-        refs = {r.metric: r.test_acc for r in references}
+        refs = {r.metric: r.test_acc for r in references}  # and their val: `report --compare`
+        refs |= {r.metric.removesuffix("_test_acc") + "_val_acc": r.val_acc for r in references}
         fresh = any(not s.reused for s in made.soups)  # reused soups cost nothing new
         made_in = {"soup_seconds": made.seconds} if fresh else {}
         extra = refs | comparisons.metrics(summary) | made_in
