@@ -109,7 +109,7 @@ def record(source: warm.Source, study, opts: StudyOptions) -> compare.StudyRecor
     starts = [t.datetime_start for t in finished if t.datetime_start]
     ends = [t.datetime_complete for t in finished if t.datetime_complete]
     seconds = (max(ends) - min(starts)).total_seconds() if starts and ends else None
-    first = base or best
+    first = best or base  # the chosen model's settings (the baseline keeps the recipe's)
     fixed = {}
     if first is not None and first.attrs.get("mlflow_run_id"):
         params = client.get_run(first.attrs["mlflow_run_id"]).data.params

@@ -263,10 +263,10 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
             spec, opts, name, client, exp_id, base_data.data_hash, handover
         )
     if handover is not None and not opts.worker:
-        if created:
-            notes.note(handover.line())
+        if created:  # said even with --quiet: what the study starts from
+            print(handover.line(), flush=True)
             for line in warm.data_notes(handover.sources, base_data.data_hash):
-                notes.note(f"warm start: {line}")
+                print(f"warm start: {line}", flush=True)
         else:
             notes.note(
                 f"warm start: study {name!r} exists; a warm start applies when a study is "
