@@ -165,6 +165,9 @@ def history_figure(records: list[StudyRecord]):
             run = v if run is None else (max if r.maximize else min)(run, v)
             best.append(run)
         ax.step(xs, best, where="post", color=colour, label=f"{r.label} ({r.objective})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial (each study's own, in order)")
     ax.set_ylabel(" / ".join(dict.fromkeys(r.objective for r in records)))
     ax.legend(fontsize=8)
