@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from optuna.trial import TrialState
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -63,6 +65,23 @@ def _points(results: Path, name: str, checkpoints: list[int]) -> dict[int, tuple
     return out
 
 
+def _done(results: Path, name: str, n: int) -> bool:
+    """Whether study `name` has `n` own finished trials already (a rerun only reads it)."""
+    import optuna
+
+    from harness.reports.report import own_trials
+    from harness.study.storage import open_storage
+
+    journal = results / "optuna.journal"
+    if not journal.is_file():
+        return False
+    storage = open_storage(str(journal))
+    if name not in [s.study_name for s in optuna.get_all_study_summaries(storage, False)]:
+        return False
+    study = optuna.load_study(study_name=name, storage=storage)
+    return len(own_trials(study, (TrialState.COMPLETE, TrialState.PRUNED))) >= n
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", type=Path, default=Path("/tmp/warm-bench"))
@@ -91,8 +110,14 @@ def main() -> None:
             argv += ["--set", f"seed={seed}", *keep, *extra]
             if mode == "warm":
                 argv += ["--warm-start", f"quickstart@{source}"]
-            _run(argv)
+            if not _done(runs, name, args.n_trials):
+                _run(argv)
             table[mode][seed] = _points(runs, name, checkpoints)
+            print(
+                f"  {name}: "
+                + ", ".join(f"{k}: {v[0]:.4f}/{v[1]:.4f}" for k, v in table[mode][seed].items()),
+                flush=True,
+            )
     print(f"\n| trials | start | best val_acc (mean of {len(seeds)} seeds) | its test_acc ", end="")
     print("| per seed (val / test) |")
     print("|---:|---|---:|---:|---|")
