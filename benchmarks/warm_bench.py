@@ -46,6 +46,7 @@ def _points(results: Path, name: str, checkpoints: list[int]) -> dict[int, tuple
     """{k: (best val_acc, its trial's test_acc, trial number)} after k own finished trials."""
     import optuna
 
+    from harness.config.metrics import rank_key
     from harness.reports.report import own_trials
     from harness.study.finish import test_once
     from harness.study.storage import open_storage
@@ -59,7 +60,9 @@ def _points(results: Path, name: str, checkpoints: list[int]) -> dict[int, tuple
     out = {}
     for k in checkpoints:
         complete = [t for t in finished[:k] if t.state.name == "COMPLETE"]
-        best = max(complete, key=lambda t: (t.value, -t.number))
+        best = min(  # the harness's own order: the objective, then its tie rule
+            complete, key=lambda t: rank_key(t.value, t.user_attrs, t.number, "val_acc", True)
+        )
         test = test_once(client, results, name, best) or {}
         out[k] = (best.value, test.get("test_acc", float("nan")), best.number)
     return out
@@ -88,6 +91,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--n-trials", type=int, default=30)
     p.add_argument("--source-trials", type=int, default=30)
+    p.add_argument("--runs", help="the studies' folder under --results (default: runs)")
     p.add_argument("--epochs", type=int, help="train.epochs of every study (default: the files')")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -99,7 +103,7 @@ def main() -> None:
             [str(REPO / "experiments" / "quickstart.yaml"), "--results", str(source)]
             + ["--n-trials", str(args.source_trials), *extra]
         )
-    runs = args.results / "runs"
+    runs = args.results / (args.runs or "runs")
     keep = ["--set", "search.keep_checkpoints=all", "--set", "search.soup=none"]
     table: dict[str, dict[int, dict[int, tuple]]] = {"cold": {}, "warm": {}}
     for seed in seeds:

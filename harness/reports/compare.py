@@ -101,9 +101,11 @@ def differences(records: list[StudyRecord]) -> list[str]:
     """The settings that differ between the studies: the fixed ones, then the searched spaces."""
     out = []
     keys = sorted({k for r in records for k in r.fixed})
+    known = [set(r.fixed) | set(r.space) for r in records]
+    some = [k for k in keys if not all(k in k_ for k_ in known)]  # another task kind's keys
     for key in keys:
         values = [r.fixed.get(key, "searched" if key in r.space else "-") for r in records]
-        if len(set(map(str, values))) > 1:
+        if key not in some and len(set(map(str, values))) > 1:
             out.append(
                 f"  {key}: "
                 + "; ".join(f"{r.label} {v}" for r, v in zip(records, values, strict=True))
@@ -115,6 +117,11 @@ def differences(records: list[StudyRecord]) -> list[str]:
                 f"{r.label} {s or 'not searched'}" for r, s in zip(records, spaces, strict=True)
             )
             out.append(f"  searched {key}: {shown}")
+    if some:
+        out.append(
+            f"  and {len(some)} settings that only some of the studies have (their task kinds "
+            f"differ): {', '.join(some[:6])}{', ...' if len(some) > 6 else ''}"
+        )
     return out
 
 
