@@ -187,3 +187,12 @@ def test_warm_study_keeps_its_own_budget_and_records(tmp_path, tiny_studies, sou
     report = (results / "reports" / "warm" / "report.md").read_text()
     assert "Study 'warm': 2 complete, 0 pruned, 0 failed" in report
     assert f"Warm-started from quickstart@{copy} ({len(sampled)} trials)" in report
+
+
+def test_several_sources_add_up(tmp_path):
+    a, b = _source(tmp_path / "a"), _source(tmp_path / "b", n_plain=3)
+    spec = load_spec(QUICKSTART, [f"search.warm_start=[src@{a}, src@{b}/optuna.journal]"])
+    out = warm.gather(spec, StudyOptions(results=tmp_path / "new"))
+    assert [s["trials"] for s in out.sources] == [3, 6]  # the crop trial is in this space
+    assert len(out.trials) == 9 and out.baseline == 2 and out.not_complete == 2
+    assert out.sources[1]["source"] == f"src@{b}/optuna.journal"
