@@ -4,6 +4,7 @@
     python run_study.py check experiments/NAME.yaml [--set key=value ...]
     python run_study.py ui [--host 127.0.0.1] [--port 5000]
     python run_study.py report STUDY [--seeds N] [--ablate] [--soup]
+    python run_study.py report STUDY --compare OTHER [OTHER ...]
     python run_study.py reproduce RUN_ID
 
 Every command takes --results DIR, --storage URL, --tracking-uri URI and --retry-window S.
@@ -14,6 +15,7 @@ retry window, a full disk: run the same command again), 130 interrupted, 1 anyth
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import socket
 import sys
@@ -77,6 +79,13 @@ def _run_parser() -> argparse.ArgumentParser:
         "(default: search.n_trials); a larger value extends a finished study",
     )
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    p.add_argument(
+        "--warm-start",
+        metavar="STUDY[,STUDY...]",
+        help="start the sampler from the complete trials of earlier studies: STUDY (this "
+        "storage), STUDY@RESULTS_DIR or STUDY@STORAGE_URL; the same as search.warm_start. "
+        "Applied when the study is created; its budget and report count only its own trials",
+    )
     p.add_argument("--study-name", help="Optuna study name (default: the file's name)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
     p.add_argument(
@@ -147,6 +156,14 @@ def _report_parser() -> argparse.ArgumentParser:
         "complete trials, chosen on val, tested once; search.soup's kind, else greedy, is "
         "registered with alias soup); a second call reuses the first result",
     )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="OTHER",
+        help="compare STUDY with other studies (each OTHER, and STUDY, is NAME, NAME@RESULTS_DIR "
+        "or NAME@STORAGE_URL): one report in RESULTS/reports/compare-<names>/ and a run of the "
+        "MLflow experiment compare; the studies' own records are only read",
+    )
     _common(p)
     return p
 
@@ -180,6 +197,19 @@ def cmd_reproduce(args) -> int:
 def cmd_report(args) -> int:
     if args.seeds < 0:
         raise SpecError(f"--seeds {args.seeds}: must be 0 or more")
+    if args.compare is not None:
+        if args.seeds or args.ablate or args.soup:
+            raise SpecError("--compare reads the studies' reports: give it without --seeds, "
+                            "--ablate or --soup (run those on each study first)")  # fmt: skip
+        from harness.study.compare import compare_studies
+        from harness.study.search import StudyOptions
+
+        opts = StudyOptions(
+            results=args.results, storage=args.storage, tracking_uri=args.tracking_uri
+        )
+        text, _files = compare_studies(opts, [args.study, *args.compare])
+        print(text)
+        return 0
     from harness.reports import report
     from harness.study.search import StudyOptions, report_study
 
@@ -228,6 +258,12 @@ def cmd_run(args) -> int:
         if args.devices_per_trial < 1:
             raise SpecError(f"--devices-per-trial {args.devices_per_trial}: must be at least 1")
         args.overrides = [*args.overrides, f"train.devices_per_trial={args.devices_per_trial}"]
+    if args.warm_start is not None:
+        named = [s.strip() for s in args.warm_start.split(",")]
+        if not all(named):
+            raise SpecError(f"--warm-start {args.warm_start}: give STUDY[,STUDY...]")
+        quoted = ", ".join(json.dumps(s) for s in named)
+        args.overrides = [*args.overrides, f"search.warm_start=[{quoted}]"]
     spec = load_spec(args.experiment, args.overrides)  # fails before anything is created
     from harness.reports import report
     from harness.study.search import StudyOptions, run_study

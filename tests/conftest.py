@@ -198,3 +198,38 @@ def host_reads(monkeypatch):
         return count["n"]
 
     return run
+
+
+def tiny_study_args(experiment: Path, results: Path, n_trials: int, *extra: str) -> list[str]:
+    """The CLI arguments of a tiny study (TINY settings, `n_trials` trials, quiet)."""
+    args = [str(experiment), "--n-trials", str(n_trials), "--results", str(results), "--quiet"]
+    for s in TINY:
+        args += ["--set", s]
+    return [*args, *extra]
+
+
+def tree_state(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder`: (size, mtime in ns): what a read-only command must leave."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_studies(tmp_path_factory, source_cache) -> Path:
+    """One results folder holding three tiny finished quickstart studies (2 trials each, the
+    baseline and one sampled): `quickstart`, `qs-b` (adamw pinned: the same data split) and
+    `qs-other` (data.split_seed=1: another split). For warm-start and comparison tests: copy it
+    before writing into it."""
+    results = tmp_path_factory.mktemp("tiny-studies") / "results"
+    shutil.copytree(source_cache, results / "sources")
+    for extra in (
+        (),
+        ("--study-name", "qs-b", "--set", "train.optimizer=adamw"),
+        ("--study-name", "qs-other", "--set", "data.split_seed=1"),
+    ):
+        proc = run_cli(*tiny_study_args(QUICKSTART, results, 2, *extra), cwd=results.parent)
+        assert proc.returncode == 0, proc.stderr
+    return results

@@ -97,6 +97,11 @@ def _check_space(spec: ExperimentSpec, where: str) -> None:
         seen[key] = param
     if spec.search.sampler == "grid":
         _check_grid(spec, where)
+        if spec.search.warm_start:
+            raise SpecError(
+                f"{where}: search.warm_start: the grid sampler visits every point of its grid "
+                "once; earlier trials cannot guide it (use tpe, random, cmaes or gp)"
+            )
     for i, values in enumerate(spec.search.enqueue):
         at = f"{where}: search.enqueue[{i}]"
         for key, value in values.items():
@@ -201,6 +206,7 @@ def spec_hash(spec: ExperimentSpec) -> str:
     and the `LATER_FIELDS` left at their defaults."""
     tree = spec.model_dump(mode="json", by_alias=True)
     tree["search"].pop("n_trials")
+    tree["search"].pop("warm_start")  # how the sampler starts, not what the study is
     for section, key in LATER_FIELDS:
         field = type(getattr(spec, section)).model_fields[key]
         if getattr(getattr(spec, section), key) == field.default:

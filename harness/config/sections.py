@@ -484,3 +484,10 @@ class SearchSpec(_Section):
         tuple[dict[str, Scalar], ...],
         BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v),
     ] = ()
+    # Earlier studies whose complete trials the sampler starts from (`harness.study.warm`):
+    # STUDY (this results folder's storage), STUDY@RESULTS_DIR or STUDY@STORAGE_URL. Applied
+    # when the study is created; its own budget, runs and report count only its own trials.
+    warm_start: Annotated[
+        tuple[Annotated[str, Field(min_length=1, pattern=r"^[^@\s,]+(@\S+)?$")], ...],
+        BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v),
+    ] = ()

@@ -26,6 +26,12 @@ class Tag:
     SOUP_INGREDIENTS = "harness.soup_ingredients"  # trial numbers, in the order they were tried
     SOUP_INGREDIENT_RUNS = "harness.soup_ingredient_runs"  # their run ids
     SOUP_PLAN = "harness.soup_plan"  # study attribute: {"kind": ..., "candidates": N}
+    # Warm start (harness.study.warm): a trial handed over from an earlier study (a trial user
+    # attribute, "STUDY@WHERE trial N"); on the parent run and the study: the studies it came from
+    WARM_START = "harness.warm_start"
+    WARM_START_FROM = "harness.warm_start_from"
+    # `report --compare` (role compare): + a compared study's name, its parent run id
+    COMPARED = "harness.compared."
     # Where it came from
     GIT_COMMIT = "harness.git_commit"
     GIT_DIRTY = "harness.git_dirty"

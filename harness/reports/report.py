@@ -66,6 +66,7 @@ class Summary:
     ablation: str = ""  # report --ablate: the ablation's table (harness.reports.ablation)
     soups: Any = None  # harness.study.soups.Soups: the study's model soups
     comparisons: list = field(default_factory=list)  # reports.comparisons.Claim: paired claims
+    notes: tuple[str, ...] = ()  # what the reader must know first (a warm start, its data)
 
     def study_metrics(self) -> dict[str, float]:
         """The study's summary, as its parent run's metrics: trial counts, the best value, the
@@ -110,12 +111,30 @@ class Summary:
         return counts
 
 
+def own_trials(study, states=None) -> list:
+    """The study's own trials (of `states`): those handed over by a warm start
+    (`Tag.WARM_START`, `harness.study.warm`) guide its sampler but are not its trials."""
+    trials = study.get_trials(deepcopy=False, states=states)
+    return [t for t in trials if Tag.WARM_START not in t.user_attrs]
+
+
+def pareto_front(trials: list, directions) -> list:
+    """The complete trials (FrozenTrials) that no other of `trials` dominates."""
+    signs = [1.0 if d.name == "MAXIMIZE" else -1.0 for d in directions]
+    points = [(t, [s * v for s, v in zip(signs, t.values, strict=True)]) for t in trials]
+
+    def dominated(p: list) -> bool:
+        return any(all(a >= b for a, b in zip(q, p, strict=True)) and q != p for _, q in points)
+
+    return [t for t, p in points if not dominated(p)]
+
+
 def best_trial(study):
     """A single-objective study's best complete trial by `metrics.TIE_RULE` (Optuna's own
     `best_trial` breaks ties otherwise); None when none is complete."""
     maximize = study.directions[0].name == "MAXIMIZE"
     objective = (study.user_attrs.get(Tag.OBJECTIVES) or ["val_acc"])[0]
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    complete = [t for t in own_trials(study) if t.state.name == "COMPLETE"]
     return min(
         (t for t in complete if t.values),
         key=lambda t: rank_key(t.values[0], t.user_attrs, t.number, objective, maximize),
@@ -177,7 +196,9 @@ class Progress:
         if a.get(Tag.BASELINE):
             line += " (baseline)"
         if len(study.directions) > 1:
-            line += f"  Pareto front: {len(study.best_trials)} trials"
+            complete = [t for t in own_trials(study) if t.state.name == "COMPLETE"]
+            front = pareto_front(complete, study.directions)
+            line += f"  Pareto front: {len(front)} trials"
         elif (best := best_trial(study)) is not None:
             line += f"  best {best.value:.4f} (trial {best.number})"
             if self.bar is not None:
@@ -348,7 +369,7 @@ def render(summary: Summary, top: int = 5) -> str:
     if c.get("RETRIED"):
         n = c["RETRIED"]
         head += f" ({n} interrupted attempt{'s' * (n > 1)}, re-queued and retried)"
-    out = [head, ""]
+    out = [head, *summary.notes, ""]
     best = summary.complete()
     base = summary.baseline()
     if not best:

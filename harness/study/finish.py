@@ -17,7 +17,7 @@ from harness.core import tasks
 from harness.core.shared import seed_everything
 from harness.reports import classical, comparisons, plots, report
 from harness.reports.ablation import ablate_study
-from harness.study import retention, soups
+from harness.study import retention, soups, warm
 from harness.study.kept import trained_model
 from harness.tracking import registry, runs, ui
 from harness.tracking import store as tracking
@@ -204,13 +204,14 @@ def finish_report(
     )
     summary = dataclasses.replace(summary, comparisons=comparisons.paired(summary, predictions))
     folder = opts.results / "reports" / safe_name(name)
-    files = plots.write_report(study, summary, curves, labels, folder)
+    files = plots.write_report(warm.own_view(study), summary, curves, labels, folder)
     if ablation is not None:
         files += ablation.add_to_report(files[0])
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:
         tracking.log_report(client, parent, files)
-        refs = {r.metric: r.test_acc for r in references}
+        refs = {r.metric: r.test_acc for r in references}  # and their val: `report --compare`
+        refs |= {r.metric.removesuffix("_test_acc") + "_val_acc": r.val_acc for r in references}
         fresh = any(not s.reused for s in made.soups)  # reused soups cost nothing new
         made_in = {"soup_seconds": made.seconds} if fresh else {}
         extra = refs | comparisons.metrics(summary) | made_in
@@ -274,10 +275,19 @@ def summarize(study: optuna.Study, opts: StudyOptions, name: str) -> report.Summ
             params=dict(t.params),
             attrs=dict(t.user_attrs),
         )
-        for t in study.get_trials(deepcopy=False)
+        for t in report.own_trials(study)  # a warm start's trials are not the study's
     ]
     multi = len(study.directions) > 1
-    pareto = {t.number for t in study.best_trials} if multi else set()
+    complete = [t for t in report.own_trials(study) if t.state.name == "COMPLETE"]
+    pareto = {t.number for t in report.pareto_front(complete, study.directions)} if multi else set()
+    notes = []
+    sources = study.user_attrs.get(Tag.WARM_START_FROM) or []
+    if sources:
+        handed = ", ".join(f"{s['source']} ({s['trials']} trials)" for s in sources)
+        notes.append(
+            f"Warm-started from {handed}: handed to the sampler, not counted or reported here."
+        )
+        notes += warm.data_notes(sources, study.user_attrs.get(Tag.DATA_HASH))
     return report.Summary(
         name,
         study.directions[0].name.lower(),
@@ -285,4 +295,5 @@ def summarize(study: optuna.Study, opts: StudyOptions, name: str) -> report.Summ
         opts,
         pareto=pareto,
         objectives=tuple(study.user_attrs.get(Tag.OBJECTIVES, ())),
+        notes=tuple(notes),
     )

@@ -19,6 +19,7 @@ from harness.core import checkpoints, resume_state
 from harness.core.distributed import RankFailed
 from harness.core.shared import TrainingFault
 from harness.data.sources import DataError
+from harness.reports.report import own_trials
 from harness.tracking import store as tracking
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward a study's budget
@@ -169,7 +170,7 @@ class ExactBudget:
 
     def __call__(self, study: optuna.Study, _trial) -> None:
         states = (*FINISHED, TrialState.RUNNING)
-        trials = study.get_trials(deepcopy=False, states=states)
+        trials = own_trials(study, states)  # a warm start's trials are not in the budget
         finished = sum(t.state in FINISHED for t in trials)
         running = sum(t.state == TrialState.RUNNING and alive(t) for t in trials)
         if finished + running >= self.target:

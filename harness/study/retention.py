@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from harness.config.metrics import rank_key
 from harness.config.tags import Tag
 from harness.core import checkpoints
+from harness.reports.report import own_trials, pareto_front
 from harness.tracking import registry
 from harness.tracking import store as tracking
 
@@ -22,7 +23,7 @@ def ranked_trials(study: optuna.Study) -> list:
     """The complete trials, best first, by `metrics.TIE_RULE` (the first objective)."""
     maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     objective = (study.user_attrs.get(Tag.OBJECTIVES) or ["val_acc"])[0]
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = own_trials(study, (TrialState.COMPLETE,))
     return sorted(
         complete, key=lambda t: rank_key(t.values[0], t.user_attrs, t.number, objective, maximize)
     )
@@ -31,7 +32,7 @@ def ranked_trials(study: optuna.Study) -> list:
 def keep_set(study: optuna.Study, policy: str, k: int, soup_k: int = 0) -> set[int]:
     """Numbers of the complete trials whose best weights are kept: the top k and the baseline,
     and until the study's soup is made the top `soup_k` (its candidates)."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = own_trials(study, (TrialState.COMPLETE,))
     if policy == "all":
         return {t.number for t in complete}
     if policy == "none":
@@ -44,7 +45,7 @@ def keep_set(study: optuna.Study, policy: str, k: int, soup_k: int = 0) -> set[i
             best_of.setdefault(t.params["meta.algorithm"], t.number)
     keep |= set(best_of.values())
     if len(study.directions) > 1:  # and the whole Pareto front
-        keep |= {t.number for t in study.best_trials}
+        keep |= {t.number for t in pareto_front(complete, study.directions)}
     return keep | {t.number for t in complete if t.user_attrs.get(Tag.BASELINE)}
 
 
@@ -80,7 +81,7 @@ def after_soup(client, results, study: optuna.Study, name: str, plan: dict) -> N
 def _apply(client, results, name, study, keep, logged, retained, note) -> None:
     with open(checkpoints.retention_lock(results, name), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the workers sharing this results folder, in turn
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        for t in own_trials(study, (TrialState.COMPLETE,)):
             kept = t.number in keep
             # a trial once decided is looked at again only when it falls out (a finished
             # trial's rank only falls): no file check per complete trial after every trial

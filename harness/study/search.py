@@ -28,7 +28,7 @@ from harness.core import tasks
 from harness.data import datacache
 from harness.infra import envfaults
 from harness.reports import report
-from harness.study import inputs, retention, workers
+from harness.study import inputs, retention, warm, workers
 from harness.study.finish import finish_report, summarize
 from harness.study.objective import Context, end_parent, first_config, preflight, run_attempt
 from harness.study.recovery import (
@@ -61,7 +61,8 @@ def _optuna_logging(level: int) -> None:
 
 
 def finished_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    """The study's own finished trials (a warm start's are not its own: `report.own_trials`)."""
+    return len(report.own_trials(study, FINISHED))
 
 
 @contextlib.contextmanager
@@ -97,7 +98,15 @@ def _sampler_salt(opts: StudyOptions) -> int:
     return 0
 
 
-def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp_id: str):
+def _open_study(
+    spec: ExperimentSpec,
+    opts: StudyOptions,
+    name: str,
+    client,
+    exp_id: str,
+    data_hash: str | None = None,
+    handover: warm.Handover | None = None,
+):
     storage = _retry(lambda: open_storage(opts.storage_url()), "the Optuna storage")
     sampler, pruner = make_sampler(spec, _sampler_salt(opts)), make_pruner(spec)
     try:
@@ -136,6 +145,8 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(spec.objective.all_metrics))
     study.set_user_attr(Tag.TASK_KIND, spec.task.kind)
+    if data_hash:  # what a later warm start or comparison checks its data against
+        study.set_user_attr(Tag.DATA_HASH, data_hash)
     study.set_user_attr(
         Tag.SOUP_PLAN,
         {
@@ -149,6 +160,13 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
         study.enqueue_trial({}, user_attrs={Tag.BASELINE: True})
     for values in spec.search.enqueue:
         study.enqueue_trial(dict(values))
+    tags = {}
+    if handover is not None:  # after the queued trials: the baseline stays trial 0
+        study.add_trials(handover.trials)
+        study.set_user_attr(Tag.WARM_START_FROM, handover.sources)
+        tags[Tag.WARM_START_FROM] = ", ".join(
+            f"{s['source']} ({s['trials']} trials)" for s in handover.sources
+        )
     settings = {
         "study.name": name,
         "study.storage": tracking.redact(opts.storage_url()),
@@ -162,7 +180,7 @@ def _open_study(spec: ExperimentSpec, opts: StudyOptions, name: str, client, exp
             for m, d in zip(spec.objective.all_metrics, spec.objective.all_directions, strict=True)
         ),
     }
-    parent = tracking.create_parent_run(client, exp_id, name, settings)
+    parent = tracking.create_parent_run(client, exp_id, name, settings, tags)
     study.set_user_attr("mlflow_parent_run_id", parent)
     return study, parent, True
 
@@ -213,6 +231,8 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     """Create or resume the study and run it to its budget of finished trials (or the timeout)."""
     _optuna_logging(optuna.logging.ERROR)  # our own lines say what failed
     first = first_config(spec)
+    # the earlier studies of a warm start: read and checked before anything is created
+    handover = warm.gather(spec, opts) if spec.search.warm_start else None
     inputs.check_inputs(
         spec, opts, first
     )  # bad weights names, files and model URIs: before any store
@@ -239,7 +259,19 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     for line in base_data.report.lines():
         notes.note(line)
     with _stores_lock(opts.results):
-        study, parent, created = _open_study(spec, opts, name, client, exp_id)
+        study, parent, created = _open_study(
+            spec, opts, name, client, exp_id, base_data.data_hash, handover
+        )
+    if handover is not None and not opts.worker:
+        if created:  # said even with --quiet: what the study starts from
+            print(handover.line(), flush=True)
+            for line in warm.data_notes(handover.sources, base_data.data_hash):
+                print(f"warm start: {line}", flush=True)
+        else:
+            notes.note(
+                f"warm start: study {name!r} exists; a warm start applies when a study is "
+                "created, nothing more handed over"
+            )
     done = finished_count(study)
     if not opts.worker and done < target:  # before the first trial: will it fit?
         n_workers = workers.worker_count(

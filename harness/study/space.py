@@ -29,8 +29,12 @@ def make_sampler(spec: ExperimentSpec, salt: int = 0) -> optuna.samplers.BaseSam
 def make_pruner(spec: ExperimentSpec) -> optuna.pruners.BasePruner:
     s = spec.search
     if s.pruner == "median":
+        # n_min_trials: a warm start's trials count as complete but report no epochs; the
+        # median waits for 5 of the study's own curves, as it does without them
         return optuna.pruners.MedianPruner(
-            n_startup_trials=5, n_warmup_steps=s.pruner_warmup_epochs
+            n_startup_trials=5,
+            n_warmup_steps=s.pruner_warmup_epochs,
+            n_min_trials=5 if s.warm_start else 1,
         )
     if s.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.epochs)
@@ -53,6 +57,16 @@ def suggest(trial: optuna.Trial, spec: ExperimentSpec) -> dict[str, Any]:
             value = trial.suggest_float(key, p.float_[0], p.float_[1], step=p.step, log=p.log)
         sampled[key] = known[key] = value
     return sampled
+
+
+def distribution(p) -> optuna.distributions.BaseDistribution:
+    """The Optuna distribution that `suggest` samples a key of the space from."""
+    if p.kind == "categorical":
+        return optuna.distributions.CategoricalDistribution(p.categorical)
+    if p.kind == "int":
+        step = int(p.step) if p.step else 1
+        return optuna.distributions.IntDistribution(p.int_[0], p.int_[1], log=p.log, step=step)
+    return optuna.distributions.FloatDistribution(p.float_[0], p.float_[1], log=p.log, step=p.step)
 
 
 class PruneOnEpoch:

@@ -113,10 +113,14 @@ def log_params(client: MlflowClient, run_id: str, flat: dict[str, Any]) -> None:
 
 
 def create_parent_run(
-    client: MlflowClient, exp_id: str, study_name: str, settings: dict[str, Any]
+    client: MlflowClient,
+    exp_id: str,
+    study_name: str,
+    settings: dict[str, Any],
+    tags: dict[str, str] | None = None,
 ) -> str:
     run = client.create_run(
-        exp_id, run_name=study_name, tags={Tag.STUDY: study_name, Tag.ROLE: "study"}
+        exp_id, run_name=study_name, tags={Tag.STUDY: study_name, Tag.ROLE: "study", **(tags or {})}
     )
     log_params(client, run.info.run_id, settings)
     return run.info.run_id
