@@ -410,3 +410,24 @@ def test_trial_runs_carry_system_metrics_and_tracking_cost(results_dir):
     system = [k for k in run.data.metrics if k.startswith("system/")]
     assert any("cpu_utilization" in k for k in system), sorted(run.data.metrics)
     assert run.data.metrics["tracking_ms"] > 0 and 0 < run.data.metrics["tracking_share"] < 1
+
+
+def test_a_sampled_combination_the_config_refuses_fails_with_its_reason(results_dir, tmp_path):
+    """Each key of the space is in range, but the values drawn together are not a valid config
+    (SWA from epoch 3, inside LP-FT's 3-epoch linear probe): the trial fails with the reason,
+    which the report prints; the study stops instead of drawing for ever."""
+    import yaml
+
+    raw = yaml.safe_load(QUICKSTART.read_text())
+    raw["search"]["space"] = {
+        "strategy.kind": {"categorical": ["lp_ft"]},
+        "strategy.lp_epochs": {"categorical": [3]},
+        "reg.swa_start": {"categorical": [0.5]},
+    }
+    path = tmp_path / "bad_combination.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_spec(path, [*TINY, "train.epochs=4"])
+    summary = run_study(spec, StudyOptions(results=results_dir, n_trials=2, quiet=True))
+    failed = [t for t in summary.trials if t.state == "FAIL"]
+    assert failed and all("do not combine" in t.attrs["harness.error"] for t in failed)
+    assert "within LP-FT's linear probe" in failed[0].attrs["harness.error"]

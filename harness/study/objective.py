@@ -100,7 +100,11 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
     spec = ctx.spec
     is_baseline = bool(trial.user_attrs.get(Tag.BASELINE))
     values = dict(BASELINE) if is_baseline else suggest(trial, spec)
-    config = baseline_config(spec) if is_baseline else trial_config(spec, values)
+    try:
+        config = baseline_config(spec) if is_baseline else trial_config(spec, values)
+    except SpecError as err:  # a sampled combination the config refuses: said, not silent
+        trial.set_user_attr(Tag.ERROR, f"the sampled values do not combine: {err}"[:500])
+        raise
     data = ctx.res.data_for(config)
     pretrained, pretrained_desc = ctx.res.pretrained_for(config)
     tags = {
