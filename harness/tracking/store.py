@@ -27,6 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from harness.config.metrics import best_name
+from harness.config.spec import SpecError
 from harness.config.tags import Tag
 from harness.infra import envfaults
 
@@ -65,7 +66,28 @@ def connect(tracking_uri: str) -> MlflowClient:
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     calls = [n for n in dir(MlflowClient) if not n.startswith("_")]
-    return envfaults.wrap_methods(client, calls, **_store(tracking_uri))
+    client = envfaults.wrap_methods(client, calls, **_store(tracking_uri))
+    if not is_local_store(tracking_uri):
+        _check_login(client, tracking_uri)
+    return client
+
+
+def _check_login(client: MlflowClient, tracking_uri: str) -> None:
+    """A tracking server that refuses the login (MLflow's basic-auth app: the user and password
+    come from MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, which the harness never
+    logs, tags or prints) is the user's error, said in one line (exit 2), not an outage."""
+    try:
+        client.search_experiments(max_results=1)
+    except mlflow.exceptions.MlflowException as err:
+        status = err.get_http_status_code()
+        if status not in envfaults.LOGIN_REFUSED:
+            raise
+        what = "refused the login" if status == 401 else "refused this user"
+        raise SpecError(
+            f"the MLflow tracking server {redact(tracking_uri)} {what} (HTTP {status}): set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server "
+            "with access to the experiment"
+        ) from None
 
 
 def _store(tracking_uri: str) -> dict[str, Any]:
