@@ -35,7 +35,7 @@ TRIALS = [  # 5 epochs of about 0.2 s: a state written (and uploaded) after ever
     "search.pruner=none",
     "search.flush_seconds=0",
 ]
-USER, PASSWORD = "admin", "Xq7-node-pa55word-9Z"  # the login test's credentials
+USER, PASSWORD = "study-user-k2w", "Xq7-node-pa55word-9Z"  # the login test's credentials
 
 
 def _database() -> str:
@@ -206,3 +206,81 @@ def test_a_bad_shared_state_restarts_the_trial_from_epoch_1_with_a_note(
     assert note.startswith("restarted from epoch 1") and said in note, note
     assert _steps(client, again) == [1, 2, 3, 4, 5]
     assert _states_left(artifacts) == []
+
+
+@pytest.fixture
+def login_stores(tmp_path):
+    """Like `stores`, its tracking server behind MLflow's basic-auth app (`--app-name
+    basic-auth`, the admin's password from MLFLOW_AUTH_ADMIN_PASSWORD), with one user made by
+    the admin for the study: USER, PASSWORD."""
+    if not PG:
+        pytest.skip("HARNESS_TEST_PG is not set (.ci/run starts PostgreSQL and sets it)")
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth]")
+    ini = tmp_path / "basic_auth.ini"
+    ini.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    admin = "admin-" + uuid.uuid4().hex
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex,
+    }
+    port = free_port()
+    artifacts = tmp_path / "artifacts"
+    server = start_mlflow_server(_database(), artifacts, port, ("--app-name", "basic-auth"), env)
+    uri = f"http://127.0.0.1:{port}"
+    from mlflow.server.auth.client import AuthServiceClient
+
+    with pytest.MonkeyPatch.context() as env_of_admin:
+        env_of_admin.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        env_of_admin.setenv("MLFLOW_TRACKING_PASSWORD", admin)
+        AuthServiceClient(uri).create_user(USER, PASSWORD)
+    yield _database(), uri, artifacts
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def _as(user: str, password: str) -> dict:
+    return {**os.environ, "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
+
+
+def test_a_team_server_with_a_login_and_credentials_that_leak_nowhere(
+    tmp_path, login_stores, monkeypatch
+):
+    storage, uri, artifacts = login_stores
+    node = tmp_path / "node-a"
+    ok = subprocess.run(
+        _args(node, storage, uri, 2), cwd=tmp_path, capture_output=True, text=True,
+        env=_as(USER, PASSWORD), timeout=600,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-3000:]
+    # A wrong password: one clear line and exit 2 at once, not an outage waited for.
+    started = time.monotonic()
+    bad = subprocess.run(
+        _args(tmp_path / "node-b", storage, uri, 3), cwd=tmp_path, capture_output=True,
+        text=True, env=_as(USER, "not-" + PASSWORD), timeout=600,
+    )  # fmt: skip
+    assert bad.returncode == 2, bad.stdout[-2000:] + bad.stderr[-3000:]
+    assert time.monotonic() - started < 60  # the retry window (300 s) was not waited
+    (line,) = bad.stderr.strip().splitlines()
+    assert "refused the login (HTTP 401)" in line and "MLFLOW_TRACKING_PASSWORD" in line, line
+    # The study ran: 2 trials, their runs on the server.
+    trials = optuna.load_study(study_name="quickstart", storage=open_storage(storage)).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len([r for r in runs if "optuna.trial_number" in r.data.tags]) == 2
+    # Nothing leaks: no param, tag, metric name, trial attribute, output, log line or report.
+    recorded = [f"{k}={v}" for r in runs for k, v in {**r.data.params, **r.data.tags}.items()]
+    recorded += [str(t.user_attrs) + str(t.params) for t in trials]
+    recorded += [ok.stdout, ok.stderr, bad.stdout, bad.stderr]
+    files = [p for d in (node, tmp_path / "node-b", artifacts) for p in d.rglob("*") if p.is_file()]
+    assert any(p.name == "report.md" for p in files) and any(p.suffix == ".log" for p in files)
+    for secret in (PASSWORD, USER):
+        assert not [r for r in recorded if secret in r], secret
+        assert not [p for p in files if secret.encode() in p.read_bytes()], secret
