@@ -86,10 +86,11 @@ def _node_a(tmp_path, storage, uri, env_extra=None, *extra) -> tuple[subprocess.
     return proc, held
 
 
-def _preempt(tmp_path, storage, uri) -> dict:
-    """SIGTERM node A after its third epoch; its results folder deleted; the held marker."""
+def _preempt(tmp_path, storage, uri, sig=signal.SIGTERM) -> dict:
+    """SIGTERM (or `sig`) node A after its third epoch; its results folder deleted; the held
+    marker."""
     proc, held = _node_a(tmp_path, storage, uri)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, out[-3000:]
     shutil.rmtree(tmp_path / "node-a")
@@ -127,9 +128,10 @@ def _steps(client, run) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc"))
 
 
-def test_a_preempted_trial_resumes_on_another_node_from_the_shared_state(tmp_path, stores):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_preempted_trial_resumes_on_another_node_from_the_shared_state(tmp_path, stores, sig):
     storage, uri, artifacts = stores
-    held = _preempt(tmp_path, storage, uri)
+    held = _preempt(tmp_path, storage, uri, sig)
     _node_b(tmp_path, storage, uri)
     first, dead, retry, again, client = _attempts(storage, uri)
     assert held["trial"] == first.number
