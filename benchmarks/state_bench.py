@@ -124,6 +124,7 @@ def quickstart(folder: Path) -> None:
     up = statistics.median(r["upload_s"] for r in rows)
     epoch = statistics.median(r["epoch_s"] for r in rows)
     paid = statistics.median(r["upload_s"] for r in background.rows)
+    epoch_bg = statistics.median(r["epoch_s"] for r in background.rows)
     print(f"quickstart: {len(rows)} epochs; state {size / 2**10:.1f} KB per epoch")
     most = max(r["upload_s"] for r in rows)
     print(
@@ -134,7 +135,9 @@ def quickstart(folder: Path) -> None:
         f"quickstart: background upload: the training thread pays {1000 * paid:.2f} ms per "
         f"epoch; {stats.get('state_uploads', 0):.0f} of {len(background.rows)} states uploaded "
         "(a state offered while one uploads replaces the one waiting), "
-        f"{stats.get('state_upload_seconds', 0) * 1000:.1f} ms each"
+        f"{stats.get('state_upload_seconds', 0) * 1000:.1f} ms each; "
+        f"epoch {1000 * epoch_bg:.0f} ms "
+        "(the uploads share the CPU with training: here the server runs on the same machine)"
     )
 
 
