@@ -125,6 +125,9 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
         previous = trial.study.trials[retry_of]
         tags[Tag.RETRY_OF] = previous.user_attrs.get("mlflow_run_id", "")
         tags[Tag.RETRY_OF_TRIAL] = str(retry_of)
+        if tags[Tag.RETRY_OF]:  # failed by Optuna's heartbeat as the trial started: its run too
+            dead = {Tag.OPTUNA_STATE: "FAIL", Tag.FAULT: "killed"}
+            tracking.end_if_running(ctx.client, tags[Tag.RETRY_OF], dead)
     shared = ctx.client if ctx.opts.shared() else None  # resume states in the runs' artifacts
     resume, note = find_resume(results, ctx.study_name, trial, config, shared)
     if note:

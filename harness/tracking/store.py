@@ -468,6 +468,15 @@ def end_run_tagged(
     _write_end(client, run_id, status, tags, metrics, [], [])
 
 
+def end_if_running(client: MlflowClient, run_id: str, tags: dict[str, str]) -> bool:
+    """End a run KILLED with `tags` if it is still RUNNING (a dead attempt's, found by its
+    retry); whether it was."""
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    end_run_tagged(client, run_id, "KILLED", tags)
+    return True
+
+
 def _write_end(client, run_id, status, tags, metrics, epochs: list, params: list) -> None:
     now = int(time.time() * 1000)
     ms = epochs + [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
