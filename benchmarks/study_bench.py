@@ -216,7 +216,7 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
     from harness.study import objective as objective_mod
     from harness.study import retention
     from harness.study import search as study
-    from harness.tracking import provenance, registry, ui
+    from harness.tracking import provenance, registry, sysmetrics, ui
     from harness.tracking import store as tracking
 
     clock = Clock()
@@ -269,15 +269,15 @@ def bookkeeping(n_trials: int, window: int = 10) -> list[str]:
 
     study.open_storage, study.make_sampler, study.make_pruner = storage, sampler, pruner
     # tracking: every function of the tracking layer, the epoch logger, the system monitor
-    monitor = tracking.system_monitor
+    monitor = sysmetrics.system_monitor
 
     def system_monitor(*a, **k):
         m = monitor(*a, **k)
         m.finish = clock.wrap(m.finish, "tracking")
         return m
 
-    tracking.system_monitor = system_monitor
-    for module in (tracking, registry, provenance, ui):  # the tracking layer's functions
+    sysmetrics.system_monitor = system_monitor
+    for module in (tracking, registry, provenance, ui, sysmetrics):  # the tracking layer
         for name in dir(module):
             fn = getattr(module, name)
             ours = getattr(fn, "__module__", "") == module.__name__ and name[0] != "_"

@@ -100,6 +100,13 @@ def _run_parser() -> argparse.ArgumentParser:
         help="each trial trains data-parallel on K devices (GPUs of the node, or CPU processes): "
         "the same as --set train.devices_per_trial=K",
     )
+    p.add_argument(
+        "--heartbeat-grace",
+        type=float,
+        metavar="S",
+        help="on an RDB storage, a trial whose process sent no heartbeat for S seconds (a dead "
+        "node) is failed and retried, from its resume state in the shared store (default: 120)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     _common(p)
     return p
@@ -250,6 +257,8 @@ def cmd_run(args) -> int:
         raise SpecError(f"--n-trials {args.n_trials}: must be at least 1")
     if args.timeout is not None and args.timeout <= 0:
         raise SpecError(f"--timeout {args.timeout}: must be positive")
+    if args.heartbeat_grace is not None and args.heartbeat_grace < 2:
+        raise SpecError(f"--heartbeat-grace {args.heartbeat_grace:g}: must be at least 2 s")
     if args.workers is not None and not (
         args.workers == "auto" or (args.workers.isdigit() and int(args.workers) >= 1)
     ):
@@ -279,6 +288,7 @@ def cmd_run(args) -> int:
         workers=args.workers,
         worker=args.worker,
         argv=tuple(_without_workers(args.argv)),
+        heartbeat_grace=args.heartbeat_grace,
     )
     summary = run_study(spec, opts)
     if not args.worker:

@@ -81,8 +81,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(backend: str, artifacts: Path, port: int) -> subprocess.Popen:
-    """`mlflow server` on `backend` (a database URL) in its own process group, once healthy."""
+def start_mlflow_server(
+    backend: str, artifacts: Path, port: int, extra: tuple[str, ...] = (), env: dict | None = None
+) -> subprocess.Popen:
+    """`mlflow server` on `backend` (a database URL) in its own process group, once healthy;
+    `extra` arguments (`--app-name basic-auth`) and `env` added."""
     import os
     import signal
     import time
@@ -104,8 +107,9 @@ def start_mlflow_server(backend: str, artifacts: Path, port: int) -> subprocess.
             str(port),
             "--workers",
             "1",
+            *extra,
         ],  # fmt: skip
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -4,7 +4,9 @@ What lives here, under a results folder:
 - a complete trial's **best weights** (`checkpoints/STUDY/trial-N-best.pt`), kept while the
   retention policy keeps them, and their MLflow copy's artifact folder (`ARTIFACT_DIR`);
 - a running or interrupted trial's **resume state** (`resume/STUDY/trial-N.pt`) and the mark
-  that a stopping process leaves beside it (`trial-N.stopped`);
+  that a stopping process leaves beside it (`trial-N.stopped`); on shared stores, its copy in
+  the trial run's artifacts (`SHARED_STATE_DIR`: `state-EPOCH.pt` with its record
+  `state-EPOCH.json`) and the staging folder of its background upload (`trial-N.upload/`);
 - the **source models'** cache (`sources/KEY.pt` with `KEY.json`), and their registry copy's
   artifact folder (`SOURCE_ARTIFACT_DIR`);
 - a meta-learned initialization written for another study (`save_init`).
@@ -16,6 +18,8 @@ given here; nothing else builds a `.pt` path or globs for one (tests/test_archit
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,6 +32,7 @@ ARTIFACT_DIR = "checkpoints"  # a trial run's artifact folder holding its best w
 SOURCE_ARTIFACT_DIR = "source"  # a source model's run: its weights file
 STATE_DICT = "state_dict.pt"  # a registered MLflow PyTorch model, saved as plain weights
 WEIGHT_SUFFIXES = (".pt", ".pth")  # what a user's own weights file may be called
+SHARED_STATE_DIR = "resume"  # a trial run's artifact folder holding its latest resume state
 
 
 # --- Names ---------------------------------------------------------------------------------------
@@ -52,6 +57,36 @@ def best_weights_path(results: Path, study_name: str, number: int) -> Path:
 def resume_path(results: Path, study_name: str, number: int) -> Path:
     """The resume state of a running trial: kept while it runs or after it was interrupted."""
     return _folder(results, "resume", study_name) / f"trial-{number}.pt"
+
+
+def shared_state_names(epoch: int) -> tuple[str, str]:
+    """The artifact names (in `SHARED_STATE_DIR`) of a resume state of `epoch` in the shared
+    store: (the state, its record: epoch, size, SHA-256, written once the state is whole)."""
+    return f"state-{epoch:05d}.pt", f"state-{epoch:05d}.json"
+
+
+def shared_state_epoch(name: str) -> tuple[int, str] | None:
+    """(epoch, "state" or "record") of an artifact name that `shared_state_names` gave."""
+    stem, _, suffix = name.rpartition("/")[2].partition(".")
+    if not stem.startswith("state-") or not stem[6:].isdigit() or suffix not in ("pt", "json"):
+        return None
+    return int(stem[6:]), "state" if suffix == "pt" else "record"
+
+
+def upload_staging(resume_file: Path, epoch: int) -> Path:
+    """Where the state of `epoch` of a trial's resume file waits for its background upload,
+    under its shared name (its folder made)."""
+    return _made(Path(resume_file).with_suffix(".upload") / shared_state_names(epoch)[0])
+
+
+def fetch_folder(results: Path, study_name: str, number: int) -> Path:
+    """Where trial `number` downloads a shared state before it becomes its local cache."""
+    return resume_path(results, study_name, number).with_suffix(".upload")
+
+
+def adopt(fetched: Path, results: Path, study_name: str, number: int) -> Path:
+    """A fetched shared state made trial `number`'s local resume state (this node's cache)."""
+    return Path(fetched).replace(_made(resume_path(results, study_name, number)))
 
 
 def stopped_mark(results: Path, study_name: str, number: int) -> Path:
@@ -118,6 +153,17 @@ def _write(path: str | Path, write) -> Path:
     raise AssertionError("not reached")
 
 
+def stage(local: Path, staged: Path) -> Path:
+    """`staged` made the same file as `local` now (a hard link, or a copy where the filesystem
+    has none): a later atomic write of `local` leaves it as it is."""
+    staged.unlink(missing_ok=True)
+    try:
+        os.link(local, staged)
+    except OSError:
+        shutil.copyfile(local, staged)
+    return staged
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state_dict file, loaded without unpickling code (weights_only)."""
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -167,6 +213,7 @@ def drop_resume(results: Path, study_name: str, number: int) -> None:
     """A trial's resume state gone; the study's resume folder too once empty (and `resume/`)."""
     path = resume_path(results, study_name, number)
     path.unlink(missing_ok=True)
+    shutil.rmtree(path.with_suffix(".upload"), ignore_errors=True)  # uploads, fetches
     for folder in (path.parent, path.parent.parent):
         try:
             folder.rmdir()  # only an empty one: another trial's state or mark keeps it

@@ -53,7 +53,9 @@ _WRONG_TEXT = (
     "no pg_hba.conf entry",
     "permission denied",
     "invalid dsn",
+    "you are not authenticated",  # an MLflow server's login refused (401)
 )
+LOGIN_REFUSED = (401, 403)  # a tracking server's answer to a wrong login: never retried
 _AWAY_TYPES = {  # (module prefix, class name): errors of a connection, not of a request
     ("psycopg", "OperationalError"),
     ("psycopg", "InterfaceError"),
@@ -201,6 +203,8 @@ def _away(e: BaseException, remote: bool) -> bool:
         return True
     if remote and name in ("MlflowException", "RestException"):  # the tracking server's 5xx
         status = getattr(e, "get_http_status_code", lambda: 0)()
+        if status in LOGIN_REFUSED:
+            return False
         return status >= 500 or "api request to" in text
     return False
 

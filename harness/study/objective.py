@@ -24,7 +24,7 @@ from harness.config.spec import (
     trial_config,
 )
 from harness.config.tags import Tag
-from harness.core import checkpoints, resume_state, tasks
+from harness.core import checkpoints, tasks
 from harness.core.shared import seed_everything
 from harness.data import datacache
 from harness.infra import envfaults
@@ -33,14 +33,18 @@ from harness.study import inputs
 from harness.study.recovery import (
     Interrupted,
     TrialWatch,
+    attempts,
     fault_kind,
+    find_resume,
     mark_stopped,
     requeue,
 )
 from harness.study.space import PruneOnEpoch, suggest
-from harness.tracking import runs
+from harness.tracking import runs, states, sysmetrics
 from harness.tracking import store as tracking
 from harness.tracking.runs import StudyOptions
+
+UPLOAD_GRACE = 60.0  # seconds a stopped attempt waits for its last state's upload
 
 
 @dataclass
@@ -118,16 +122,20 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
         tags[Tag.SOURCE_MODEL] = pretrained_desc
     tags.update(runs.provenance(config))
     retry_of = trial.user_attrs.get(Tag.RETRY_OF)
-    resume_from = None
     results = ctx.opts.results
     resume_file = checkpoints.resume_path(results, ctx.study_name, trial.number)
+    earlier = attempts(trial)  # the attempts this one retries, the latest first
     if retry_of is not None:
         previous = trial.study.trials[retry_of]
         tags[Tag.RETRY_OF] = previous.user_attrs.get("mlflow_run_id", "")
         tags[Tag.RETRY_OF_TRIAL] = str(retry_of)
-        resume_from = checkpoints.take_over_resume(results, ctx.study_name, retry_of, trial.number)
-        if resume_from is None:  # another node's attempt, or it died before its first epoch ended
-            tags[Tag.RESUME] = "restarted from epoch 1: no resume state on this node"
+        if tags[Tag.RETRY_OF]:  # failed by Optuna's heartbeat as the trial started: its run too
+            dead = {Tag.OPTUNA_STATE: "FAIL", Tag.FAULT: "killed"}
+            tracking.end_if_running(ctx.client, tags[Tag.RETRY_OF], dead)
+    shared = ctx.client if ctx.opts.shared() else None  # resume states in the runs' artifacts
+    resume, note = find_resume(results, ctx.study_name, trial, config, shared)
+    if note:
+        tags[Tag.RESUME] = note
     trial.set_user_attr(Tag.HOST, socket.gethostname())
     trial.set_user_attr(Tag.PID, os.getpid())
     started = time.perf_counter()
@@ -150,22 +158,21 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
     multi = spec.objective.metrics is not None  # Optuna cannot prune (or report) those
     pruner = PruneOnEpoch(trial, spec.objective.metric, enabled=not is_baseline, report=not multi)
     state, end_tags, status, end_metrics = "FAIL", {}, None, {}
-    monitor = tracking.system_monitor(
+    uploads = states.Uploads(ctx.client, run_id) if shared is not None else None
+    monitor = sysmetrics.system_monitor(
         run_id, spec.search.system_metrics_interval, ctx.opts.tracking()
     )
     try:
         seed_everything(config.seed)
         model = tasks.build(config, data, pretrained)
-        resume = None
-        if resume_from is not None:
-            resume = resume_state.load_state_file(resume_from)
+        if resume is not None:
             for epoch, m in enumerate(resume["history"], 1):  # the pruner sees the whole curve
                 if not multi:
                     trial.report(m[spec.objective.metric], epoch)
             end_tags[Tag.RESUMED_FROM_EPOCH] = resume["epoch"]
         callbacks = [
             logger,
-            TrialWatch(trial, resume_file, logger),
+            TrialWatch(trial, resume_file, logger, uploads),
             pruner,
             ctx.progress.epoch_line(trial.number, config.epochs, KINDS[config.task.kind].headline),
         ]
@@ -217,6 +224,9 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
         ending = time.perf_counter()
         monitor.finish()
         stopping = isinstance(sys.exc_info()[1], envfaults.EnvironmentStop)
+        if uploads is not None:  # a stopped attempt's last state goes up before its re-queue
+            keep = status == "KILLED" and not stopping
+            end_metrics = {**end_metrics, **uploads.finish(upload=keep, timeout=UPLOAD_GRACE)}
         with envfaults.while_stopping(stopping):  # a store still away: the next start mends it
             runs.end(
                 run,
@@ -224,10 +234,12 @@ def objective(ctx: Context, trial: optuna.Trial) -> float:
                 {Tag.OPTUNA_STATE: state, **end_tags},
                 end_metrics,
             )
-        if status != "KILLED":  # a finished or faulty attempt is not resumed: its state goes
-            for number in (trial.number, retry_of):
-                if number is not None:
-                    checkpoints.drop_resume(results, ctx.study_name, number)
+        if status != "KILLED":  # a finished or faulty attempt is not resumed: its states go
+            for number in (trial.number, *(t.number for t in earlier)):
+                checkpoints.drop_resume(results, ctx.study_name, number)
+            if shared is not None:
+                ids = [run_id, *(t.user_attrs.get("mlflow_run_id") for t in earlier)]
+                states.delete_states(ctx.client, [i for i in ids if i])
             # best weights of an attempt that is not COMPLETE (this one failing after writing
             # them, the attempt this one retried) are never retained: they go too
             for number in (retry_of, None if state == "COMPLETE" else trial.number):

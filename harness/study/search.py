@@ -33,6 +33,7 @@ from harness.study.finish import finish_report, summarize
 from harness.study.objective import Context, end_parent, first_config, preflight, run_attempt
 from harness.study.recovery import (
     FINISHED,
+    SIGNALS,
     ExactBudget,
     SameFailure,
     raise_interrupted,
@@ -107,7 +108,9 @@ def _open_study(
     data_hash: str | None = None,
     handover: warm.Handover | None = None,
 ):
-    storage = _retry(lambda: open_storage(opts.storage_url()), "the Optuna storage")
+    storage = _retry(
+        lambda: open_storage(opts.storage_url(), opts.heartbeat_grace), "the Optuna storage"
+    )
     sampler, pruner = make_sampler(spec, _sampler_salt(opts)), make_pruner(spec)
     try:
         study = optuna.create_study(
@@ -309,7 +312,7 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
     status = "FINISHED"
     handlers = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in SIGNALS:
             handlers[sig] = signal.signal(sig, raise_interrupted)
     try:
         while done < target:

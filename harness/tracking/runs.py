@@ -54,6 +54,12 @@ class StudyOptions:
     workers: str | None = None  # N or auto: this process spawns N workers of the study
     worker: bool = False  # a spawned worker: it runs trials; the spawner reports
     argv: tuple[str, ...] = ()  # the command line, for the spawned workers
+    heartbeat_grace: float | None = None  # RDB storages: a dead node's trial, retried after
+
+    def shared(self) -> bool:
+        """Shared stores (an RDB storage and a tracking server): every node reaches the
+        resume states, in the trial runs' artifacts."""
+        return "://" in self.storage_url() and not tracking.is_local_store(self.tracking())
 
     def storage_url(self) -> str:
         return self.storage or str(self.results / "optuna.journal")

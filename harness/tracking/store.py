@@ -12,7 +12,6 @@ FAILED; an attempt interrupted (SIGTERM, a dead process) ends KILLED.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from harness.config.metrics import best_name
+from harness.config.spec import SpecError
 from harness.config.tags import Tag
 from harness.infra import envfaults
 
@@ -66,7 +66,28 @@ def connect(tracking_uri: str) -> MlflowClient:
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     calls = [n for n in dir(MlflowClient) if not n.startswith("_")]
-    return envfaults.wrap_methods(client, calls, **_store(tracking_uri))
+    client = envfaults.wrap_methods(client, calls, **_store(tracking_uri))
+    if not is_local_store(tracking_uri):
+        _check_login(client, tracking_uri)
+    return client
+
+
+def _check_login(client: MlflowClient, tracking_uri: str) -> None:
+    """A tracking server that refuses the login (MLflow's basic-auth app: the user and password
+    come from MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, which the harness never
+    logs, tags or prints) is the user's error, said in one line (exit 2), not an outage."""
+    try:
+        client.search_experiments(max_results=1)
+    except mlflow.exceptions.MlflowException as err:
+        status = err.get_http_status_code()
+        if status not in envfaults.LOGIN_REFUSED:
+            raise
+        what = "refused the login" if status == 401 else "refused this user"
+        raise SpecError(
+            f"the MLflow tracking server {redact(tracking_uri)} {what} (HTTP {status}): set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server "
+            "with access to the experiment"
+        ) from None
 
 
 def _store(tracking_uri: str) -> dict[str, Any]:
@@ -173,55 +194,6 @@ def _write_texts(artifact_uri: str, texts: dict[str, str]) -> None:
 def redact(url: str) -> str:
     """A storage or tracking URL with any password replaced by ***."""
     return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
-
-
-class _DeferredMonitor:
-    """MLflow's system-metrics monitor, started only once the run has lasted `interval`
-    seconds: a shorter run would log no sample anyway (the monitor logs its first one after an
-    interval), and building and stopping it (its thread, a GPU probe, a read of the run at
-    its end) cost a short trial tens of milliseconds."""
-
-    def __init__(self, run_id: str, interval: float, tracking_uri: str):
-        self.args = (run_id, interval, tracking_uri)
-        self.lock, self.monitor, self.done = threading.Lock(), None, False
-        self.timer = threading.Timer(interval, self._start)
-        self.timer.daemon = True
-        self.timer.start()
-
-    def _start(self) -> None:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        run_id, interval, uri = self.args
-        with self.lock:
-            if self.done:
-                return
-            self.monitor = SystemMetricsMonitor(
-                run_id, sampling_interval=interval, samples_before_logging=1, tracking_uri=uri
-            )
-            self.monitor.start()
-
-    def finish(self) -> None:
-        self.timer.cancel()
-        with self.lock:
-            self.done = True
-            monitor, self.monitor = self.monitor, None
-        if monitor is None:
-            return
-        monitor.finish()
-        # A run that ends inside the monitor's first cycle (on a busy machine its thread may not
-        # get that far) has no sample yet: the one taken now, so it still has its figures.
-        if getattr(monitor, "_logging_step", 1) == 0:
-            with contextlib.suppress(Exception):
-                monitor.collect_metrics()
-                monitor.publish_metrics(monitor.aggregate_metrics())
-                monitor.mlflow_logger.flush()
-
-
-def system_monitor(run_id: str, interval: float, tracking_uri: str) -> _DeferredMonitor:
-    """MLflow's own system metrics (CPU, memory, disk, network; GPU where present) for a run,
-    sampled every `interval` seconds from `interval` seconds after the start (a run shorter than
-    two intervals has none). Call `.finish()` when the run ends."""
-    return _DeferredMonitor(run_id, interval, tracking_uri)
 
 
 class EpochLogger:
@@ -462,6 +434,15 @@ def end_run_tagged(
     """Tag a run (and log `metrics` at step 0), then end it with `status` (FINISHED, FAILED or
     KILLED)."""
     _write_end(client, run_id, status, tags, metrics, [], [])
+
+
+def end_if_running(client: MlflowClient, run_id: str, tags: dict[str, str]) -> bool:
+    """End a run KILLED with `tags` if it is still RUNNING (a dead attempt's, found by its
+    retry); whether it was."""
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    end_run_tagged(client, run_id, "KILLED", tags)
+    return True
 
 
 def _write_end(client, run_id, status, tags, metrics, epochs: list, params: list) -> None:

@@ -19,6 +19,9 @@ A holding trial writes `FOLDER/held-TRIAL-PID.json` ({trial, pid, epoch, written
 sleeps until `FOLDER/open` exists (the test creates it) or a signal ends it (SIGTERM's handler
 runs in the sleep). Each trial holds once. Every process the study starts inherits the
 environment: workers, DDP ranks (only rank 0 runs the trial's callbacks).
+
+`HARNESS_TEST_HOSTNAME=NAME` (on or without a hold) makes the process report NAME as its host:
+another node, on this machine (tests/test_nodes.py).
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ def _patch(module) -> None:
     k = int(os.environ.get("HARNESS_TEST_HOLD_EPOCH", "2"))
     init, on_checkpoint = watch.__init__, watch.on_checkpoint
 
-    def __init__(self, trial, resume_file, logger):
-        init(self, trial, resume_file, logger)
+    def __init__(self, trial, resume_file, logger, *args, **kwargs):
+        init(self, trial, resume_file, logger, *args, **kwargs)
         if when != "unflushed":
             return
         logger_epoch_end = logger.on_epoch_end
@@ -100,3 +103,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 if os.environ.get("HARNESS_TEST_HOLD"):
     sys.meta_path.insert(0, _Finder())
+if os.environ.get("HARNESS_TEST_HOSTNAME"):  # another node, as its trials' records see it
+    import socket
+
+    socket.gethostname = lambda: os.environ["HARNESS_TEST_HOSTNAME"]
