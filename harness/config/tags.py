@@ -52,7 +52,7 @@ class Tag:
     FAULT = "harness.fault"  # nan, diverged, oom, rank, killed, interrupted, disk_full, store
     ERROR = "harness.error"
     CHECKPOINT = "harness.checkpoint"  # where the best weights are (or that they were deleted)
-    RESUME = "harness.resume"
+    RESUME = "harness.resume"  # where a retry's state came from, or why it restarted at epoch 1
     RESUMED_FROM_EPOCH = "harness.resumed_from_epoch"
     RETRY_OF = "harness.retry_of"  # a retried attempt: the run (tag) or trial (attribute) retried
     RETRY_OF_TRIAL = "harness.retry_of_trial"
