@@ -293,3 +293,45 @@ def test_logging_the_model_leaves_the_trial_runs_duration_alone(study):
     assert run.info.end_time < version.creation_timestamp  # the model came after the trial
     took = (top.datetime_complete - top.datetime_start).total_seconds()
     assert (run.info.end_time - run.info.start_time) / 1000 < took + 5
+
+
+def test_registering_never_shows_the_ended_run_as_running(tmp_path, monkeypatch):
+    """Two processes of one study that end together both reach the registration: the one that
+    reads the best trial's run while the other registers its model must read it ended (a
+    reopen-and-restore once left that run RUNNING for good)."""
+    import threading
+
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow import MlflowClient
+
+    from harness.tracking import registry
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", uri)
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("reg", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(exp_id).info.run_id
+    client.set_terminated(run_id, "FINISHED")
+    before = client.get_run(run_id).info
+    seen, done = set(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.add(client.get_run(run_id).info.status)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+        example = np.zeros((2, 1, 8, 8), dtype=np.float32)
+        uri = registry.register_model(client, "reg", run_id, model, example, {})
+    finally:
+        done.set()
+        watcher.join()
+    after = client.get_run(run_id).info
+    assert seen == {"FINISHED"}
+    assert (after.status, after.end_time) == ("FINISHED", before.end_time)
+    assert uri == "models:/reg/1"
+    assert client.get_model_version("reg", "1").run_id == run_id

@@ -88,7 +88,12 @@ def _check_study(storage_url: str, tracking_uri: str, budget: int, n_workers: in
         t.number for t in trials if "mlflow_run_id" in t.user_attrs
     )  # one child run per trial attempt
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
-    assert all(r.info.status != "RUNNING" for r in runs)
+    running = [
+        (r.info.run_name, r.data.tags.get("harness.role"))
+        for r in runs
+        if r.info.status == "RUNNING"
+    ]
+    assert not running, f"runs left RUNNING: {running}"
     # the sampled parameters differ between workers (each has its own sampler seed)
     params = [tuple(sorted(t.params.items())) for t in finished if t.params]
     assert len(set(params)) == len(params)

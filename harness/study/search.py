@@ -292,7 +292,8 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
             f"Study {name!r} is done: {done} finished trials, budget {target}. "
             f"Give a larger --n-trials to extend it."
         )
-        return finish_report(study, opts, name, client)
+        with _stores_lock(opts.results):  # as at a study's end: reports in turn
+            return finish_report(study, opts, name, client)
     if opts.workers and not opts.worker:
         k = spec.train.devices_per_trial
         n = workers.worker_count(opts.workers, workers.visible_gpus(), k)
@@ -361,13 +362,18 @@ def run_study(spec: ExperimentSpec, opts: StudyOptions) -> report.Summary:
             end_parent(client, parent, status)
     if opts.worker:  # the process that spawned the workers reports, once
         return summarize(study, opts, name)
-    others = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
-    if others:  # other nodes still run trials of this study: the last one to end reports
-        print(
-            f"Trials {others} still run elsewhere; the node that finishes last writes the report."
-        )
-        return summarize(study, opts, name)
-    return finish_report(study, opts, name, client)
+    # processes of this machine that end together report in turn: the later one reuses what
+    # the first made (tests, model versions, soups), none reads a run the other holds open
+    with _stores_lock(opts.results):
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if running:  # other nodes still run trials of this study: the last one to end reports
+            others = [t.number for t in running]
+            print(
+                f"Trials {others} still run elsewhere; the node that finishes last writes the "
+                "report."
+            )
+            return summarize(study, opts, name)
+        return finish_report(study, opts, name, client)
 
 
 def _run_workers(study, opts, name, n, client, parent, progress, k=1) -> report.Summary:

@@ -203,8 +203,8 @@ def register_model(
     further fine-tuning work; the harness's own code goes with it (`code_paths`), so it loads
     where the harness is not installed. `classes` (the output index's class, in order) is the
     module's `classes` attribute and the model's metadata. `what` (e.g. "trial 12 of study
-    quickstart") starts the version's description. Logging into the finished run keeps its
-    end time: the UI's Duration stays the trial's own."""
+    quickstart") starts the version's description. The finished run is logged into by its id,
+    not reopened: its status and end time (the UI's Duration) stay the trial's own."""
     import torch
     import torchvision
     from mlflow import pytorch as mlflow_pytorch
@@ -221,24 +221,25 @@ def register_model(
         logits = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, logits)
     requirements = [f"{m.__name__}=={m.__version__.split('+')[0]}" for m in (torch, torchvision)]
-    ended = client.get_run(run_id).info
+    exp_id = client.get_run(run_id).info.experiment_id
     metadata = {"classes": getattr(model, "classes", None), "source_run": run_id}
-    with mlflow.start_run(run_id=run_id):  # reopened to log into it; its end time is put back
-        info = mlflow_pytorch.log_model(
-            model,
-            name="model",
-            signature=signature,
-            input_example=example,
-            pip_requirements=requirements,
-            serialization_format="pickle",
-            code_paths=[str(Path(__file__).resolve().parents[1])],
-            metadata=metadata,
-        )
-    client.set_terminated(run_id, ended.status, end_time=ended.end_time)
+    # logged into the ended run by its id, never reopened: its status and end time stay (a
+    # reopen-and-restore let a concurrent reader take the reopened RUNNING for the true state)
+    info = mlflow_pytorch.log_model(
+        model,
+        name="model",
+        signature=signature,
+        input_example=example,
+        pip_requirements=requirements,
+        serialization_format="pickle",
+        code_paths=[str(Path(__file__).resolve().parents[1])],
+        metadata=metadata,
+        run_id=run_id,
+    )
     tags = {k: f"{v:.6g}" for k, v in metrics.items()} | {Tag.FORMAT: "mlflow-pytorch"}
     figures = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "acc" in k)
     description = (
-        f"[{what or 'run ' + run_id}]({run_link(ended.experiment_id, run_id)}): {figures}. "
+        f"[{what or 'run ' + run_id}]({run_link(exp_id, run_id)}): {figures}. "
         "Raw uint8 images (N, C, H, W) in, logits out; "
         f"output i is class {metadata['classes']}[i]. Load it with "
         f"mlflow.pytorch.load_model('models:/{name}/{{version}}') (a torch.nn.Module: .eval(), "
