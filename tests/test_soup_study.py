@@ -311,7 +311,11 @@ def test_registering_never_shows_the_ended_run_as_running(tmp_path, monkeypatch)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", uri)
     client = MlflowClient(uri)
+    client.search_experiments()  # the store and its Default experiment (artifacts: ./mlruns)
     exp_id = client.create_experiment("reg", artifact_location=(tmp_path / "art").as_uri())
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
     run_id = client.create_run(exp_id).info.run_id
     client.set_terminated(run_id, "FINISHED")
     before = client.get_run(run_id).info
@@ -334,4 +338,9 @@ def test_registering_never_shows_the_ended_run_as_running(tmp_path, monkeypatch)
     assert seen == {"FINISHED"}
     assert (after.status, after.end_time) == ("FINISHED", before.end_time)
     assert uri == "models:/reg/1"
-    assert client.get_model_version("reg", "1").run_id == run_id
+    version = client.get_model_version("reg", "1")
+    assert version.run_id == run_id
+    (logged,) = client.search_logged_models(experiment_ids=["0", exp_id])  # not in Default
+    assert (logged.experiment_id, logged.source_run_id) == (exp_id, run_id)
+    assert logged.status.to_proto() == logged.status.READY.to_proto()
+    assert list(work.iterdir()) == []  # nothing under the working folder (./mlruns)

@@ -221,10 +221,16 @@ def register_model(
         logits = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, logits)
     requirements = [f"{m.__name__}=={m.__version__.split('+')[0]}" for m in (torch, torchvision)]
-    exp_id = client.get_run(run_id).info.experiment_id
+    run = client.get_run(run_id)
+    exp_id = run.info.experiment_id
     metadata = {"classes": getattr(model, "classes", None), "source_run": run_id}
     # logged into the ended run by its id, never reopened: its status and end time stay (a
-    # reopen-and-restore let a concurrent reader take the reopened RUNNING for the true state)
+    # reopen-and-restore let a concurrent reader take the reopened RUNNING for the true state).
+    # The logged model is made in the run's experiment: without an active run MLflow would put
+    # it in the Default experiment (and its artifacts under ./mlruns, or be refused by a login)
+    logged = mlflow.initialize_logged_model(
+        name="model", source_run_id=run_id, params=run.data.params, experiment_id=exp_id
+    )
     info = mlflow_pytorch.log_model(
         model,
         name="model",
@@ -235,6 +241,7 @@ def register_model(
         code_paths=[str(Path(__file__).resolve().parents[1])],
         metadata=metadata,
         run_id=run_id,
+        model_id=logged.model_id,
     )
     tags = {k: f"{v:.6g}" for k, v in metrics.items()} | {Tag.FORMAT: "mlflow-pytorch"}
     figures = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "acc" in k)
