@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+# pytest-xdist's workers share the cores: each (and the study processes it starts) gets its
+# share of threads instead of every process spinning one per core. Set before torch loads;
+# a value in the environment wins.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+
+# The longest files first (the end-to-end ones, by the suite's measured durations: `make test`
+# prints them), each to one worker (`--dist loadfile --no-loadscope-reorder`): the workers end
+# together, not one of them running a long file alone at the end.
+LONGEST_FIRST = (
+    "test_faults.py",
+    "test_nodes.py",
+    "test_distributed.py",
+    "test_workers.py",
+    "test_tasks.py",
+    "test_outages.py",
+    "test_envfaults.py",
+    "test_kernel.py",
+    "test_study.py",
+    "test_warm_start.py",
+    "test_reproduce.py",
+    "test_soup_study.py",
+    "test_ui.py",
+    "test_ablation.py",
+)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"

@@ -29,6 +29,7 @@ SLOW = [
     "train.epochs=4",
     "search.pruner=none",
     "search.flush_seconds=0.5",  # metrics, resume state and heartbeat about every other epoch
+    "search.soup=none",  # what is checked here is the trials' recovery (soups: test_soup_study)
 ]
 
 
