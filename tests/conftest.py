@@ -42,6 +42,7 @@ def pytest_collection_modifyitems(items) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
 
+
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
 # Tiny end-to-end settings: a short source pretraining and 2-epoch trials.

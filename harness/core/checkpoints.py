@@ -73,15 +73,21 @@ def shared_state_epoch(name: str) -> tuple[int, str] | None:
     return int(stem[6:]), "state" if suffix == "pt" else "record"
 
 
+def _transfers(resume_file: Path) -> Path:
+    """The folder beside a trial's resume file of its shared states in transit: the staged
+    uploads and the fetched downloads (`drop_resume` removes it with the state)."""
+    return Path(resume_file).with_suffix(".upload")
+
+
 def upload_staging(resume_file: Path, epoch: int) -> Path:
     """Where the state of `epoch` of a trial's resume file waits for its background upload,
     under its shared name (its folder made)."""
-    return _made(Path(resume_file).with_suffix(".upload") / shared_state_names(epoch)[0])
+    return _made(_transfers(resume_file) / shared_state_names(epoch)[0])
 
 
 def fetch_folder(results: Path, study_name: str, number: int) -> Path:
     """Where trial `number` downloads a shared state before it becomes its local cache."""
-    return resume_path(results, study_name, number).with_suffix(".upload")
+    return _transfers(resume_path(results, study_name, number))
 
 
 def adopt(fetched: Path, results: Path, study_name: str, number: int) -> Path:
@@ -213,7 +219,7 @@ def drop_resume(results: Path, study_name: str, number: int) -> None:
     """A trial's resume state gone; the study's resume folder too once empty (and `resume/`)."""
     path = resume_path(results, study_name, number)
     path.unlink(missing_ok=True)
-    shutil.rmtree(path.with_suffix(".upload"), ignore_errors=True)  # uploads, fetches
+    shutil.rmtree(_transfers(path), ignore_errors=True)
     for folder in (path.parent, path.parent.parent):
         try:
             folder.rmdir()  # only an empty one: another trial's state or mark keeps it

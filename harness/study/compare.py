@@ -69,7 +69,8 @@ def record(source: warm.Source, study, opts: StudyOptions) -> compare.StudyRecor
     parent_metrics = dict(parent.data.metrics) if parent else {}
     best = complete[0] if complete else None
     best_run = best.attrs.get("mlflow_run_id") if best else None
-    best_metrics = _metrics(client, best_run)
+    best_data = client.get_run(best_run).data if best_run else None
+    best_metrics = dict(best_data.metrics) if best_data else {}
     test_metric = "test_acc"
     if kind == "meta":
         shots = sorted(k for k in best_metrics if k.startswith("meta_test_acc_"))
@@ -97,7 +98,7 @@ def record(source: warm.Source, study, opts: StudyOptions) -> compare.StudyRecor
     correct, y, data_hash = None, None, study.user_attrs.get(Tag.DATA_HASH)
     curve = []
     if best_run:
-        data_hash = client.get_run(best_run).data.tags.get(Tag.DATA_HASH, data_hash)
+        data_hash = best_data.tags.get(Tag.DATA_HASH, data_hash)
         stored = tracking.load_predictions(best_run)
         if stored is not None:
             correct, y = np.asarray(stored[0]) == np.asarray(stored[1]), tuple(stored[1])
@@ -110,11 +111,11 @@ def record(source: warm.Source, study, opts: StudyOptions) -> compare.StudyRecor
     ends = [t.datetime_complete for t in finished if t.datetime_complete]
     seconds = (max(ends) - min(starts)).total_seconds() if starts and ends else None
     first = best or base  # the chosen model's settings (the baseline keeps the recipe's)
+    space = _space(parent.data.params if parent else {})
     fixed = {}
     if first is not None and first.attrs.get("mlflow_run_id"):
         params = client.get_run(first.attrs["mlflow_run_id"]).data.params
-        searched = set(_space(parent.data.params if parent else {}))
-        fixed = {k: v for k, v in params.items() if k not in searched and k != "name"}
+        fixed = {k: v for k, v in params.items() if k not in space and k != "name"}
     return compare.StudyRecord(
         label=source.label,
         kind=kind,
@@ -131,7 +132,7 @@ def record(source: warm.Source, study, opts: StudyOptions) -> compare.StudyRecor
         correct=correct,
         y=y,
         fixed=fixed,
-        space=_space(parent.data.params if parent else {}),
+        space=space,
         notes=tuple(notes),
         maximize=summary.direction == "maximize",
     )

@@ -283,9 +283,9 @@ def summarize(study: optuna.Study, opts: StudyOptions, name: str) -> report.Summ
     notes = []
     sources = study.user_attrs.get(Tag.WARM_START_FROM) or []
     if sources:
-        handed = ", ".join(f"{s['source']} ({s['trials']} trials)" for s in sources)
         notes.append(
-            f"Warm-started from {handed}: handed to the sampler, not counted or reported here."
+            f"Warm-started from {warm.named(sources)}: handed to the sampler, not counted or "
+            "reported here."
         )
         notes += warm.data_notes(sources, study.user_attrs.get(Tag.DATA_HASH))
     return report.Summary(

@@ -101,11 +101,11 @@ def find_resume(results: Path, study_name: str, trial, config, client=None):
             return state, f"resumed from epoch {state['epoch']}: this node's state"
         except Exception as err:  # a file cut or changed, another config: the shared one may do
             problems.append(f"this node's state: {err}"[:300])
+    folder = checkpoints.fetch_folder(results, study_name, trial.number)
     for attempt in earlier if client is not None else ():
         run_id = attempt.user_attrs.get("mlflow_run_id")
         if not run_id:
             continue
-        folder = checkpoints.fetch_folder(results, study_name, trial.number)
         try:
             found = states.fetch_state(client, run_id, folder)
             if found is None:

@@ -167,9 +167,7 @@ def _open_study(
     if handover is not None:  # after the queued trials: the baseline stays trial 0
         study.add_trials(handover.trials)
         study.set_user_attr(Tag.WARM_START_FROM, handover.sources)
-        tags[Tag.WARM_START_FROM] = ", ".join(
-            f"{s['source']} ({s['trials']} trials)" for s in handover.sources
-        )
+        tags[Tag.WARM_START_FROM] = warm.named(handover.sources)
     settings = {
         "study.name": name,
         "study.storage": tracking.redact(opts.storage_url()),

@@ -214,6 +214,12 @@ def gather(spec: ExperimentSpec, opts: StudyOptions) -> Handover:
     return out
 
 
+def named(sources: list[dict]) -> str:
+    """The studies a warm start came from, with their handed-over trials: the parent run's
+    tag and the report's note."""
+    return ", ".join(f"{s['source']} ({s['trials']} trials)" for s in sources)
+
+
 def data_notes(sources: list[dict], data_hash: str | None) -> list[str]:
     """The sources' data against the new study's: the report's lines about it."""
     out = []

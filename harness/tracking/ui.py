@@ -22,11 +22,6 @@ UI_APP = "harness-ui"  # MLflow's app with the training view as default (trackin
 TRIAL_RUNS = "attributes.run_name LIKE 'trial-%'"
 
 
-# MLflow's runs table keeps a shareable view as an experiment tag (`Tag.SHARED_VIEW`); MLflow
-# has no Python API for it, so the harness writes the tag the UI reads.
-SHARED_VIEW = Tag.SHARED_VIEW
-
-
 def view_key(study_name: str) -> str:
     return "harness-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in study_name)
 
@@ -55,14 +50,20 @@ def save_study_view(
         "orderByAsc": True,
         "selectedColumns": columns,
     }
-    key = view_key(study_name)
-    client.set_experiment_tag(exp_id, SHARED_VIEW + key, json.dumps(state))
+    key = view_key(study_name)  # MLflow has no Python API for a view: the tag its UI reads
+    client.set_experiment_tag(exp_id, Tag.SHARED_VIEW + key, json.dumps(state))
     return key
 
 
+def study_link(exp_id: str, key: str) -> str:
+    """The study's saved view of its experiment's runs table, in the training view, relative
+    like `run_link`."""
+    return f"#/experiments/{exp_id}/runs?{RUNS_VIEW}&viewStateShareKey={key}"
+
+
 def study_url(base: str, exp_id: str, key: str) -> str:
-    """The study's saved view of its experiment's runs table, in the training view."""
-    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?{RUNS_VIEW}&viewStateShareKey={key}"
+    """`study_link` at the UI's address `base`."""
+    return f"{base.rstrip('/')}/{study_link(exp_id, key)}"
 
 
 def run_link(exp_id: str, run_id: str) -> str:
@@ -83,8 +84,7 @@ def study_description(
 ) -> str:
     """The study's parent run description: links to its trials (its saved view), its best
     trial (number, run id) and its registered model, each in the training view."""
-    view = f"#/experiments/{exp_id}/runs?{RUNS_VIEW}&viewStateShareKey={key}"
-    lines = [f"Optuna study **{name}**: [its trial runs, best first]({view})."]
+    lines = [f"Optuna study **{name}**: [its trial runs, best first]({study_link(exp_id, key)})."]
     if best is not None:
         lines.append(f"Best trial: [trial-{best[0]}]({run_link(exp_id, best[1])}).")
     if model is not None:
@@ -117,7 +117,7 @@ def study_urls(tracking_uri: str, base: str) -> list[tuple[str, str]]:
         for parent in client.search_runs([e.experiment_id], f"tags.`{Tag.ROLE}` = 'study'"):
             name = parent.info.run_name
             key = view_key(name)
-            if SHARED_VIEW + key in e.tags:
+            if Tag.SHARED_VIEW + key in e.tags:
                 out.append((name, study_url(base, e.experiment_id, key)))
             else:  # a study that has not reported yet
                 out.append((name, experiment_url(base, e.experiment_id)))

@@ -9,11 +9,12 @@ Python process at start (`sitecustomize`), makes trials wait at a chosen state:
 - `HARNESS_TEST_HOLD_EPOCH=K` (default 2) and `HARNESS_TEST_HOLD_FROM_TRIAL=N` (default 0):
   which trials and epochs hold.
 - `HARNESS_TEST_HOLD_WHEN=saved` (default): a trial holds right after its resume state of an
-  epoch >= K is written (its heartbeat and metrics are written with it), so a kill there
-  resumes from that epoch. `unflushed`: it holds at the end of the first epoch >= K after some
-  epoch's metrics (and resume state) were written, before its own metrics reach the logger:
-  that epoch, and any buffered since the last write, are not in MLflow (a kill "between two
-  flushes"), whatever the machine's speed.
+  epoch >= K is written (its heartbeat and metrics are written with it), and on shared
+  stores once its background upload is whole in the trial run's artifacts, so a kill there
+  resumes from that epoch, on this node or another. `unflushed`: it holds at the end of the
+  first epoch >= K after some epoch's metrics (and resume state) were written, before its own
+  metrics reach the logger: that epoch, and any buffered since the last write, are not in
+  MLflow (a kill "between two flushes"), whatever the machine's speed.
 
 A holding trial writes `FOLDER/held-TRIAL-PID.json` ({trial, pid, epoch, written_upto}) and
 sleeps until `FOLDER/open` exists (the test creates it) or a signal ends it (SIGTERM's handler
@@ -37,7 +38,7 @@ from pathlib import Path
 TARGET = "harness.study.recovery"
 
 
-def _hold(watch, epoch: int) -> None:
+def _hold(watch, epoch: int, uploaded: bool = False) -> None:
     folder = Path(os.environ["HARNESS_TEST_HOLD"])
     number = watch.trial.number
     if getattr(watch, "_held", False) or number < int(
@@ -47,6 +48,9 @@ def _hold(watch, epoch: int) -> None:
     if (folder / "open").exists():
         return
     watch._held = True
+    uploads = getattr(watch, "uploads", None)
+    while uploaded and uploads is not None and epoch not in {d[0] for d in uploads.done}:
+        time.sleep(0.05)  # the state of `epoch` is whole in the shared store only then
     marker = {"trial": number, "pid": os.getpid(), "epoch": epoch}
     marker["written_upto"] = watch.logger.written_upto
     tmp = folder / f".held-{number}-{os.getpid()}.tmp"
@@ -78,7 +82,7 @@ def _patch(module) -> None:
     def checkpoint(self, epoch, state):
         on_checkpoint(self, epoch, state)
         if when == "saved" and epoch >= k:
-            _hold(self, epoch)
+            _hold(self, epoch, uploaded=True)
 
     watch.__init__, watch.on_checkpoint = __init__, checkpoint
 
